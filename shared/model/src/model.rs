@@ -1,0 +1,365 @@
+//! Loading a model directory in Hugging Face layout, the two independently loadable halves (vision: pixels →
+//! image embeddings; text: token ids + image embeddings → logits), and the reference's left-padded batch layout
+//! on top of the packed text forward.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::KosmosConfig;
+use crate::connector::Connector;
+use crate::error::{ModelError, Result};
+use crate::text::{ImageInjection, SeqChunk, TextModel};
+use crate::vision::VisionTower;
+use crate::weights::Weights;
+
+/// The files of a model directory in Hugging Face layout.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its parsed `config.json`.
+    pub config: KosmosConfig,
+    /// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+    pub weights: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    /// Reads `config.json` and locates the weights of the model directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config = KosmosConfig::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let weights = if index_path.exists() {
+            shards_from_index(&index_path)?
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+        })
+    }
+
+    fn weights(&self, dtype: DType, device: &Device) -> Result<Weights> {
+        Weights::from_mmaped_safetensors(&self.weights, dtype, device)
+    }
+}
+
+fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let bytes = std::fs::read(index_path).map_err(|source| ModelError::Io {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let index: Index = serde_json::from_slice(&bytes).map_err(|err| ModelError::Config {
+        path: index_path.to_path_buf(),
+        key: "weight_map".into(),
+        message: err.to_string(),
+    })?;
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<PathBuf> = index.weight_map.values().map(|file| dir.join(file)).collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// Parses a dtype name: `f32`, `f16` or `bf16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(ModelError::InvalidInput(format!(
+            "unknown dtype `{other}` (expected f32, f16 or bf16)"
+        ))),
+    }
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N` (CUDA only when built with the `cuda` feature).
+pub fn parse_device(name: &str) -> Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| ModelError::InvalidInput(format!("unknown device `{name}` (expected cpu, cuda or cuda:N)")))?,
+        None => {
+            return Err(ModelError::InvalidInput(format!(
+                "unknown device `{name}` (expected cpu, cuda or cuda:N)"
+            )));
+        }
+    };
+    if cfg!(feature = "cuda") {
+        Ok(Device::new_cuda(ordinal)?)
+    } else {
+        Err(ModelError::InvalidInput(format!(
+            "device `{name}` needs a build with the `cuda` feature"
+        )))
+    }
+}
+
+/// The vision half: CLIP tower + connector (weights `vision_model.model.*` and `image_to_text_projection.*`).
+#[derive(Debug)]
+pub struct VisionHalf {
+    tower: VisionTower,
+    connector: Connector,
+    config: KosmosConfig,
+}
+
+impl VisionHalf {
+    /// Loads only the vision tower and the connector of `files`.
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = files.weights(dtype, device)?;
+        Self::new(&files.config, &weights)
+    }
+
+    /// Builds the vision half from `weights` at the checkpoint's root.
+    pub fn new(config: &KosmosConfig, weights: &Weights) -> Result<Self> {
+        Ok(Self {
+            tower: VisionTower::new(&config.vision_config, &weights.pp("vision_model.model"))?,
+            connector: Connector::new(config, &weights.pp("image_to_text_projection"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &KosmosConfig {
+        &self.config
+    }
+
+    /// `(images, channels, size, size)` → the tower's last hidden state `(images, patches + 1, vision_hidden)`.
+    pub fn vision_last_hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.tower.last_hidden_state(pixel_values)
+    }
+
+    /// `(images, channels, size, size)` → image embeddings `(images, latent_query_num, embed_dim)`.
+    pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self.tower.last_hidden_state(pixel_values)?;
+        self.connector.forward(&self.tower.post_layernorm(&hidden)?)
+    }
+}
+
+/// The text half: the decoder with its LM head (weights `text_model.*`).
+#[derive(Debug)]
+pub struct TextHalf {
+    model: TextModel,
+    config: KosmosConfig,
+}
+
+impl TextHalf {
+    /// Loads only the text decoder of `files`.
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = files.weights(dtype, device)?;
+        Self::new(&files.config, &weights)
+    }
+
+    /// Builds the text half from `weights` at the checkpoint's root.
+    pub fn new(config: &KosmosConfig, weights: &Weights) -> Result<Self> {
+        Ok(Self {
+            model: TextModel::new(&config.text_config, config.tie_word_embeddings, &weights.pp("text_model"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &KosmosConfig {
+        &self.config
+    }
+
+    /// The decoder, for packed forwards over per-sequence caches.
+    pub fn model(&self) -> &TextModel {
+        &self.model
+    }
+
+    /// Logits `(batch, seq, vocab)` in f32 for a left-padded batch in the reference's layout.
+    ///
+    /// `input_ids`, `attention_mask` and `image_embeds_position_mask` are `(batch, seq)` integer tensors;
+    /// `attention_mask` must be zeros then ones in every row (left padding). `image_embeds` holds
+    /// `(images, latent_query_num, embed_dim)` for the marked positions in row-major order. Positions on left
+    /// padding get zero logits (the reference computes values there that nothing may use).
+    pub fn forward_padded(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        image_embeds_position_mask: &Tensor,
+        image_embeds: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rows = PaddedRows::new(input_ids, attention_mask, image_embeds_position_mask)?;
+        let embed_dim = self.config.text_config.embed_dim;
+        let image_rows = match image_embeds {
+            Some(embeds) => Some(embeds.flatten_to(1)?.reshape(((), embed_dim))?),
+            None => None,
+        };
+        let marked_total: usize = rows.rows.iter().map(|row| row.image_mask.iter().filter(|&&m| m).count()).sum();
+        let available = image_rows.as_ref().map_or(Ok(0), |rows| rows.dim(0))?;
+        if marked_total != available {
+            return Err(ModelError::InvalidInput(format!(
+                "the image mask marks {marked_total} positions but {available} image embedding rows were given"
+            )));
+        }
+        let mut caches: Vec<_> = rows.rows.iter().map(|_| self.model.new_cache()).collect();
+        let mut row_images = Vec::with_capacity(rows.rows.len());
+        let mut next_image_row = 0;
+        for row in &rows.rows {
+            let marked = row.image_mask.iter().filter(|&&m| m).count();
+            let embeds = match (&image_rows, marked) {
+                (Some(all), marked) if marked > 0 => Some(all.narrow(0, next_image_row, marked)?),
+                _ => None,
+            };
+            next_image_row += marked;
+            row_images.push(embeds);
+        }
+        let mut chunks: Vec<SeqChunk<'_>> = rows
+            .rows
+            .iter()
+            .zip(caches.iter_mut())
+            .zip(row_images.iter())
+            .map(|((row, cache), embeds)| SeqChunk {
+                input_ids: &row.ids,
+                images: embeds.as_ref().map(|embeds| ImageInjection {
+                    mask: &row.image_mask,
+                    embeds,
+                }),
+                cache,
+            })
+            .collect();
+        let hidden = self.model.forward(&mut chunks)?;
+        let logits = self.model.logits(&hidden)?;
+        let vocab = logits.dim(1)?;
+        let mut padded = Vec::with_capacity(rows.rows.len());
+        let mut start = 0;
+        for row in &rows.rows {
+            let len = row.ids.len();
+            let real = logits.narrow(0, start, len)?;
+            let full = if row.pad > 0 {
+                let zeros = Tensor::zeros((row.pad, vocab), DType::F32, logits.device())?;
+                Tensor::cat(&[&zeros, &real], 0)?
+            } else {
+                real
+            };
+            padded.push(full);
+            start += len;
+        }
+        Ok(Tensor::stack(&padded, 0)?)
+    }
+}
+
+/// One row of a left-padded batch without its padding.
+#[derive(Debug, Clone)]
+pub struct PaddedRow {
+    /// Left padding length.
+    pub pad: usize,
+    /// The ids after the padding.
+    pub ids: Vec<u32>,
+    /// The image mask after the padding.
+    pub image_mask: Vec<bool>,
+}
+
+/// A left-padded batch in the reference's layout, split into unpadded rows.
+#[derive(Debug, Clone)]
+pub struct PaddedRows {
+    /// The rows.
+    pub rows: Vec<PaddedRow>,
+    /// The padded length.
+    pub seq_len: usize,
+}
+
+impl PaddedRows {
+    /// Splits `(batch, seq)` integer tensors into rows; rejects a mask that is not left padding and image
+    /// positions on padding.
+    pub fn new(input_ids: &Tensor, attention_mask: &Tensor, image_embeds_position_mask: &Tensor) -> Result<Self> {
+        let ids = as_i64_rows(input_ids, "input_ids")?;
+        let mask = as_i64_rows(attention_mask, "attention_mask")?;
+        let image_mask = as_i64_rows(image_embeds_position_mask, "image_embeds_position_mask")?;
+        let seq_len = input_ids.dim(1)?;
+        if attention_mask.dims() != input_ids.dims() || image_embeds_position_mask.dims() != input_ids.dims() {
+            return Err(ModelError::InvalidInput(format!(
+                "input_ids {:?}, attention_mask {:?} and image_embeds_position_mask {:?} must have the same shape",
+                input_ids.dims(),
+                attention_mask.dims(),
+                image_embeds_position_mask.dims()
+            )));
+        }
+        let mut rows = Vec::with_capacity(ids.len());
+        for (index, ((ids, mask), image_mask)) in ids.iter().zip(&mask).zip(&image_mask).enumerate() {
+            let pad = mask.iter().take_while(|&&m| m == 0).count();
+            if pad == seq_len || mask[pad..].iter().any(|&m| m != 1) {
+                return Err(ModelError::InvalidInput(format!(
+                    "attention_mask row {index} must be zeros (left padding) followed by at least one 1"
+                )));
+            }
+            if image_mask[..pad].iter().any(|&m| m != 0) {
+                return Err(ModelError::InvalidInput(format!(
+                    "image_embeds_position_mask row {index} marks padding"
+                )));
+            }
+            let real_ids = ids[pad..]
+                .iter()
+                .map(|&id| u32::try_from(id).map_err(|_| ModelError::InvalidInput(format!("negative token id {id}"))))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push(PaddedRow {
+                pad,
+                ids: real_ids,
+                image_mask: image_mask[pad..].iter().map(|&m| m != 0).collect(),
+            });
+        }
+        Ok(Self { rows, seq_len })
+    }
+}
+
+fn as_i64_rows(tensor: &Tensor, name: &str) -> Result<Vec<Vec<i64>>> {
+    if tensor.rank() != 2 {
+        return Err(ModelError::InvalidInput(format!(
+            "{name} must be (batch, seq), got {:?}",
+            tensor.dims()
+        )));
+    }
+    Ok(tensor.to_dtype(DType::I64)?.to_vec2::<i64>()?)
+}
+
+/// Both halves together, for tests, tools and single-process use.
+#[derive(Debug)]
+pub struct KosmosModel {
+    /// Pixels → image embeddings.
+    pub vision: VisionHalf,
+    /// Token ids + image embeddings → logits.
+    pub text: TextHalf,
+}
+
+impl KosmosModel {
+    /// Loads both halves of the model directory `dir`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let files = ModelFiles::open(dir)?;
+        let weights = files.weights(dtype, device)?;
+        Ok(Self {
+            vision: VisionHalf::new(&files.config, &weights)?,
+            text: TextHalf::new(&files.config, &weights)?,
+        })
+    }
+
+    /// Logits `(batch, seq, vocab)` for a left-padded batch with its images `(images, channels, size, size)` in
+    /// row-major order of their positions, and the image embeddings when images were given.
+    pub fn forward_padded(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        image_embeds_position_mask: &Tensor,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let image_embeds = pixel_values.map(|pixels| self.vision.encode(pixels)).transpose()?;
+        let logits = self.text.forward_padded(
+            input_ids,
+            attention_mask,
+            image_embeds_position_mask,
+            image_embeds.as_ref(),
+        )?;
+        Ok((logits, image_embeds))
+    }
+}

@@ -1,0 +1,316 @@
+//! The model against the reference: every expected value here was written by HF transformers (tiny random
+//! Kosmos-2) or torchscale (xPos decoder) through `tools/reference/make_fixtures.py`.
+
+mod common;
+
+use common::{fixtures, get, i64_rows, max_abs_diff, reference};
+use kosmos_model::{
+    DType, Device, GreedyParams, ImageInjection, KosmosModel, PaddedRows, Prompt, SeqChunk, Tensor,
+    continuation_logprobs, greedy_generate,
+};
+
+/// f32 agreement with the reference on the tiny model (the issue asks for 1e-4; the tiny model does far better).
+const TOLERANCE: f32 = 1e-4;
+
+fn tiny() -> KosmosModel {
+    KosmosModel::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu).expect("tiny model loads")
+}
+
+/// Max |ours - reference| over the positions where the attention mask is 1.
+fn max_diff_on_real_positions(ours: &Tensor, expected: &Tensor, attention_mask: &Tensor) -> f32 {
+    let mask = i64_rows(attention_mask);
+    let mut worst = 0f32;
+    for (row, mask_row) in mask.iter().enumerate() {
+        for (position, &flag) in mask_row.iter().enumerate() {
+            if flag == 1 {
+                let a = ours.get(row).and_then(|t| t.get(position)).expect("row");
+                let b = expected.get(row).and_then(|t| t.get(position)).expect("row");
+                worst = worst.max(max_abs_diff(&a, &b));
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn vision_hidden_state_and_image_embeds_match_the_reference() {
+    let model = tiny();
+    let fixture = reference("tiny");
+    let pixels = get(&fixture, "images.pixel_values");
+    let hidden = model.vision.vision_last_hidden_state(pixels).expect("vision");
+    let hidden_error = max_abs_diff(&hidden, get(&fixture, "images.vision_last_hidden_state"));
+    let embeds = model.vision.encode(pixels).expect("encode");
+    let embeds_error = max_abs_diff(&embeds, get(&fixture, "images.image_embeds"));
+    println!("vision last hidden state max error {hidden_error:e}, image embeds max error {embeds_error:e}");
+    assert!(hidden_error < TOLERANCE, "vision hidden state differs by {hidden_error}");
+    assert!(embeds_error < TOLERANCE, "image embeds differ by {embeds_error}");
+}
+
+#[test]
+fn batch_logits_match_at_every_non_pad_position() {
+    let model = tiny();
+    let fixture = reference("tiny");
+    let mask = get(&fixture, "batch.attention_mask");
+    let (logits, embeds) = model
+        .forward_padded(
+            get(&fixture, "batch.input_ids"),
+            mask,
+            get(&fixture, "batch.image_embeds_position_mask"),
+            Some(get(&fixture, "batch.pixel_values")),
+        )
+        .expect("forward");
+    assert_eq!(embeds.expect("image embeds").dims()[0], 3, "three images in the batch");
+    let error = max_diff_on_real_positions(&logits, get(&fixture, "batch.logits"), mask);
+    println!("batch logits max error {error:e}");
+    assert!(error < TOLERANCE, "logits differ by {error}");
+}
+
+#[test]
+fn incremental_decoding_with_the_cache_equals_one_full_forward() {
+    let model = tiny();
+    let fixture = reference("tiny");
+    let mask = get(&fixture, "batch.attention_mask");
+    let rows = PaddedRows::new(
+        get(&fixture, "batch.input_ids"),
+        mask,
+        get(&fixture, "batch.image_embeds_position_mask"),
+    )
+    .expect("rows");
+    let image_rows = model
+        .vision
+        .encode(get(&fixture, "batch.pixel_values"))
+        .expect("encode")
+        .flatten_to(1)
+        .expect("flatten");
+    let expected = get(&fixture, "batch.logits");
+    let text = model.text.model();
+    // Each row: everything up to and including its last image in one chunk, then one token per step, all rows
+    // stepping together in one packed batch (rows of different lengths, as the left padding shows).
+    let mut caches: Vec<_> = rows.rows.iter().map(|_| text.new_cache()).collect();
+    let mut first_image_row = 0;
+    let mut prefix_lens = Vec::new();
+    let mut injections = Vec::new();
+    for row in &rows.rows {
+        let last_image = row.image_mask.iter().rposition(|&m| m).map_or(1, |p| p + 1);
+        let marked = row.image_mask.iter().filter(|&&m| m).count();
+        injections.push((marked > 0).then(|| image_rows.narrow(0, first_image_row, marked).expect("narrow")));
+        first_image_row += marked;
+        prefix_lens.push(last_image);
+    }
+    let mut worst = 0f32;
+    let max_len = rows.rows.iter().map(|row| row.ids.len()).max().unwrap_or(0);
+    let mut offsets = vec![0usize; rows.rows.len()];
+    loop {
+        let mut chunks = Vec::new();
+        let mut scheduled = Vec::new();
+        for (((index, row), cache), embeds) in rows.rows.iter().enumerate().zip(caches.iter_mut()).zip(&injections) {
+            let start = offsets[index];
+            if start >= row.ids.len() {
+                continue;
+            }
+            let len = if start == 0 { prefix_lens[index] } else { 1 };
+            chunks.push(SeqChunk {
+                input_ids: &row.ids[start..start + len],
+                images: embeds.as_ref().filter(|_| start == 0).map(|embeds| ImageInjection {
+                    mask: &row.image_mask[..len],
+                    embeds,
+                }),
+                cache,
+            });
+            scheduled.push((index, start, len));
+        }
+        if chunks.is_empty() {
+            break;
+        }
+        let hidden = text.forward(&mut chunks).expect("step");
+        let logits = text.logits(&hidden).expect("logits");
+        let mut row_start = 0;
+        for (index, start, len) in scheduled {
+            let pad = rows.rows[index].pad;
+            let ours = logits.narrow(0, row_start, len).expect("narrow");
+            let theirs = expected
+                .get(index)
+                .and_then(|t| t.narrow(0, pad + start, len))
+                .expect("reference rows");
+            worst = worst.max(max_abs_diff(&ours, &theirs));
+            offsets[index] = start + len;
+            row_start += len;
+        }
+    }
+    assert!(offsets.iter().zip(&rows.rows).all(|(o, r)| *o == r.ids.len()), "every row ran to its end");
+    assert!(max_len > 4, "the fixture has rows long enough to decode incrementally");
+    println!("incremental logits max error against the reference {worst:e}");
+    assert!(worst < TOLERANCE, "incremental logits differ by {worst}");
+}
+
+fn greedy_case(prefix: &str) {
+    let model = tiny();
+    let fixture = reference("tiny");
+    let key = |name: &str| format!("{prefix}.{name}");
+    let input_ids = get(&fixture, &key("input_ids"));
+    let rows = PaddedRows::new(
+        input_ids,
+        get(&fixture, &key("attention_mask")),
+        get(&fixture, &key("image_embeds_position_mask")),
+    )
+    .expect("rows");
+    let image_rows = model
+        .vision
+        .encode(get(&fixture, &key("pixel_values")))
+        .expect("encode")
+        .flatten_to(1)
+        .expect("flatten");
+    let config = model.text.config().text_config.clone();
+    let mut next_image_row = 0;
+    let prompts: Vec<Prompt> = rows
+        .rows
+        .iter()
+        .map(|row| {
+            let marked = row.image_mask.iter().filter(|&&m| m).count();
+            let embeds = (marked > 0).then(|| image_rows.narrow(0, next_image_row, marked).expect("narrow"));
+            next_image_row += marked;
+            Prompt {
+                ids: row.ids.clone(),
+                image_mask: row.image_mask.clone(),
+                image_embeds: embeds,
+                ngram_prefix: vec![config.pad_token_id; row.pad],
+            }
+        })
+        .collect();
+    let expected = i64_rows(get(&fixture, &key("output_ids")));
+    let max_new_tokens = expected[0].len() - rows.seq_len;
+    let generated = greedy_generate(
+        model.text.model(),
+        &prompts,
+        GreedyParams {
+            max_new_tokens,
+            no_repeat_ngram_size: 3,
+            eos_token_id: Some(config.eos_token_id),
+        },
+    )
+    .expect("generate");
+    for (index, (row, tokens)) in i64_rows(input_ids).iter().zip(&generated).enumerate() {
+        // The reference pads finished rows with the pad id up to the batch's longest output.
+        let mut ours: Vec<i64> = row.clone();
+        ours.extend(tokens.iter().map(|&t| t as i64));
+        ours.resize(expected[index].len(), config.pad_token_id as i64);
+        assert_eq!(ours, expected[index], "{prefix} row {index}");
+    }
+}
+
+#[test]
+fn greedy_ids_with_the_ngram_ban_equal_the_reference() {
+    greedy_case("greedy");
+}
+
+#[test]
+fn greedy_ids_of_a_left_padded_batch_equal_the_reference() {
+    greedy_case("greedy_batch");
+}
+
+#[test]
+fn continuation_logprobs_equal_the_reference() {
+    let model = tiny();
+    let fixture = reference("tiny");
+    let input_ids = get(&fixture, "score.input_ids");
+    let mask = get(&fixture, "score.attention_mask");
+    let (logits, _) = model
+        .forward_padded(
+            input_ids,
+            mask,
+            get(&fixture, "score.image_embeds_position_mask"),
+            Some(get(&fixture, "score.pixel_values")),
+        )
+        .expect("forward");
+    let start = get(&fixture, "score.continuation_start")
+        .to_vec1::<i64>()
+        .expect("start")[0] as usize;
+    let ids: Vec<u32> = i64_rows(input_ids)[0].iter().map(|&id| id as u32).collect();
+    let log_probs = candle_nn::ops::log_softmax(&logits.get(0).expect("row"), 1).expect("log softmax");
+    let ours = continuation_logprobs(&log_probs, &ids, start).expect("logprobs");
+    let expected = get(&fixture, "score.logprobs").to_vec1::<f32>().expect("expected");
+    assert_eq!(ours.len(), expected.len());
+    let worst = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("continuation log-prob max error {worst:e}");
+    assert!(worst < TOLERANCE, "log-probs differ by {worst}: {ours:?} vs {expected:?}");
+}
+
+#[test]
+fn half_precision_weights_stay_close_to_f32() {
+    let fixture = reference("tiny");
+    let mask = get(&fixture, "batch.attention_mask");
+    let expected = get(&fixture, "batch.logits");
+    for dtype in [DType::F16] {
+        let model = KosmosModel::load(&fixtures().join("tiny"), dtype, &Device::Cpu).expect("loads");
+        let (logits, _) = model
+            .forward_padded(
+                get(&fixture, "batch.input_ids"),
+                mask,
+                get(&fixture, "batch.image_embeds_position_mask"),
+                Some(get(&fixture, "batch.pixel_values")),
+            )
+            .expect("forward");
+        let error = max_diff_on_real_positions(&logits, expected, mask);
+        println!("{dtype:?} logits max error {error:e}");
+        // bf16 keeps 8 mantissa bits: a loose bound that still catches a broken half-precision path.
+        assert!(error < 0.1, "{dtype:?} logits differ by {error}");
+    }
+}
+
+#[test]
+fn xpos_decoder_matches_torchscale_in_one_pass_and_incrementally() {
+    let files = kosmos_model::ModelFiles::open(&fixtures().join("xpos")).expect("xpos model files");
+    assert!(files.config.text_config.xpos_rel_pos, "the fixture enables xPos");
+    let text = kosmos_model::TextHalf::load(&files, DType::F32, &Device::Cpu).expect("text half loads alone");
+    let fixture = reference("xpos");
+    let ids = i64_rows(get(&fixture, "input_ids"));
+    let expected = get(&fixture, "logits");
+    let prefix_len = get(&fixture, "prefix_len").to_vec1::<i64>().expect("prefix")[0] as usize;
+    let prefix_expected = get(&fixture, "prefix_logits");
+    let incremental_expected = get(&fixture, "incremental_logits");
+    let model = text.model();
+    let mut worst_full = 0f32;
+    let mut worst_incremental = 0f32;
+    for (row, ids) in ids.iter().enumerate() {
+        let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+        let mut cache = model.new_cache();
+        let hidden = model
+            .forward(&mut [SeqChunk {
+                input_ids: &ids,
+                images: None,
+                cache: &mut cache,
+            }])
+            .expect("full forward");
+        let full = model.logits(&hidden).expect("logits");
+        worst_full = worst_full.max(max_abs_diff(&full, &expected.get(row).expect("row")));
+
+        let mut cache = model.new_cache();
+        let hidden = model
+            .forward(&mut [SeqChunk {
+                input_ids: &ids[..prefix_len],
+                images: None,
+                cache: &mut cache,
+            }])
+            .expect("prefix");
+        let prefix = model.logits(&hidden).expect("logits");
+        worst_incremental = worst_incremental.max(max_abs_diff(&prefix, &prefix_expected.get(row).expect("row")));
+        for (step, token) in ids[prefix_len..].iter().enumerate() {
+            let hidden = model
+                .forward(&mut [SeqChunk {
+                    input_ids: std::slice::from_ref(token),
+                    images: None,
+                    cache: &mut cache,
+                }])
+                .expect("step");
+            let logits = model.logits(&hidden).expect("logits");
+            let theirs = incremental_expected
+                .get(row)
+                .and_then(|t| t.narrow(0, step, 1))
+                .expect("reference step");
+            worst_incremental = worst_incremental.max(max_abs_diff(&logits, &theirs));
+        }
+    }
+    println!("xPos full-forward max error {worst_full:e}, incremental max error {worst_incremental:e}");
+    assert!(worst_full < TOLERANCE, "xPos full forward differs by {worst_full}");
+    assert!(worst_incremental < TOLERANCE, "xPos incremental decoding differs by {worst_incremental}");
+}
