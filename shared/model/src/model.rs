@@ -363,3 +363,36 @@ impl KosmosModel {
         Ok((logits, image_embeds))
     }
 }
+
+impl ModelFiles {
+    /// A fingerprint of what image embeddings mean for this model: a SHA-256 over the config fields that shape
+    /// them (`latent_query_num`, the text width), the raw bytes of every connector tensor
+    /// (`image_to_text_projection.*`) and the names, dtypes and shapes of the text tensors.
+    ///
+    /// The encoder (which makes embeddings) and the decoder (which consumes them) compute it from the same
+    /// model directory and agree exactly when the connector weights and the text architecture are the same, so a
+    /// decoder can refuse embeddings made by an incompatible encoder build. Reading the connector costs one pass
+    /// over a few tens of MB; the text weights are not read.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let weights = self.weights(DType::F32, &Device::Cpu)?;
+        let mut hasher = Sha256::new();
+        hasher.update(b"kosmos-fingerprint-v1\0");
+        hasher.update((self.config.latent_query_num as u64).to_le_bytes());
+        hasher.update((self.config.text_config.embed_dim as u64).to_le_bytes());
+        let mut tensors = weights.stored_tensors();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        for tensor in &tensors {
+            if tensor.name.starts_with("image_to_text_projection.") {
+                hasher.update(tensor.name.as_bytes());
+                hasher.update(format!("{:?}{:?}", tensor.dtype, tensor.shape).as_bytes());
+                hasher.update(weights.raw_bytes(&tensor.name)?);
+            } else if tensor.name.starts_with("text_model.") {
+                hasher.update(tensor.name.as_bytes());
+                hasher.update(format!("{:?}{:?}", tensor.dtype, tensor.shape).as_bytes());
+            }
+        }
+        let digest = hasher.finalize();
+        Ok(digest.iter().take(16).map(|byte| format!("{byte:02x}")).collect())
+    }
+}

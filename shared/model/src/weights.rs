@@ -18,6 +18,17 @@ struct Source {
     device: Device,
 }
 
+/// What the header says about one stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    /// Full tensor name.
+    pub name: String,
+    /// Stored dtype, as safetensors names it.
+    pub dtype: String,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+}
+
 /// A view of a safetensors file under a name prefix, converting every tensor to one dtype and device.
 #[derive(Clone)]
 pub struct Weights {
@@ -140,6 +151,32 @@ impl Weights {
         Ok(tensor
             .to_dtype(self.source.dtype)?
             .to_device(&self.source.device)?)
+    }
+
+    /// Name, dtype and shape of every stored tensor (prefix ignored).
+    pub fn stored_tensors(&self) -> Vec<StoredTensor> {
+        self.source
+            .safetensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| StoredTensor {
+                name,
+                dtype: format!("{:?}", view.dtype()),
+                shape: view.shape().to_vec(),
+            })
+            .collect()
+    }
+
+    /// The stored bytes of the tensor `name` (full name, prefix ignored), as laid out in the file.
+    pub fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+        match self.source.safetensors.get(name) {
+            Ok(view) => Ok(view.data()),
+            Err(_) => Err(ModelError::MissingTensor {
+                name: name.to_string(),
+                expected: Vec::new(),
+                path: self.source.path.clone(),
+            }),
+        }
     }
 
     /// A bias-carrying linear layer stored as `name.weight` `[out, in]` and `name.bias` `[out]`.

@@ -105,3 +105,29 @@ fn bf16_on_the_cpu_is_refused_with_a_clear_error() {
     let err = KosmosModel::load(&fixtures().join("tiny"), DType::BF16, &Device::Cpu).expect_err("must fail");
     assert!(err.to_string().contains("bf16 is not supported on the cpu"), "{err}");
 }
+
+#[test]
+fn the_fingerprint_follows_the_connector_weights_and_not_the_text_values() {
+    let tiny = ModelFiles::open(&fixtures().join("tiny")).expect("tiny");
+    let original = tiny.fingerprint().expect("fingerprint");
+    assert_eq!(original.len(), 32);
+    assert_eq!(original, tiny.fingerprint().expect("fingerprint"), "deterministic");
+
+    let dir = temp_dir("fingerprint");
+    let mut tensors = tiny_tensors();
+    let name = "image_to_text_projection.dense.bias";
+    let bias = tensors.get(name).expect("bias");
+    let changed = (bias + 1.0).expect("add");
+    tensors.insert(name.to_string(), changed);
+    write_model(&dir, &tensors, &tiny_config());
+    let connector_changed = ModelFiles::open(&dir).expect("files").fingerprint().expect("fingerprint");
+    assert_ne!(connector_changed, original);
+
+    let mut tensors = tiny_tensors();
+    let name = "text_model.model.layers.0.ffn.fc1.bias";
+    let changed = (tensors.get(name).expect("bias") + 1.0).expect("add");
+    tensors.insert(name.to_string(), changed);
+    write_model(&dir, &tensors, &tiny_config());
+    let text_values_changed = ModelFiles::open(&dir).expect("files").fingerprint().expect("fingerprint");
+    assert_eq!(text_values_changed, original, "text weight values are not hashed (only names and shapes)");
+}
