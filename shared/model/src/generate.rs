@@ -48,8 +48,6 @@ pub struct Prompt {
     pub image_mask: Vec<bool>,
     /// `(marked positions, embed_dim)` image rows, when the mask marks any.
     pub image_embeds: Option<Tensor>,
-    /// Ids that precede `ids` for the n-gram ban only (the left padding of a reference batch).
-    pub ngram_prefix: Vec<u32>,
 }
 
 /// Settings of [`greedy_generate`].
@@ -68,10 +66,7 @@ pub struct GreedyParams {
 /// token included.
 pub fn greedy_generate(model: &TextModel, prompts: &[Prompt], params: GreedyParams) -> Result<Vec<Vec<u32>>> {
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut histories: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|prompt| [prompt.ngram_prefix.as_slice(), prompt.ids.as_slice()].concat())
-        .collect();
+    let mut histories: Vec<Vec<u32>> = prompts.iter().map(|prompt| prompt.ids.clone()).collect();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     let mut pending: Vec<Vec<u32>> = prompts.iter().map(|prompt| prompt.ids.clone()).collect();
