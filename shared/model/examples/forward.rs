@@ -18,7 +18,9 @@ use clap::Parser;
 use kosmos_model::{DType, KosmosModel, Tensor, parse_device, parse_dtype};
 
 #[derive(Debug, Parser)]
-#[command(about = "One KOSMOS forward pass: inputs from a safetensors file, logits and image embeddings out")]
+#[command(
+    about = "One KOSMOS forward pass: inputs from a safetensors file, logits and image embeddings out"
+)]
 struct Args {
     /// Model directory in Hugging Face layout (config.json, model.safetensors).
     #[arg(long)]
@@ -55,21 +57,33 @@ fn main() -> anyhow::Result<()> {
     let pixel_values = match (inputs.get("pixel_values"), marked) {
         (Some(pixels), _) => Some(pixels),
         (None, 0) => None,
-        (None, _) => bail!("image_embeds_position_mask marks {marked} positions but there is no `pixel_values`"),
+        (None, _) => bail!(
+            "image_embeds_position_mask marks {marked} positions but there is no `pixel_values`"
+        ),
     };
     let started = std::time::Instant::now();
     let model = KosmosModel::load(&args.model, dtype, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    eprintln!("loaded {} in {:.2?}", args.model.display(), started.elapsed());
+    eprintln!(
+        "loaded {} in {:.2?}",
+        args.model.display(),
+        started.elapsed()
+    );
     let started = std::time::Instant::now();
-    let (logits, image_embeds) = model.forward_padded(input_ids, attention_mask, image_mask, pixel_values)?;
-    eprintln!("forward {:?} in {:.2?}", input_ids.dims(), started.elapsed());
+    let (logits, image_embeds) =
+        model.forward_padded(input_ids, attention_mask, image_mask, pixel_values)?;
+    eprintln!(
+        "forward {:?} in {:.2?}",
+        input_ids.dims(),
+        started.elapsed()
+    );
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
     outputs.insert("logits".into(), logits.to_dtype(DType::F32)?);
     if let Some(embeds) = image_embeds {
         outputs.insert("image_embeds".into(), embeds.to_dtype(DType::F32)?);
     }
-    candle_core::safetensors::save(&outputs, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    candle_core::safetensors::save(&outputs, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

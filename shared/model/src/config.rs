@@ -213,7 +213,10 @@ impl KosmosConfig {
             ("vision_config.hidden_size", vision.hidden_size),
             ("vision_config.intermediate_size", vision.intermediate_size),
             ("vision_config.num_hidden_layers", vision.num_hidden_layers),
-            ("vision_config.num_attention_heads", vision.num_attention_heads),
+            (
+                "vision_config.num_attention_heads",
+                vision.num_attention_heads,
+            ),
             ("vision_config.num_channels", vision.num_channels),
             ("vision_config.patch_size", vision.patch_size),
             ("latent_query_num", self.latent_query_num),
@@ -223,13 +226,13 @@ impl KosmosConfig {
                 return Err(ModelError::InvalidConfig(format!("`{key}` must be > 0")));
             }
         }
-        if text.embed_dim % text.attention_heads != 0 {
+        if !text.embed_dim.is_multiple_of(text.attention_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "`text_config.embed_dim` ({}) must be divisible by `text_config.attention_heads` ({})",
                 text.embed_dim, text.attention_heads
             )));
         }
-        if text.xpos_rel_pos && text.head_dim() % 2 != 0 {
+        if text.xpos_rel_pos && !text.head_dim().is_multiple_of(2) {
             return Err(ModelError::InvalidConfig(format!(
                 "xPos needs an even head dimension, got {}",
                 text.head_dim()
@@ -241,13 +244,16 @@ impl KosmosConfig {
                 text.xpos_scale_base
             )));
         }
-        if vision.hidden_size % vision.num_attention_heads != 0 {
+        if !vision
+            .hidden_size
+            .is_multiple_of(vision.num_attention_heads)
+        {
             return Err(ModelError::InvalidConfig(format!(
                 "`vision_config.hidden_size` ({}) must be divisible by `vision_config.num_attention_heads` ({})",
                 vision.hidden_size, vision.num_attention_heads
             )));
         }
-        if vision.image_size % vision.patch_size != 0 || vision.image_size == 0 {
+        if !vision.image_size.is_multiple_of(vision.patch_size) || vision.image_size == 0 {
             return Err(ModelError::InvalidConfig(format!(
                 "`vision_config.image_size` ({}) must be a positive multiple of `vision_config.patch_size` ({})",
                 vision.image_size, vision.patch_size
@@ -276,7 +282,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_ignored_and_aliases_accepted() {
-        let json = br#"{"architectures": ["Kosmos2ForConditionalGeneration"], "latent_query_num": 3,
+        let json =
+            br#"{"architectures": ["Kosmos2ForConditionalGeneration"], "latent_query_num": 3,
             "text_config": {"hidden_size": 32, "attention_heads": 4, "foo": 1},
             "vision_config": {"hidden_act": "quick_gelu", "bar": [1, 2]}}"#;
         let config = KosmosConfig::from_slice(json, Path::new("config.json")).expect("parses");
@@ -296,7 +303,10 @@ mod tests {
     fn an_unknown_activation_is_rejected_with_its_key() {
         let json = br#"{"vision_config": {"hidden_act": "swish"}}"#;
         let err = KosmosConfig::from_slice(json, Path::new("config.json")).expect_err("rejects");
-        assert!(err.to_string().contains("vision_config.hidden_act"), "{err}");
+        assert!(
+            err.to_string().contains("vision_config.hidden_act"),
+            "{err}"
+        );
     }
 
     #[test]

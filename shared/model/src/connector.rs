@@ -47,7 +47,10 @@ impl Connector {
         let features = self.dense.forward(&l2_normalize(features)?)?;
         let (queries, width) = self.latent_query.dims2()?;
         // (batch, queries, width)
-        let latents = self.latent_query.reshape((1, queries, width))?.repeat((batch, 1, 1))?;
+        let latents = self
+            .latent_query
+            .reshape((1, queries, width))?
+            .repeat((batch, 1, 1))?;
         // (batch, vision_tokens + queries, width): the latents attend to the features and to themselves.
         let key_value = Tensor::cat(&[&features, &latents], 1)?;
         let query = split_heads(&(self.q_proj.forward(&latents)? * self.scale)?, self.heads)?;

@@ -64,7 +64,11 @@ pub struct GreedyParams {
 /// Greedy decoding of several prompts together: one packed prefill, then one packed step per token for the
 /// sequences still running (finished ones leave the batch). Returns the generated ids of each prompt, the end
 /// token included.
-pub fn greedy_generate(model: &TextModel, prompts: &[Prompt], params: GreedyParams) -> Result<Vec<Vec<u32>>> {
+pub fn greedy_generate(
+    model: &TextModel,
+    prompts: &[Prompt],
+    params: GreedyParams,
+) -> Result<Vec<Vec<u32>>> {
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut histories: Vec<Vec<u32>> = prompts.iter().map(|prompt| prompt.ids.clone()).collect();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -79,9 +83,9 @@ pub fn greedy_generate(model: &TextModel, prompts: &[Prompt], params: GreedyPara
             let mut chunks = Vec::with_capacity(running.len());
             let mut remaining_caches: Vec<Option<&mut _>> = caches.iter_mut().map(Some).collect();
             for &index in &running {
-                let cache = remaining_caches[index]
-                    .take()
-                    .ok_or_else(|| ModelError::InvalidInput("a sequence is scheduled twice".into()))?;
+                let cache = remaining_caches[index].take().ok_or_else(|| {
+                    ModelError::InvalidInput("a sequence is scheduled twice".into())
+                })?;
                 let prompt = &prompts[index];
                 let images = match (&prompt.image_embeds, first_step) {
                     (Some(embeds), true) => Some(ImageInjection {
@@ -115,8 +119,9 @@ pub fn greedy_generate(model: &TextModel, prompts: &[Prompt], params: GreedyPara
                     *value = f32::NEG_INFINITY;
                 }
             }
-            let next = argmax(&row)
-                .ok_or_else(|| ModelError::InvalidInput("every token is banned or not a number".into()))?;
+            let next = argmax(&row).ok_or_else(|| {
+                ModelError::InvalidInput("every token is banned or not a number".into())
+            })?;
             generated[index].push(next);
             histories[index].push(next);
             pending[index] = vec![next];

@@ -106,12 +106,23 @@ impl SequenceCache {
 
     /// Appends `(1, heads, new, head_dim)` keys and values to `layer` after the committed tokens and returns the
     /// whole history `(1, heads, len + new, head_dim)` of that layer.
-    pub(crate) fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (_, heads, new, head_dim) = keys.dims4()?;
         let len = self.len();
         let needed = len + new;
         if needed > self.capacity || self.layers.get(layer).is_some_and(Option::is_none) {
-            self.grow(needed.max(self.capacity * 2).max(MIN_CAPACITY), heads, head_dim, keys.dtype(), keys.device())?;
+            self.grow(
+                needed.max(self.capacity * 2).max(MIN_CAPACITY),
+                heads,
+                head_dim,
+                keys.dtype(),
+                keys.device(),
+            )?;
         }
         let slot = self
             .layers
@@ -120,11 +131,21 @@ impl SequenceCache {
             .ok_or_else(|| ModelError::InvalidInput(format!("kv cache has no layer {layer}")))?;
         slot.keys.slice_set(&keys.contiguous()?, 2, len)?;
         slot.values.slice_set(&values.contiguous()?, 2, len)?;
-        Ok((slot.keys.narrow(2, 0, needed)?, slot.values.narrow(2, 0, needed)?))
+        Ok((
+            slot.keys.narrow(2, 0, needed)?,
+            slot.values.narrow(2, 0, needed)?,
+        ))
     }
 
     /// Reallocates every layer's buffers to `capacity` rows, keeping the committed rows.
-    fn grow(&mut self, capacity: usize, heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<()> {
+    fn grow(
+        &mut self,
+        capacity: usize,
+        heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
         let len = self.len();
         let capacity = capacity.max(self.capacity);
         for slot in &mut self.layers {

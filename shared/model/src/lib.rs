@@ -24,9 +24,13 @@ mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{Activation, KosmosConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
-pub use generate::{GreedyParams, Prompt, argmax, banned_ngram_tokens, continuation_logprobs, greedy_generate};
+pub use generate::{
+    GreedyParams, Prompt, argmax, banned_ngram_tokens, continuation_logprobs, greedy_generate,
+};
 pub use kv_cache::SequenceCache;
-pub use model::{KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype};
+pub use model::{
+    KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
+};
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
 pub use text::{ImageInjection, SeqChunk, TextModel};
 pub use weights::Weights;

@@ -61,7 +61,11 @@ fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
         message: err.to_string(),
     })?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
-    let mut shards: Vec<PathBuf> = index.weight_map.values().map(|file| dir.join(file)).collect();
+    let mut shards: Vec<PathBuf> = index
+        .weight_map
+        .values()
+        .map(|file| dir.join(file))
+        .collect();
     shards.sort();
     shards.dedup();
     Ok(shards)
@@ -89,7 +93,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| ModelError::InvalidInput(format!("unknown device `{name}` (expected cpu, cuda or cuda:N)")))?,
+            .ok_or_else(|| {
+                ModelError::InvalidInput(format!(
+                    "unknown device `{name}` (expected cpu, cuda or cuda:N)"
+                ))
+            })?,
         None => {
             return Err(ModelError::InvalidInput(format!(
                 "unknown device `{name}` (expected cpu, cuda or cuda:N)"
@@ -163,7 +171,11 @@ impl TextHalf {
     /// Builds the text half from `weights` at the checkpoint's root.
     pub fn new(config: &KosmosConfig, weights: &Weights) -> Result<Self> {
         Ok(Self {
-            model: TextModel::new(&config.text_config, config.tie_word_embeddings, &weights.pp("text_model"))?,
+            model: TextModel::new(
+                &config.text_config,
+                config.tie_word_embeddings,
+                &weights.pp("text_model"),
+            )?,
             config: config.clone(),
         })
     }
@@ -197,7 +209,11 @@ impl TextHalf {
             Some(embeds) => Some(embeds.flatten_to(1)?.reshape(((), embed_dim))?),
             None => None,
         };
-        let marked_total: usize = rows.rows.iter().map(|row| row.image_mask.iter().filter(|&&m| m).count()).sum();
+        let marked_total: usize = rows
+            .rows
+            .iter()
+            .map(|row| row.image_mask.iter().filter(|&&m| m).count())
+            .sum();
         let available = image_rows.as_ref().map_or(Ok(0), |rows| rows.dim(0))?;
         if marked_total != available {
             return Err(ModelError::InvalidInput(format!(
@@ -274,12 +290,18 @@ pub struct PaddedRows {
 impl PaddedRows {
     /// Splits `(batch, seq)` integer tensors into rows; rejects a mask that is not left padding and image
     /// positions on padding.
-    pub fn new(input_ids: &Tensor, attention_mask: &Tensor, image_embeds_position_mask: &Tensor) -> Result<Self> {
+    pub fn new(
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        image_embeds_position_mask: &Tensor,
+    ) -> Result<Self> {
         let ids = as_i64_rows(input_ids, "input_ids")?;
         let mask = as_i64_rows(attention_mask, "attention_mask")?;
         let image_mask = as_i64_rows(image_embeds_position_mask, "image_embeds_position_mask")?;
         let seq_len = input_ids.dim(1)?;
-        if attention_mask.dims() != input_ids.dims() || image_embeds_position_mask.dims() != input_ids.dims() {
+        if attention_mask.dims() != input_ids.dims()
+            || image_embeds_position_mask.dims() != input_ids.dims()
+        {
             return Err(ModelError::InvalidInput(format!(
                 "input_ids {:?}, attention_mask {:?} and image_embeds_position_mask {:?} must have the same shape",
                 input_ids.dims(),
@@ -288,7 +310,8 @@ impl PaddedRows {
             )));
         }
         let mut rows = Vec::with_capacity(ids.len());
-        for (index, ((ids, mask), image_mask)) in ids.iter().zip(&mask).zip(&image_mask).enumerate() {
+        for (index, ((ids, mask), image_mask)) in ids.iter().zip(&mask).zip(&image_mask).enumerate()
+        {
             let pad = mask.iter().take_while(|&&m| m == 0).count();
             if pad == seq_len || mask[pad..].iter().any(|&m| m != 1) {
                 return Err(ModelError::InvalidInput(format!(
@@ -302,7 +325,10 @@ impl PaddedRows {
             }
             let real_ids = ids[pad..]
                 .iter()
-                .map(|&id| u32::try_from(id).map_err(|_| ModelError::InvalidInput(format!("negative token id {id}"))))
+                .map(|&id| {
+                    u32::try_from(id)
+                        .map_err(|_| ModelError::InvalidInput(format!("negative token id {id}")))
+                })
                 .collect::<Result<Vec<_>>>()?;
             rows.push(PaddedRow {
                 pad,
@@ -353,7 +379,9 @@ impl KosmosModel {
         image_embeds_position_mask: &Tensor,
         pixel_values: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let image_embeds = pixel_values.map(|pixels| self.vision.encode(pixels)).transpose()?;
+        let image_embeds = pixel_values
+            .map(|pixels| self.vision.encode(pixels))
+            .transpose()?;
         let logits = self.text.forward_padded(
             input_ids,
             attention_mask,
@@ -393,6 +421,10 @@ impl ModelFiles {
             }
         }
         let digest = hasher.finalize();
-        Ok(digest.iter().take(16).map(|byte| format!("{byte:02x}")).collect())
+        Ok(digest
+            .iter()
+            .take(16)
+            .map(|byte| format!("{byte:02x}"))
+            .collect())
     }
 }

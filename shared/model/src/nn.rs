@@ -26,7 +26,12 @@ impl Activation {
 /// query before the product); `key`/`value` are `(batch, heads, kv_len, head_dim)`; `bias` is an additive mask
 /// broadcastable to `(batch, heads, q_len, kv_len)`. The softmax runs in f32 whatever the model dtype, so half
 /// precision serving keeps the reference's numerics (torchscale does an fp32 softmax too).
-pub fn attention(query: &Tensor, key: &Tensor, value: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = query.dtype();
     // (batch, heads, q_len, kv_len)
     let scores = query.matmul(&key.t()?)?.to_dtype(DType::F32)?;
@@ -68,10 +73,6 @@ pub fn layer_norm(norm: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.to_dtype(DType::F32)?;
-    let norm = xs
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .maximum(1e-12)?;
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
     Ok(xs.broadcast_div(&norm)?.to_dtype(dtype)?)
 }

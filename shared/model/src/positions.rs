@@ -116,7 +116,14 @@ impl XPos {
     }
 
     /// Tables for absolute positions `start..start + len`; `downscale` (keys) inverts the factor.
-    pub fn tables(&self, start: usize, len: usize, downscale: bool, dtype: DType, device: &Device) -> Result<XPosTables> {
+    pub fn tables(
+        &self,
+        start: usize,
+        len: usize,
+        downscale: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<XPosTables> {
         let half = self.zeta.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -138,7 +145,11 @@ impl XPos {
 
     /// Rotates and scales `(1, heads, len, head_dim)` with `tables` (interleaved pairs, torchscale's layout).
     pub fn apply(xs: &Tensor, tables: &XPosTables) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &tables.cos, &tables.sin)?)
+        Ok(candle_nn::rotary_emb::rope_i(
+            &xs.contiguous()?,
+            &tables.cos,
+            &tables.sin,
+        )?)
     }
 }
 
@@ -148,8 +159,14 @@ mod tests {
 
     #[test]
     fn pad_aware_positions_skip_pads_and_continue_from_the_cache() {
-        assert_eq!(pad_aware_positions(&[], &[1, 1, 0, 7, 9], 1), vec![1, 1, 2, 3, 4]);
-        assert_eq!(pad_aware_positions(&[1, 0, 7], &[9, 1, 5], 1), vec![4, 1, 5]);
+        assert_eq!(
+            pad_aware_positions(&[], &[1, 1, 0, 7, 9], 1),
+            vec![1, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            pad_aware_positions(&[1, 0, 7], &[9, 1, 5], 1),
+            vec![4, 1, 5]
+        );
     }
 
     #[test]

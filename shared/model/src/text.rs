@@ -78,7 +78,12 @@ impl SelfAttention {
             .contiguous()?)
     }
 
-    fn forward(&self, xs: &Tensor, layer: usize, batch: &mut PackedState<'_, '_>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        batch: &mut PackedState<'_, '_>,
+    ) -> Result<Tensor> {
         let query = (self.q_proj.forward(xs)? * self.scale)?;
         let key = self.k_proj.forward(xs)?;
         let value = self.v_proj.forward(xs)?;
@@ -94,7 +99,11 @@ impl SelfAttention {
             let (keys, values) = chunk.cache.append(layer, &k, &v)?;
             // (1, heads, len, head_dim) → (len, width)
             let context = attention(&q, &keys, &values, slot.causal_bias.as_ref())?;
-            outputs.push(context.transpose(1, 2)?.reshape((slot.len, self.heads * self.head_dim))?);
+            outputs.push(
+                context
+                    .transpose(1, 2)?
+                    .reshape((slot.len, self.heads * self.head_dim))?,
+            );
         }
         let context = Tensor::cat(&outputs, 0)?;
         let context = layer_norm(&self.inner_attn_ln, &context)?;
@@ -128,12 +137,19 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, layer: usize, batch: &mut PackedState<'_, '_>) -> Result<Tensor> {
-        let attended = self
-            .self_attn
-            .forward(&layer_norm(&self.self_attn_layer_norm, xs)?, layer, batch)?;
+    fn forward(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        batch: &mut PackedState<'_, '_>,
+    ) -> Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&layer_norm(&self.self_attn_layer_norm, xs)?, layer, batch)?;
         let xs = (xs + attended)?;
-        let hidden = self.fc1.forward(&layer_norm(&self.final_layer_norm, &xs)?)?;
+        let hidden = self
+            .fc1
+            .forward(&layer_norm(&self.final_layer_norm, &xs)?)?;
         let hidden = layer_norm(&self.ffn_layernorm, &self.activation.forward(&hidden)?)?;
         let hidden = self.fc2.forward(&hidden)?;
         Ok((xs + hidden)?)
@@ -178,11 +194,12 @@ impl TextModel {
     pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, weights: &Weights) -> Result<Self> {
         let shape = [cfg.vocab_size, cfg.embed_dim];
         let model = weights.pp("model");
-        let embed_tokens = if model.contains("embed_tokens.weight") || !weights.contains("lm_head.weight") {
-            model.get(&shape, "embed_tokens.weight")?
-        } else {
-            weights.get(&shape, "lm_head.weight")?
-        };
+        let embed_tokens =
+            if model.contains("embed_tokens.weight") || !weights.contains("lm_head.weight") {
+                model.get(&shape, "embed_tokens.weight")?
+            } else {
+                weights.get(&shape, "lm_head.weight")?
+            };
         let lm_head = if !tie_word_embeddings && weights.contains("lm_head.weight") {
             weights.get(&shape, "lm_head.weight")?
         } else {
@@ -191,11 +208,15 @@ impl TextModel {
         let layers = (0..cfg.layers)
             .map(|index| DecoderLayer::new(cfg, &model.pp(format!("layers.{index}"))))
             .collect::<Result<Vec<_>>>()?;
-        let sinusoidal =
-            (!cfg.no_token_positional_embeddings).then(|| SinusoidalPositions::new(cfg.embed_dim, cfg.pad_token_id));
-        let xpos = cfg
-            .xpos_rel_pos
-            .then(|| XPos::new(cfg.head_dim(), cfg.xpos_scale_base, cfg.max_position_embeddings / 2));
+        let sinusoidal = (!cfg.no_token_positional_embeddings)
+            .then(|| SinusoidalPositions::new(cfg.embed_dim, cfg.pad_token_id));
+        let xpos = cfg.xpos_rel_pos.then(|| {
+            XPos::new(
+                cfg.head_dim(),
+                cfg.xpos_scale_base,
+                cfg.max_position_embeddings / 2,
+            )
+        });
         Ok(Self {
             embed_tokens,
             lm_head,
@@ -248,7 +269,11 @@ impl TextModel {
             if len == 0 {
                 return Err(ModelError::InvalidInput("a chunk has no tokens".into()));
             }
-            if let Some(&bad) = chunk.input_ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            if let Some(&bad) = chunk
+                .input_ids
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
                 return Err(ModelError::InvalidInput(format!(
                     "token id {bad} is outside the vocabulary (size {})",
                     self.config.vocab_size
@@ -261,7 +286,9 @@ impl TextModel {
                 chunk.input_ids,
                 self.config.pad_token_id,
             ));
-            let causal_bias = (len > 1).then(|| causal_bias(past, len, &device)).transpose()?;
+            let causal_bias = (len > 1)
+                .then(|| causal_bias(past, len, &device))
+                .transpose()?;
             let xpos = self
                 .xpos
                 .as_ref()
@@ -362,7 +389,10 @@ impl TextModel {
 
     /// Log-softmax over the vocabulary of [`TextModel::logits`].
     pub fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::log_softmax(&self.logits(hidden)?, D::Minus1)?)
+        Ok(candle_nn::ops::log_softmax(
+            &self.logits(hidden)?,
+            D::Minus1,
+        )?)
     }
 }
 
@@ -371,7 +401,15 @@ impl TextModel {
 fn causal_bias(past: usize, len: usize, device: &Device) -> Result<Tensor> {
     let total = past + len;
     let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(values, (len, total), device)?)
 }

@@ -32,7 +32,8 @@ impl Embeddings {
             stride: cfg.patch_size,
             ..Default::default()
         };
-        let position_embedding = weights.get(&[cfg.num_positions(), hidden], "position_embedding.weight")?;
+        let position_embedding =
+            weights.get(&[cfg.num_positions(), hidden], "position_embedding.weight")?;
         Ok(Self {
             class_embedding,
             patch_embedding: Conv2d::new(patch_weight, None, conv_config),
@@ -45,9 +46,16 @@ impl Embeddings {
         let batch = pixel_values.dim(0)?;
         let pixel_values = pixel_values.to_dtype(self.class_embedding.dtype())?;
         // (batch, hidden, grid, grid) → (batch, patches, hidden)
-        let patches = self.patch_embedding.forward(&pixel_values)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self
+            .patch_embedding
+            .forward(&pixel_values)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let hidden = self.class_embedding.dim(0)?;
-        let class = self.class_embedding.reshape((1, 1, hidden))?.repeat((batch, 1, 1))?;
+        let class = self
+            .class_embedding
+            .reshape((1, 1, hidden))?
+            .repeat((batch, 1, 1))?;
         let tokens = Tensor::cat(&[&class, &patches], 1)?;
         Ok(tokens.broadcast_add(&self.position_embedding)?)
     }
@@ -111,7 +119,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let attended = self.self_attn.forward(&layer_norm(&self.layer_norm1, xs)?)?;
+        let attended = self
+            .self_attn
+            .forward(&layer_norm(&self.layer_norm1, xs)?)?;
         let xs = (xs + attended)?;
         let hidden = self.fc1.forward(&layer_norm(&self.layer_norm2, &xs)?)?;
         let hidden = self.fc2.forward(&self.activation.forward(&hidden)?)?;

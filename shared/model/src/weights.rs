@@ -49,7 +49,11 @@ impl std::fmt::Debug for Weights {
 impl Weights {
     /// Memory-maps the safetensors files `paths` (one file, or the shards of a sharded checkpoint) and reads their
     /// headers; `paths[0]` names the source in errors.
-    pub fn from_mmaped_safetensors(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_mmaped_safetensors(
+        paths: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(ModelError::InvalidInput(
                 "bf16 is not supported on the cpu (candle has no bf16 matrix product there): use f32 or f16 on \

@@ -14,20 +14,25 @@ pub fn fixtures() -> PathBuf {
 
 /// The tensors of `tests/fixtures/reference/NAME.safetensors`.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join("reference").join(format!("{name}.safetensors"));
+    let path = fixtures()
+        .join("reference")
+        .join(format!("{name}.safetensors"));
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
 }
 
 /// One tensor of a reference map, by key.
 pub fn get<'a>(tensors: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    tensors.get(key).unwrap_or_else(|| panic!("fixture has no `{key}`"))
+    tensors
+        .get(key)
+        .unwrap_or_else(|| panic!("fixture has no `{key}`"))
 }
 
 /// Largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let diff = (a.to_dtype(DType::F32).expect("f32") - b.to_dtype(DType::F32).expect("f32")).expect("sub");
+    let diff =
+        (a.to_dtype(DType::F32).expect("f32") - b.to_dtype(DType::F32).expect("f32")).expect("sub");
     diff.abs()
         .expect("abs")
         .flatten_all()
@@ -40,7 +45,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// A tensor's rows as `Vec<Vec<i64>>`.
 pub fn i64_rows(tensor: &Tensor) -> Vec<Vec<i64>> {
-    tensor.to_dtype(DType::I64).expect("i64").to_vec2::<i64>().expect("rows")
+    tensor
+        .to_dtype(DType::I64)
+        .expect("i64")
+        .to_vec2::<i64>()
+        .expect("rows")
 }
 
 /// A fresh empty directory under the system temp dir.

@@ -24,7 +24,10 @@ fn max_diff_on_real_positions(ours: &Tensor, expected: &Tensor, attention_mask: 
         for (position, &flag) in mask_row.iter().enumerate() {
             if flag == 1 {
                 let a = ours.get(row).and_then(|t| t.get(position)).expect("row");
-                let b = expected.get(row).and_then(|t| t.get(position)).expect("row");
+                let b = expected
+                    .get(row)
+                    .and_then(|t| t.get(position))
+                    .expect("row");
                 worst = worst.max(max_abs_diff(&a, &b));
             }
         }
@@ -37,13 +40,24 @@ fn vision_hidden_state_and_image_embeds_match_the_reference() {
     let model = tiny();
     let fixture = reference("tiny");
     let pixels = get(&fixture, "images.pixel_values");
-    let hidden = model.vision.vision_last_hidden_state(pixels).expect("vision");
+    let hidden = model
+        .vision
+        .vision_last_hidden_state(pixels)
+        .expect("vision");
     let hidden_error = max_abs_diff(&hidden, get(&fixture, "images.vision_last_hidden_state"));
     let embeds = model.vision.encode(pixels).expect("encode");
     let embeds_error = max_abs_diff(&embeds, get(&fixture, "images.image_embeds"));
-    println!("vision last hidden state max error {hidden_error:e}, image embeds max error {embeds_error:e}");
-    assert!(hidden_error < TOLERANCE, "vision hidden state differs by {hidden_error}");
-    assert!(embeds_error < TOLERANCE, "image embeds differ by {embeds_error}");
+    println!(
+        "vision last hidden state max error {hidden_error:e}, image embeds max error {embeds_error:e}"
+    );
+    assert!(
+        hidden_error < TOLERANCE,
+        "vision hidden state differs by {hidden_error}"
+    );
+    assert!(
+        embeds_error < TOLERANCE,
+        "image embeds differ by {embeds_error}"
+    );
 }
 
 #[test]
@@ -59,7 +73,11 @@ fn batch_logits_match_at_every_non_pad_position() {
             Some(get(&fixture, "batch.pixel_values")),
         )
         .expect("forward");
-    assert_eq!(embeds.expect("image embeds").dims()[0], 3, "three images in the batch");
+    assert_eq!(
+        embeds.expect("image embeds").dims()[0],
+        3,
+        "three images in the batch"
+    );
     let error = max_diff_on_real_positions(&logits, get(&fixture, "batch.logits"), mask);
     println!("batch logits max error {error:e}");
     assert!(error < TOLERANCE, "logits differ by {error}");
@@ -93,7 +111,11 @@ fn incremental_decoding_with_the_cache_equals_one_full_forward() {
     for row in &rows.rows {
         let last_image = row.image_mask.iter().rposition(|&m| m).map_or(1, |p| p + 1);
         let marked = row.image_mask.iter().filter(|&&m| m).count();
-        injections.push((marked > 0).then(|| image_rows.narrow(0, first_image_row, marked).expect("narrow")));
+        injections.push((marked > 0).then(|| {
+            image_rows
+                .narrow(0, first_image_row, marked)
+                .expect("narrow")
+        }));
         first_image_row += marked;
         prefix_lens.push(last_image);
     }
@@ -103,7 +125,13 @@ fn incremental_decoding_with_the_cache_equals_one_full_forward() {
     loop {
         let mut chunks = Vec::new();
         let mut scheduled = Vec::new();
-        for (((index, row), cache), embeds) in rows.rows.iter().enumerate().zip(caches.iter_mut()).zip(&injections) {
+        for (((index, row), cache), embeds) in rows
+            .rows
+            .iter()
+            .enumerate()
+            .zip(caches.iter_mut())
+            .zip(&injections)
+        {
             let start = offsets[index];
             if start >= row.ids.len() {
                 continue;
@@ -111,10 +139,13 @@ fn incremental_decoding_with_the_cache_equals_one_full_forward() {
             let len = if start == 0 { prefix_lens[index] } else { 1 };
             chunks.push(SeqChunk {
                 input_ids: &row.ids[start..start + len],
-                images: embeds.as_ref().filter(|_| start == 0).map(|embeds| ImageInjection {
-                    mask: &row.image_mask[..len],
-                    embeds,
-                }),
+                images: embeds
+                    .as_ref()
+                    .filter(|_| start == 0)
+                    .map(|embeds| ImageInjection {
+                        mask: &row.image_mask[..len],
+                        embeds,
+                    }),
                 cache,
             });
             scheduled.push((index, start, len));
@@ -137,8 +168,17 @@ fn incremental_decoding_with_the_cache_equals_one_full_forward() {
             row_start += len;
         }
     }
-    assert!(offsets.iter().zip(&rows.rows).all(|(o, r)| *o == r.ids.len()), "every row ran to its end");
-    assert!(max_len > 4, "the fixture has rows long enough to decode incrementally");
+    assert!(
+        offsets
+            .iter()
+            .zip(&rows.rows)
+            .all(|(o, r)| *o == r.ids.len()),
+        "every row ran to its end"
+    );
+    assert!(
+        max_len > 4,
+        "the fixture has rows long enough to decode incrementally"
+    );
     println!("incremental logits max error against the reference {worst:e}");
     assert!(worst < TOLERANCE, "incremental logits differ by {worst}");
 }
@@ -168,7 +208,11 @@ fn our_greedy(prefix: &str, max_new_tokens: usize) -> Vec<Vec<i64>> {
         .iter()
         .map(|row| {
             let marked = row.image_mask.iter().filter(|&&m| m).count();
-            let embeds = (marked > 0).then(|| image_rows.narrow(0, next_image_row, marked).expect("narrow"));
+            let embeds = (marked > 0).then(|| {
+                image_rows
+                    .narrow(0, next_image_row, marked)
+                    .expect("narrow")
+            });
             next_image_row += marked;
             Prompt {
                 ids: row.ids.clone(),
@@ -190,7 +234,14 @@ fn our_greedy(prefix: &str, max_new_tokens: usize) -> Vec<Vec<i64>> {
     prompts
         .iter()
         .zip(generated)
-        .map(|(prompt, tokens)| prompt.ids.iter().chain(&tokens).map(|&t| t as i64).collect())
+        .map(|(prompt, tokens)| {
+            prompt
+                .ids
+                .iter()
+                .chain(&tokens)
+                .map(|&t| t as i64)
+                .collect()
+        })
         .collect()
 }
 
@@ -262,46 +313,61 @@ fn continuation_logprobs_equal_the_reference() {
         .to_vec1::<i64>()
         .expect("start")[0] as usize;
     let ids: Vec<u32> = i64_rows(input_ids)[0].iter().map(|&id| id as u32).collect();
-    let log_probs = candle_nn::ops::log_softmax(&logits.get(0).expect("row"), 1).expect("log softmax");
+    let log_probs =
+        candle_nn::ops::log_softmax(&logits.get(0).expect("row"), 1).expect("log softmax");
     let ours = continuation_logprobs(&log_probs, &ids, start).expect("logprobs");
-    let expected = get(&fixture, "score.logprobs").to_vec1::<f32>().expect("expected");
+    let expected = get(&fixture, "score.logprobs")
+        .to_vec1::<f32>()
+        .expect("expected");
     assert_eq!(ours.len(), expected.len());
-    let worst = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     println!("continuation log-prob max error {worst:e}");
-    assert!(worst < TOLERANCE, "log-probs differ by {worst}: {ours:?} vs {expected:?}");
+    assert!(
+        worst < TOLERANCE,
+        "log-probs differ by {worst}: {ours:?} vs {expected:?}"
+    );
 }
 
+/// f16 on the cpu (bf16 is refused there, see `loading.rs`; it runs on cuda).
 #[test]
 fn half_precision_weights_stay_close_to_f32() {
     let fixture = reference("tiny");
     let mask = get(&fixture, "batch.attention_mask");
-    let expected = get(&fixture, "batch.logits");
-    for dtype in [DType::F16] {
-        let model = KosmosModel::load(&fixtures().join("tiny"), dtype, &Device::Cpu).expect("loads");
-        let (logits, _) = model
-            .forward_padded(
-                get(&fixture, "batch.input_ids"),
-                mask,
-                get(&fixture, "batch.image_embeds_position_mask"),
-                Some(get(&fixture, "batch.pixel_values")),
-            )
-            .expect("forward");
-        let error = max_diff_on_real_positions(&logits, expected, mask);
-        println!("{dtype:?} logits max error {error:e}");
-        // bf16 keeps 8 mantissa bits: a loose bound that still catches a broken half-precision path.
-        assert!(error < 0.1, "{dtype:?} logits differ by {error}");
-    }
+    let model =
+        KosmosModel::load(&fixtures().join("tiny"), DType::F16, &Device::Cpu).expect("loads");
+    let (logits, _) = model
+        .forward_padded(
+            get(&fixture, "batch.input_ids"),
+            mask,
+            get(&fixture, "batch.image_embeds_position_mask"),
+            Some(get(&fixture, "batch.pixel_values")),
+        )
+        .expect("forward");
+    let error = max_diff_on_real_positions(&logits, get(&fixture, "batch.logits"), mask);
+    println!("f16 logits max error {error:e}");
+    // f16 keeps 11 mantissa bits: a loose bound that still catches a broken half-precision path.
+    assert!(error < 1e-2, "f16 logits differ by {error}");
 }
 
 #[test]
 fn xpos_decoder_matches_torchscale_in_one_pass_and_incrementally() {
     let files = kosmos_model::ModelFiles::open(&fixtures().join("xpos")).expect("xpos model files");
-    assert!(files.config.text_config.xpos_rel_pos, "the fixture enables xPos");
-    let text = kosmos_model::TextHalf::load(&files, DType::F32, &Device::Cpu).expect("text half loads alone");
+    assert!(
+        files.config.text_config.xpos_rel_pos,
+        "the fixture enables xPos"
+    );
+    let text = kosmos_model::TextHalf::load(&files, DType::F32, &Device::Cpu)
+        .expect("text half loads alone");
     let fixture = reference("xpos");
     let ids = i64_rows(get(&fixture, "input_ids"));
     let expected = get(&fixture, "logits");
-    let prefix_len = get(&fixture, "prefix_len").to_vec1::<i64>().expect("prefix")[0] as usize;
+    let prefix_len = get(&fixture, "prefix_len")
+        .to_vec1::<i64>()
+        .expect("prefix")[0] as usize;
     let prefix_expected = get(&fixture, "prefix_logits");
     let incremental_expected = get(&fixture, "incremental_logits");
     let model = text.model();
@@ -329,7 +395,10 @@ fn xpos_decoder_matches_torchscale_in_one_pass_and_incrementally() {
             }])
             .expect("prefix");
         let prefix = model.logits(&hidden).expect("logits");
-        worst_incremental = worst_incremental.max(max_abs_diff(&prefix, &prefix_expected.get(row).expect("row")));
+        worst_incremental = worst_incremental.max(max_abs_diff(
+            &prefix,
+            &prefix_expected.get(row).expect("row"),
+        ));
         for (step, token) in ids[prefix_len..].iter().enumerate() {
             let hidden = model
                 .forward(&mut [SeqChunk {
@@ -346,7 +415,15 @@ fn xpos_decoder_matches_torchscale_in_one_pass_and_incrementally() {
             worst_incremental = worst_incremental.max(max_abs_diff(&logits, &theirs));
         }
     }
-    println!("xPos full-forward max error {worst_full:e}, incremental max error {worst_incremental:e}");
-    assert!(worst_full < TOLERANCE, "xPos full forward differs by {worst_full}");
-    assert!(worst_incremental < TOLERANCE, "xPos incremental decoding differs by {worst_incremental}");
+    println!(
+        "xPos full-forward max error {worst_full:e}, incremental max error {worst_incremental:e}"
+    );
+    assert!(
+        worst_full < TOLERANCE,
+        "xPos full forward differs by {worst_full}"
+    );
+    assert!(
+        worst_incremental < TOLERANCE,
+        "xPos incremental decoding differs by {worst_incremental}"
+    );
 }

@@ -1,0 +1,147 @@
+//! gRPC server basics every service shares: health with a `readiness` service name, reflection v1 and v1alpha
+//! over every kosmos proto, serving on a bound listener until shutdown, and the caller's deadline.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::shutdown::Shutdown;
+
+/// The health service name Kubernetes probes for readiness (`grpc: {service: readiness}`).
+pub const READINESS: &str = "readiness";
+
+/// Health of one server: the overall status (`""`, liveness) and `readiness`.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").finish_non_exhaustive()
+    }
+}
+
+/// The grpc.health.v1 service to add to a router.
+pub type HealthService =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+
+impl Health {
+    /// A reporter whose overall status is SERVING (the process answers) and whose readiness is NOT_SERVING until
+    /// [`Health::set_ready`].
+    pub async fn new() -> (Self, HealthService) {
+        let reporter = HealthReporter::new();
+        let service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status(READINESS, ServingStatus::NotServing)
+            .await;
+        (Self { reporter }, service)
+    }
+
+    /// Readiness SERVING: the service can take traffic.
+    pub async fn set_ready(&self) {
+        self.reporter
+            .set_service_status(READINESS, ServingStatus::Serving)
+            .await;
+    }
+
+    /// Readiness NOT_SERVING: shutting down or lost a dependency.
+    pub async fn set_not_ready(&self) {
+        self.reporter
+            .set_service_status(READINESS, ServingStatus::NotServing)
+            .await;
+    }
+
+    /// Sets the status of any other service name.
+    pub async fn set_status(&self, service: &str, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(service, status).await;
+    }
+}
+
+/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha) over every kosmos proto and
+/// grpc.health.v1.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kosmos_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kosmos_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// Serves `router` on `listener` until `shutdown` trips, then stops accepting and lets in-flight calls finish.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
+        .await
+}
+
+/// The server side of the caller's deadline: the `grpc-timeout` header, if any.
+pub fn request_timeout<T>(request: &tonic::Request<T>) -> Option<Duration> {
+    let header = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(header)
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit_and_reject_garbage() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+}
