@@ -7,7 +7,7 @@ use candle_nn::Linear;
 
 use crate::config::KosmosConfig;
 use crate::error::Result;
-use crate::nn::{attention, l2_normalize, merge_heads, split_heads};
+use crate::nn::{AttentionProjections, l2_normalize};
 use crate::weights::Weights;
 
 /// Turns vision features into `latent_query_num` image embeddings in the text model's width.
@@ -15,12 +15,7 @@ use crate::weights::Weights;
 pub struct Connector {
     dense: Linear,
     latent_query: Tensor,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-    scale: f64,
+    x_attn: AttentionProjections,
 }
 
 impl Connector {
@@ -28,16 +23,10 @@ impl Connector {
     pub fn new(cfg: &KosmosConfig, weights: &Weights) -> Result<Self> {
         let text = &cfg.text_config;
         let width = text.embed_dim;
-        let attn = weights.pp("x_attn");
         Ok(Self {
             dense: weights.linear(cfg.vision_config.hidden_size, width, "dense")?,
             latent_query: weights.get(&[cfg.latent_query_num, width], "latent_query")?,
-            q_proj: attn.linear(width, width, "q_proj")?,
-            k_proj: attn.linear(width, width, "k_proj")?,
-            v_proj: attn.linear(width, width, "v_proj")?,
-            out_proj: attn.linear(width, width, "out_proj")?,
-            heads: text.attention_heads,
-            scale: (text.head_dim() as f64).powf(-0.5),
+            x_attn: AttentionProjections::new(&weights.pp("x_attn"), width, text.attention_heads)?,
         })
     }
 
@@ -53,10 +42,6 @@ impl Connector {
             .repeat((batch, 1, 1))?;
         // (batch, vision_tokens + queries, width): the latents attend to the features and to themselves.
         let key_value = Tensor::cat(&[&features, &latents], 1)?;
-        let query = split_heads(&(self.q_proj.forward(&latents)? * self.scale)?, self.heads)?;
-        let key = split_heads(&self.k_proj.forward(&key_value)?, self.heads)?;
-        let value = split_heads(&self.v_proj.forward(&key_value)?, self.heads)?;
-        let context = merge_heads(&attention(&query, &key, &value, None)?)?;
-        Ok(self.out_proj.forward(&context)?)
+        self.x_attn.attend(&latents, &key_value)
     }
 }

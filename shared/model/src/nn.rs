@@ -1,9 +1,11 @@
 //! Small building blocks shared by the vision tower, the connector and the text decoder.
 
 use candle_core::{D, DType, Module, Tensor};
+use candle_nn::Linear;
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::weights::Weights;
 
 impl Activation {
     /// Applies the activation elementwise.
@@ -75,4 +77,45 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     let xs = xs.to_dtype(DType::F32)?;
     let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
     Ok(xs.broadcast_div(&norm)?.to_dtype(dtype)?)
+}
+
+/// The four square projections of a multi-head attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`, with biases).
+#[derive(Debug)]
+pub struct AttentionProjections {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub out_proj: Linear,
+    /// Number of heads.
+    pub heads: usize,
+    /// `head_dim^-0.5`, applied to the projected query (the reference scales the query before the product).
+    pub scale: f64,
+}
+
+impl AttentionProjections {
+    /// Loads `{q,k,v,out}_proj` of width `width` split into `heads` heads.
+    pub fn new(weights: &Weights, width: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            q_proj: weights.linear(width, width, "q_proj")?,
+            k_proj: weights.linear(width, width, "k_proj")?,
+            v_proj: weights.linear(width, width, "v_proj")?,
+            out_proj: weights.linear(width, width, "out_proj")?,
+            heads,
+            scale: ((width / heads) as f64).powf(-0.5),
+        })
+    }
+
+    /// Unmasked attention of `queries` `(batch, q_len, width)` over `keys_values` `(batch, kv_len, width)`,
+    /// projected out: `(batch, q_len, width)`. Self-attention passes the same tensor twice.
+    pub fn attend(&self, queries: &Tensor, keys_values: &Tensor) -> Result<Tensor> {
+        let query = split_heads(&(self.q_proj.forward(queries)? * self.scale)?, self.heads)?;
+        let key = split_heads(&self.k_proj.forward(keys_values)?, self.heads)?;
+        let value = split_heads(&self.v_proj.forward(keys_values)?, self.heads)?;
+        let context = merge_heads(&attention(&query, &key, &value, None)?)?;
+        Ok(self.out_proj.forward(&context)?)
+    }
 }

@@ -18,7 +18,7 @@ use candle_nn::{LayerNorm, Linear};
 use crate::config::{Activation, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::SequenceCache;
-use crate::nn::{attention, layer_norm};
+use crate::nn::{AttentionProjections, attention, layer_norm};
 use crate::positions::{SinusoidalPositions, XPos, pad_aware_positions};
 use crate::weights::Weights;
 
@@ -44,28 +44,18 @@ pub struct ImageInjection<'a> {
 
 #[derive(Debug)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    projections: AttentionProjections,
     inner_attn_ln: LayerNorm,
-    heads: usize,
     head_dim: usize,
-    scale: f64,
 }
 
 impl SelfAttention {
     fn new(cfg: &TextConfig, weights: &Weights) -> Result<Self> {
         let width = cfg.embed_dim;
         Ok(Self {
-            q_proj: weights.linear(width, width, "q_proj")?,
-            k_proj: weights.linear(width, width, "k_proj")?,
-            v_proj: weights.linear(width, width, "v_proj")?,
-            out_proj: weights.linear(width, width, "out_proj")?,
+            projections: AttentionProjections::new(weights, width, cfg.attention_heads)?,
             inner_attn_ln: weights.layer_norm(width, cfg.layer_norm_eps, "inner_attn_ln")?,
-            heads: cfg.attention_heads,
             head_dim: cfg.head_dim(),
-            scale: (cfg.head_dim() as f64).powf(-0.5),
         })
     }
 
@@ -73,7 +63,7 @@ impl SelfAttention {
     fn heads_of(&self, xs: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         Ok(xs
             .narrow(0, start, len)?
-            .reshape((1, len, self.heads, self.head_dim))?
+            .reshape((1, len, self.projections.heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?)
     }
@@ -84,9 +74,10 @@ impl SelfAttention {
         layer: usize,
         batch: &mut PackedState<'_, '_>,
     ) -> Result<Tensor> {
-        let query = (self.q_proj.forward(xs)? * self.scale)?;
-        let key = self.k_proj.forward(xs)?;
-        let value = self.v_proj.forward(xs)?;
+        let proj = &self.projections;
+        let query = (proj.q_proj.forward(xs)? * proj.scale)?;
+        let key = proj.k_proj.forward(xs)?;
+        let value = proj.v_proj.forward(xs)?;
         let mut outputs = Vec::with_capacity(batch.chunks.len());
         for (chunk, slot) in batch.chunks.iter_mut().zip(&batch.slots) {
             let mut q = self.heads_of(&query, slot.start, slot.len)?;
@@ -102,12 +93,12 @@ impl SelfAttention {
             outputs.push(
                 context
                     .transpose(1, 2)?
-                    .reshape((slot.len, self.heads * self.head_dim))?,
+                    .reshape((slot.len, proj.heads * self.head_dim))?,
             );
         }
         let context = Tensor::cat(&outputs, 0)?;
         let context = layer_norm(&self.inner_attn_ln, &context)?;
-        Ok(self.out_proj.forward(&context)?)
+        Ok(proj.out_proj.forward(&context)?)
     }
 }
 

@@ -10,7 +10,7 @@ use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear};
 
 use crate::config::{Activation, VisionConfig};
 use crate::error::{ModelError, Result};
-use crate::nn::{attention, layer_norm, merge_heads, split_heads};
+use crate::nn::{AttentionProjections, layer_norm};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -62,42 +62,9 @@ impl Embeddings {
 }
 
 #[derive(Debug)]
-struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl SelfAttention {
-    fn new(cfg: &VisionConfig, weights: &Weights) -> Result<Self> {
-        let hidden = cfg.hidden_size;
-        Ok(Self {
-            q_proj: weights.linear(hidden, hidden, "q_proj")?,
-            k_proj: weights.linear(hidden, hidden, "k_proj")?,
-            v_proj: weights.linear(hidden, hidden, "v_proj")?,
-            out_proj: weights.linear(hidden, hidden, "out_proj")?,
-            heads: cfg.num_attention_heads,
-            scale: (cfg.head_dim() as f64).powf(-0.5),
-        })
-    }
-
-    /// `(batch, tokens, hidden)` → same; no mask (every patch sees every patch).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let query = split_heads(&(self.q_proj.forward(xs)? * self.scale)?, self.heads)?;
-        let key = split_heads(&self.k_proj.forward(xs)?, self.heads)?;
-        let value = split_heads(&self.v_proj.forward(xs)?, self.heads)?;
-        let context = merge_heads(&attention(&query, &key, &value, None)?)?;
-        Ok(self.out_proj.forward(&context)?)
-    }
-}
-
-#[derive(Debug)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    self_attn: SelfAttention,
+    self_attn: AttentionProjections,
     layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
@@ -110,7 +77,11 @@ impl EncoderLayer {
         let eps = cfg.layer_norm_eps;
         Ok(Self {
             layer_norm1: weights.layer_norm(hidden, eps, "layer_norm1")?,
-            self_attn: SelfAttention::new(cfg, &weights.pp("self_attn"))?,
+            self_attn: AttentionProjections::new(
+                &weights.pp("self_attn"),
+                hidden,
+                cfg.num_attention_heads,
+            )?,
             layer_norm2: weights.layer_norm(hidden, eps, "layer_norm2")?,
             fc1: weights.linear(hidden, cfg.intermediate_size, "mlp.fc1")?,
             fc2: weights.linear(cfg.intermediate_size, hidden, "mlp.fc2")?,
@@ -119,9 +90,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let attended = self
-            .self_attn
-            .forward(&layer_norm(&self.layer_norm1, xs)?)?;
+        let normed = layer_norm(&self.layer_norm1, xs)?;
+        // No mask: every patch sees every patch.
+        let attended = self.self_attn.attend(&normed, &normed)?;
         let xs = (xs + attended)?;
         let hidden = self.fc1.forward(&layer_norm(&self.layer_norm2, &xs)?)?;
         let hidden = self.fc2.forward(&self.activation.forward(&hidden)?)?;
