@@ -1,0 +1,308 @@
+//! Errors of the encoder: what one request can fail with (each maps to one gRPC code, in [`RequestError::code`]),
+//! why one image was refused, and what stops the service from starting.
+
+use std::path::PathBuf;
+
+/// Why one image of a request was refused. Every message names the limit and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageRejection {
+    /// The encoded image is larger than `limits.max_image_bytes` (checked before decoding).
+    #[error("{bytes} bytes exceeds max_image_bytes {max}")]
+    TooManyBytes {
+        /// Bytes sent.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// No bytes at all.
+    #[error("image is empty (0 bytes)")]
+    Empty,
+    /// The bytes are not JPEG, PNG or WebP.
+    #[error("unsupported image format {format} (supported: image/jpeg, image/png, image/webp)")]
+    UnsupportedFormat {
+        /// What the bytes look like, or `unknown`.
+        format: String,
+    },
+    /// The format is supported but not in `limits.formats`.
+    #[error("format {format} is not accepted (limits.formats: {accepted})")]
+    FormatNotAccepted {
+        /// The detected format's MIME type.
+        format: &'static str,
+        /// The accepted MIME types, comma separated.
+        accepted: String,
+    },
+    /// `mime_type` names no supported format.
+    #[error("mime_type `{mime_type}` is not one of image/jpeg, image/png, image/webp")]
+    UnknownMimeType {
+        /// The declared type.
+        mime_type: String,
+    },
+    /// `mime_type` disagrees with the bytes.
+    #[error("mime_type {declared} disagrees with the bytes, which are {detected}")]
+    MimeTypeMismatch {
+        /// The declared type.
+        declared: String,
+        /// The detected type.
+        detected: &'static str,
+    },
+    /// The header's width exceeds `limits.max_width`.
+    #[error("width {width} exceeds max_width {max}")]
+    TooWide {
+        /// Width from the header.
+        width: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The header's height exceeds `limits.max_height`.
+    #[error("height {height} exceeds max_height {max}")]
+    TooTall {
+        /// Height from the header.
+        height: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The header's width × height exceeds `limits.max_pixels`.
+    #[error("{pixels} pixels ({width}x{height}) exceeds max_pixels {max}")]
+    TooManyPixels {
+        /// Width × height.
+        pixels: u64,
+        /// Width from the header.
+        width: u32,
+        /// Height from the header.
+        height: u32,
+        /// The limit.
+        max: u64,
+    },
+    /// The header announces a zero width or height.
+    #[error("image has a zero dimension ({width}x{height})")]
+    ZeroSized {
+        /// Width from the header.
+        width: u32,
+        /// Height from the header.
+        height: u32,
+    },
+    /// Decoding would allocate more than the decoder's budget (derived from `limits.max_pixels`).
+    #[error("decoding needs {needed} bytes, more than the decoder budget of {max} bytes")]
+    DecoderMemory {
+        /// Bytes needed, as far as known.
+        needed: u64,
+        /// The budget.
+        max: u64,
+    },
+    /// The bytes claim a supported format but do not decode.
+    #[error("corrupt image data: {0}")]
+    Corrupt(String),
+    /// The decoded image could not be preprocessed.
+    #[error("cannot preprocess the image: {0}")]
+    Preprocess(String),
+}
+
+impl From<kosmos_processor::DecodeError> for ImageRejection {
+    fn from(error: kosmos_processor::DecodeError) -> Self {
+        use kosmos_processor::DecodeError;
+        match error {
+            DecodeError::Empty => Self::Empty,
+            DecodeError::UnsupportedFormat { format } => Self::UnsupportedFormat { format },
+            DecodeError::TooLarge {
+                width,
+                max_width,
+                height,
+                max_height,
+            } => {
+                if width > max_width {
+                    Self::TooWide {
+                        width,
+                        max: max_width,
+                    }
+                } else {
+                    Self::TooTall {
+                        height,
+                        max: max_height,
+                    }
+                }
+            }
+            DecodeError::TooManyBytes {
+                needed_bytes,
+                max_bytes,
+            } => Self::DecoderMemory {
+                needed: needed_bytes,
+                max: max_bytes,
+            },
+            DecodeError::ZeroSized { width, height } => Self::ZeroSized { width, height },
+            DecodeError::Corrupt(message) => Self::Corrupt(message),
+        }
+    }
+}
+
+/// Why one Encode or Info call failed.
+///
+/// Cloneable: a failed engine batch reports the same error to every request that rode in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request holds no image.
+    #[error("images: at least one image is required")]
+    NoImages,
+    /// More images than `limits.max_images_per_request`.
+    #[error("images: {count} images exceeds max_images_per_request {max}")]
+    TooManyImages {
+        /// Images sent.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The requested embedding dtype is unknown.
+    #[error("dtype: {0} is not one of DTYPE_UNSPECIFIED, DTYPE_F32, DTYPE_F16, DTYPE_BF16")]
+    UnknownDtype(i32),
+    /// One image was refused.
+    #[error("images[{index}]: {reason}")]
+    Image {
+        /// Index of the image in the request.
+        index: usize,
+        /// Why.
+        reason: ImageRejection,
+    },
+    /// The batching queue cannot take the request's images now.
+    #[error(
+        "encoder queue full: {queued} images waiting, {requested} more would exceed max_queued_images {max}"
+    )]
+    QueueFull {
+        /// Images of this request.
+        requested: usize,
+        /// Images waiting when the request arrived.
+        queued: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The caller's deadline passed before the embeddings were computed; no compute was spent on them.
+    #[error("deadline exceeded {0}")]
+    DeadlineExceeded(&'static str),
+    /// The model is still loading.
+    #[error("the encoder is still loading its model")]
+    Loading,
+    /// Shutdown has begun; no new work is admitted.
+    #[error("the encoder is shutting down")]
+    ShuttingDown,
+    /// The engine thread is gone.
+    #[error("the encoder engine is not running")]
+    EngineStopped,
+    /// The engine failed (or panicked) on the batch that carried this request; other batches are unaffected.
+    #[error("encoding failed: {0}")]
+    Engine(String),
+    /// An invariant of the service broke.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The gRPC code of this error (the one place where errors become codes).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::NoImages
+            | Self::TooManyImages { .. }
+            | Self::UnknownDtype(_)
+            | Self::Image { .. } => tonic::Code::InvalidArgument,
+            Self::QueueFull { .. } => tonic::Code::ResourceExhausted,
+            Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            Self::Loading | Self::ShuttingDown | Self::EngineStopped => tonic::Code::Unavailable,
+            Self::Engine(_) | Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<RequestError> for tonic::Status {
+    fn from(error: RequestError) -> Self {
+        tonic::Status::new(error.code(), error.to_string())
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a key is unknown or mistyped.
+    #[error(transparent)]
+    Load(#[from] kosmos_runtime::config::ConfigError),
+    /// A value is out of range.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Why the service could not start, or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The model directory could not be loaded.
+    #[error("cannot load the model from {dir}: {source}")]
+    Model {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: kosmos_model::ModelError,
+    },
+    /// `preprocessor_config.json` could not be read.
+    #[error(transparent)]
+    Preprocessor(#[from] kosmos_processor::ConfigError),
+    /// The preprocessor and the model disagree (the crop is not the tower's input size).
+    #[error("{0}")]
+    Incompatible(String),
+    /// The engine thread could not be started or died while loading.
+    #[error("engine thread: {0}")]
+    Engine(String),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The task running the gRPC server panicked or was cancelled.
+    #[error("grpc server task: {0}")]
+    ServerTask(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_errors_name_the_index_the_limit_and_the_value() {
+        let error = RequestError::Image {
+            index: 2,
+            reason: ImageRejection::TooManyBytes {
+                bytes: 31_457_280,
+                max: 20_971_520,
+            },
+        };
+        assert_eq!(
+            error.to_string(),
+            "images[2]: 31457280 bytes exceeds max_image_bytes 20971520"
+        );
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_header_larger_than_the_limits_names_the_dimension_over_its_limit() {
+        let tall = ImageRejection::from(kosmos_processor::DecodeError::TooLarge {
+            width: 10,
+            height: 9000,
+            max_width: 8192,
+            max_height: 8192,
+        });
+        assert_eq!(tall.to_string(), "height 9000 exceeds max_height 8192");
+    }
+}

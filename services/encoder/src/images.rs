@@ -1,0 +1,279 @@
+//! Untrusted images at the edge: cheap checks on the bytes first (size, format, declared MIME type), then on the
+//! blocking pool the header's dimensions (before any pixel buffer exists), one decode and the CLIP preprocessing.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use kosmos_processor::{
+    AcceptedFormat, DecodeLimits, ImageProcessorConfig, PixelValues, decode_image, preprocess,
+    read_dimensions, sniff_format,
+};
+use tokio::sync::Semaphore;
+
+use crate::config::{Limits, mime_type, parse_format};
+use crate::error::{ImageRejection, RequestError};
+
+/// Allocation slack the decoder may use beyond the decoded pixels (row buffers, JPEG component planes).
+const DECODER_SLACK_BYTES: u64 = 16 * 1024 * 1024;
+/// Bytes per pixel of the widest layout a decoder may produce (16-bit RGBA).
+const MAX_BYTES_PER_PIXEL: u64 = 8;
+
+/// An image whose bytes passed the cheap checks: within `max_image_bytes`, an accepted format that agrees with
+/// the declared MIME type. Not decoded yet.
+#[derive(Debug, Clone)]
+pub struct CheckedImage {
+    /// Index of the image in its request (named in every error).
+    pub index: usize,
+    /// The encoded bytes.
+    pub bytes: Vec<u8>,
+    /// The format recognised from the bytes.
+    pub format: AcceptedFormat,
+}
+
+fn rejected(index: usize, reason: ImageRejection) -> RequestError {
+    RequestError::Image { index, reason }
+}
+
+/// Checks the bytes of image `index` against the limits without decoding anything.
+///
+/// Order: size (so an oversized image costs nothing more), emptiness, the format sniffed from the bytes, the
+/// declared `mime_type` (when set it must name the same format), then `limits.formats`.
+pub fn check_image(
+    index: usize,
+    bytes: Vec<u8>,
+    declared_mime_type: &str,
+    limits: &Limits,
+) -> Result<CheckedImage, RequestError> {
+    let size = bytes.len() as u64;
+    if size > limits.max_image_bytes {
+        return Err(rejected(
+            index,
+            ImageRejection::TooManyBytes {
+                bytes: size,
+                max: limits.max_image_bytes,
+            },
+        ));
+    }
+    let detected = sniff_format(&bytes).map_err(|err| rejected(index, err.into()))?;
+    let declared = declared_mime_type.trim();
+    if !declared.is_empty() {
+        let declared_format = parse_format(declared).ok_or_else(|| {
+            rejected(
+                index,
+                ImageRejection::UnknownMimeType {
+                    mime_type: declared.to_string(),
+                },
+            )
+        })?;
+        if declared_format != detected {
+            return Err(rejected(
+                index,
+                ImageRejection::MimeTypeMismatch {
+                    declared: declared.to_string(),
+                    detected: mime_type(detected),
+                },
+            ));
+        }
+    }
+    if !limits.formats.contains(&detected) {
+        let accepted: Vec<&str> = limits.formats.iter().map(|&f| mime_type(f)).collect();
+        return Err(rejected(
+            index,
+            ImageRejection::FormatNotAccepted {
+                format: mime_type(detected),
+                accepted: accepted.join(", "),
+            },
+        ));
+    }
+    Ok(CheckedImage {
+        index,
+        bytes,
+        format: detected,
+    })
+}
+
+/// Decodes and preprocesses images on tokio's blocking pool, at most `workers` at a time across all requests.
+#[derive(Debug)]
+pub struct Preprocessor {
+    limits: Limits,
+    config: ImageProcessorConfig,
+    image_size: usize,
+    workers: Arc<Semaphore>,
+}
+
+impl Preprocessor {
+    /// A preprocessor producing `(3, image_size, image_size)` pixels with `config` (the checkpoint's
+    /// `preprocessor_config.json`).
+    pub fn new(
+        limits: Limits,
+        config: ImageProcessorConfig,
+        image_size: usize,
+        workers: NonZeroUsize,
+    ) -> Self {
+        Self {
+            limits,
+            config,
+            image_size,
+            workers: Arc::new(Semaphore::new(workers.get())),
+        }
+    }
+
+    /// The limits the decoder enforces on its own, a second line behind the header checks.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_width: self.limits.max_width,
+            max_height: self.limits.max_height,
+            max_alloc_bytes: self
+                .limits
+                .max_pixels
+                .saturating_mul(MAX_BYTES_PER_PIXEL)
+                .saturating_add(DECODER_SLACK_BYTES),
+        }
+    }
+
+    /// Header check, decode and preprocessing of one image, on the calling thread (blocking, CPU-bound).
+    pub fn process_one(&self, image: &CheckedImage) -> Result<PixelValues, RequestError> {
+        let index = image.index;
+        let (width, height) =
+            read_dimensions(&image.bytes).map_err(|err| rejected(index, err.into()))?;
+        if width > self.limits.max_width {
+            return Err(rejected(
+                index,
+                ImageRejection::TooWide {
+                    width,
+                    max: self.limits.max_width,
+                },
+            ));
+        }
+        if height > self.limits.max_height {
+            return Err(rejected(
+                index,
+                ImageRejection::TooTall {
+                    height,
+                    max: self.limits.max_height,
+                },
+            ));
+        }
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.limits.max_pixels {
+            return Err(rejected(
+                index,
+                ImageRejection::TooManyPixels {
+                    pixels,
+                    width,
+                    height,
+                    max: self.limits.max_pixels,
+                },
+            ));
+        }
+        let rgb = decode_image(&image.bytes, &self.decode_limits())
+            .map_err(|err| rejected(index, err.into()))?;
+        let values = preprocess(&rgb, &self.config)
+            .map_err(|err| rejected(index, ImageRejection::Preprocess(err.to_string())))?;
+        let expected = [3, self.image_size, self.image_size];
+        if values.shape() != expected {
+            return Err(RequestError::Internal(format!(
+                "images[{index}]: preprocessing produced {:?}, the model expects {expected:?}",
+                values.shape()
+            )));
+        }
+        Ok(values)
+    }
+
+    /// Processes every image of a request in parallel on the blocking pool; on failure, the error of the first
+    /// failing image in request order.
+    pub async fn process_all(
+        self: &Arc<Self>,
+        images: Vec<CheckedImage>,
+    ) -> Result<Vec<PixelValues>, RequestError> {
+        let mut tasks = Vec::with_capacity(images.len());
+        for image in images {
+            // The permit is taken before spawning, so a burst of requests queues here (fairly, in arrival order)
+            // instead of oversubscribing the cores with hundreds of blocking threads.
+            let permit = Arc::clone(&self.workers)
+                .acquire_owned()
+                .await
+                .map_err(|_| RequestError::ShuttingDown)?;
+            let preprocessor = Arc::clone(self);
+            let span = tracing::Span::current();
+            let index = image.index;
+            let task = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                span.in_scope(|| preprocessor.process_one(&image))
+            });
+            tasks.push((index, task));
+        }
+        let mut pixels = Vec::with_capacity(tasks.len());
+        let mut first_error = None;
+        for (index, task) in tasks {
+            match task.await {
+                Ok(Ok(values)) => pixels.push(values),
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(err);
+                }
+                Err(join_error) => {
+                    first_error.get_or_insert(RequestError::Internal(format!(
+                        "images[{index}]: preprocessing failed: {join_error}"
+                    )));
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(pixels),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_image_bytes: 100,
+            max_width: 64,
+            max_height: 64,
+            max_pixels: 1024,
+            max_images_per_request: NonZeroUsize::MIN,
+            formats: vec![AcceptedFormat::Png, AcceptedFormat::Jpeg],
+        }
+    }
+
+    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+
+    #[test]
+    fn the_byte_limit_is_checked_before_anything_else() {
+        let err = check_image(3, vec![0; 101], "", &limits()).expect_err("too big");
+        assert_eq!(
+            err.to_string(),
+            "images[3]: 101 bytes exceeds max_image_bytes 100"
+        );
+    }
+
+    #[test]
+    fn a_declared_mime_type_must_agree_with_the_bytes() {
+        let err =
+            check_image(0, PNG_SIGNATURE.to_vec(), "image/jpeg", &limits()).expect_err("mismatch");
+        assert!(
+            err.to_string()
+                .contains("mime_type image/jpeg disagrees with the bytes, which are image/png"),
+            "{err}"
+        );
+        let ok = check_image(0, PNG_SIGNATURE.to_vec(), "image/png", &limits()).expect("agrees");
+        assert_eq!(ok.format, AcceptedFormat::Png);
+        let err = check_image(0, PNG_SIGNATURE.to_vec(), "text/plain", &limits())
+            .expect_err("unknown type");
+        assert!(err.to_string().contains("`text/plain`"), "{err}");
+    }
+
+    #[test]
+    fn a_supported_format_outside_the_accepted_list_is_refused() {
+        let webp = b"RIFF\x24\0\0\0WEBPVP8 ".to_vec();
+        let err = check_image(1, webp, "", &limits()).expect_err("webp not accepted");
+        assert_eq!(
+            err.to_string(),
+            "images[1]: format image/webp is not accepted (limits.formats: image/png, image/jpeg)"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Service tests: the encoder served on `127.0.0.1:0` with the tiny fixture model, called with the generated
+//! client. One module per behaviour; one test binary keeps link time down.
+
+mod common;
+
+mod concurrent_calls;
+mod deadlines;
+mod embeddings;
+mod health_and_shutdown;
+mod info;
+mod limits;
+mod queue_full;
