@@ -1,0 +1,343 @@
+//! Configuration: a raw serde struct (file < environment `KOSMOS_DECODER__SECTION__KEY` < flags, merged by
+//! `kosmos_runtime::config`) validated into [`DecoderConfig`].
+//!
+//! ```toml
+//! listen = "0.0.0.0:50052"
+//! model_dir = "/models/kosmos-2"
+//! device = "cpu"            # cpu, cuda, cuda:N
+//! dtype = "f32"             # f32, f16, bf16
+//! image_placeholder_first_id = 4
+//!
+//! [scheduler]
+//! max_running_sequences = 32
+//! kv_token_budget = 0       # 0: max_running_sequences × the context length
+//! max_waiting_requests = 256
+//! max_prefill_tokens_per_step = 4096
+//! stream_buffer_messages = 16
+//! stalled_poll_seconds = 0.002
+//!
+//! [limits]
+//! max_message_bytes = 67108864
+//! max_score_candidates = 64
+//! max_candidate_tokens = 256
+//!
+//! [server]
+//! drain_timeout_seconds = 30.0
+//! log_json = false
+//! ```
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kosmos_runtime::config::{Layers, seconds};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StartError;
+
+/// The prefix of the decoder's environment variables.
+pub const ENV_PREFIX: &str = "KOSMOS_DECODER";
+
+/// The configuration as written in a file, before validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// gRPC listen address.
+    pub listen: String,
+    /// The model directory (Hugging Face layout); only its text half is loaded.
+    pub model_dir: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Weights dtype: `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// Id at the first image position (`<unk>` + 1 in the Kosmos-2 processor).
+    pub image_placeholder_first_id: u32,
+    /// Batching.
+    pub scheduler: RawScheduler,
+    /// Request limits.
+    pub limits: RawLimits,
+    /// Serving.
+    pub server: RawServer,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:50052".into(),
+            model_dir: PathBuf::new(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            image_placeholder_first_id: 4,
+            scheduler: RawScheduler::default(),
+            limits: RawLimits::default(),
+            server: RawServer::default(),
+        }
+    }
+}
+
+/// `[scheduler]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawScheduler {
+    /// Most requests in the running batch.
+    pub max_running_sequences: usize,
+    /// Most KV tokens reserved by the batch; 0 means `max_running_sequences` × the context length.
+    pub kv_token_budget: usize,
+    /// Most requests waiting for admission.
+    pub max_waiting_requests: usize,
+    /// Most prompt tokens prefilled in one step.
+    pub max_prefill_tokens_per_step: usize,
+    /// Messages buffered per stream before its sequence pauses.
+    pub stream_buffer_messages: usize,
+    /// Sleep between looks while every running sequence waits for its client.
+    #[serde(rename = "stalled_poll_seconds", with = "seconds")]
+    pub stalled_poll: Duration,
+}
+
+impl Default for RawScheduler {
+    fn default() -> Self {
+        Self {
+            max_running_sequences: 32,
+            kv_token_budget: 0,
+            max_waiting_requests: 256,
+            max_prefill_tokens_per_step: 4096,
+            stream_buffer_messages: 16,
+            stalled_poll: Duration::from_millis(2),
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Largest gRPC message accepted or sent (requests with many image embeddings exceed tonic's 4 MiB default).
+    pub max_message_bytes: usize,
+    /// Most candidates in one `Score`.
+    pub max_score_candidates: usize,
+    /// Most tokens in one candidate.
+    pub max_candidate_tokens: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            max_score_candidates: 64,
+            max_candidate_tokens: 256,
+        }
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// How long in-flight calls may take to finish after shutdown begins.
+    #[serde(rename = "drain_timeout_seconds", with = "seconds")]
+    pub drain_timeout: Duration,
+    /// Log JSON lines instead of text.
+    pub log_json: bool,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+            log_json: false,
+        }
+    }
+}
+
+/// Limits checked on every request at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest gRPC message, both directions.
+    pub max_message_bytes: NonZeroUsize,
+    /// Most candidates in one `Score`.
+    pub max_score_candidates: NonZeroUsize,
+    /// Most tokens in one candidate.
+    pub max_candidate_tokens: NonZeroUsize,
+}
+
+/// Scheduler settings before the model is known (the KV budget may depend on its context length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most requests in the running batch.
+    pub max_running_sequences: NonZeroUsize,
+    /// Most KV tokens reserved; `None`: `max_running_sequences` × the context length.
+    pub kv_token_budget: Option<NonZeroUsize>,
+    /// Most requests waiting for admission.
+    pub max_waiting_requests: NonZeroUsize,
+    /// Most prompt tokens prefilled in one step.
+    pub max_prefill_tokens_per_step: NonZeroUsize,
+    /// Messages buffered per stream.
+    pub stream_buffer_messages: NonZeroUsize,
+    /// Sleep between looks while every running sequence waits for its client.
+    pub stalled_poll: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// gRPC listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The model directory.
+    pub model_dir: PathBuf,
+    /// Device name as configured.
+    pub device: String,
+    /// Weights dtype.
+    pub dtype: kosmos_model::DType,
+    /// Id at the first image position.
+    pub image_placeholder_first_id: u32,
+    /// Batching.
+    pub scheduler: SchedulerConfig,
+    /// Request limits.
+    pub limits: RequestLimits,
+    /// How long in-flight calls may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Log JSON lines.
+    pub log_json: bool,
+}
+
+fn positive(key: &str, value: usize) -> Result<NonZeroUsize, StartError> {
+    NonZeroUsize::new(value).ok_or_else(|| StartError::Config(format!("`{key}` must be > 0")))
+}
+
+impl TryFrom<RawConfig> for DecoderConfig {
+    type Error = StartError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, StartError> {
+        let listen = raw.listen.parse().map_err(|err| {
+            StartError::Config(format!(
+                "`listen` = `{}` is not an address: {err}",
+                raw.listen
+            ))
+        })?;
+        if raw.model_dir.as_os_str().is_empty() {
+            return Err(StartError::Config("`model_dir` is required".into()));
+        }
+        let dtype = kosmos_model::parse_dtype(&raw.dtype)
+            .map_err(|err| StartError::Config(format!("`dtype`: {err}")))?;
+        let scheduler = &raw.scheduler;
+        if scheduler.stalled_poll.is_zero() || scheduler.stalled_poll > Duration::from_secs(1) {
+            return Err(StartError::Config(format!(
+                "`scheduler.stalled_poll_seconds` must be in (0, 1], got {}",
+                scheduler.stalled_poll.as_secs_f64()
+            )));
+        }
+        let max_message_bytes = positive("limits.max_message_bytes", raw.limits.max_message_bytes)?;
+        if max_message_bytes.get() > u32::MAX as usize {
+            return Err(StartError::Config(format!(
+                "`limits.max_message_bytes` must be <= {}, got {max_message_bytes}",
+                u32::MAX
+            )));
+        }
+        Ok(Self {
+            listen,
+            model_dir: raw.model_dir,
+            device: raw.device,
+            dtype,
+            image_placeholder_first_id: raw.image_placeholder_first_id,
+            scheduler: SchedulerConfig {
+                max_running_sequences: positive(
+                    "scheduler.max_running_sequences",
+                    scheduler.max_running_sequences,
+                )?,
+                kv_token_budget: NonZeroUsize::new(scheduler.kv_token_budget),
+                max_waiting_requests: positive(
+                    "scheduler.max_waiting_requests",
+                    scheduler.max_waiting_requests,
+                )?,
+                max_prefill_tokens_per_step: positive(
+                    "scheduler.max_prefill_tokens_per_step",
+                    scheduler.max_prefill_tokens_per_step,
+                )?,
+                stream_buffer_messages: positive(
+                    "scheduler.stream_buffer_messages",
+                    scheduler.stream_buffer_messages,
+                )?,
+                stalled_poll: scheduler.stalled_poll,
+            },
+            limits: RequestLimits {
+                max_message_bytes,
+                max_score_candidates: positive(
+                    "limits.max_score_candidates",
+                    raw.limits.max_score_candidates,
+                )?,
+                max_candidate_tokens: positive(
+                    "limits.max_candidate_tokens",
+                    raw.limits.max_candidate_tokens,
+                )?,
+            },
+            drain_timeout: raw.server.drain_timeout,
+            log_json: raw.server.log_json,
+        })
+    }
+}
+
+impl DecoderConfig {
+    /// Loads and validates the configuration from its layers.
+    pub fn load(layers: &Layers) -> Result<Self, StartError> {
+        let raw: RawConfig = kosmos_runtime::config::load(layers)?;
+        Self::try_from(raw)
+    }
+
+    /// A configuration for `model_dir` with every other key at its default (tests, tools).
+    pub fn for_model(model_dir: impl Into<PathBuf>) -> Result<Self, StartError> {
+        Self::try_from(RawConfig {
+            model_dir: model_dir.into(),
+            ..RawConfig::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_the_defaults_and_bad_values_name_their_key() {
+        let layers = Layers {
+            env: vec![(
+                "KOSMOS_DECODER__SCHEDULER__MAX_RUNNING_SEQUENCES".into(),
+                "4".into(),
+            )],
+            env_prefix: ENV_PREFIX.into(),
+            overrides: vec![
+                "model_dir=/m".into(),
+                "scheduler.stalled_poll_seconds=0.01".into(),
+            ],
+            ..Layers::default()
+        };
+        let config = DecoderConfig::load(&layers).expect("loads");
+        assert_eq!(config.scheduler.max_running_sequences.get(), 4);
+        assert_eq!(config.scheduler.stalled_poll, Duration::from_millis(10));
+        assert_eq!(config.scheduler.kv_token_budget, None);
+        assert_eq!(config.model_dir, PathBuf::from("/m"));
+
+        let zero = Layers {
+            overrides: vec![
+                "model_dir=/m".into(),
+                "scheduler.max_waiting_requests=0".into(),
+            ],
+            ..Layers::default()
+        };
+        let err = DecoderConfig::load(&zero).expect_err("rejects");
+        assert!(
+            err.to_string().contains("scheduler.max_waiting_requests"),
+            "{err}"
+        );
+
+        let unknown = Layers {
+            overrides: vec!["scheduler.max_runing=3".into()],
+            ..Layers::default()
+        };
+        let err = DecoderConfig::load(&unknown).expect_err("rejects");
+        assert!(err.to_string().contains("max_runing"), "{err}");
+
+        let missing = DecoderConfig::load(&Layers::default()).expect_err("needs a model");
+        assert!(missing.to_string().contains("model_dir"), "{missing}");
+    }
+}
