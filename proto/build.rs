@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "kosmos/tensor/v1/tensor.proto",
     "kosmos/encoder/v1/encoder.proto",
     "kosmos/decoder/v1/decoder.proto",
+    "kosmos/v1/kosmos.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,7 +2,8 @@
 //!
 //! * [`tensor::v1`]: tensors on the wire (image embeddings);
 //! * [`encoder::v1`]: the internal vision-encoder API;
-//! * [`decoder::v1`]: the internal decoder API.
+//! * [`decoder::v1`]: the internal decoder API;
+//! * [`v1`]: the public API (`kosmos.v1.Kosmos`), served by the gateway.
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
@@ -28,6 +29,11 @@ pub mod decoder {
     pub mod v1 {
         tonic::include_proto!("kosmos.decoder.v1");
     }
+}
+
+/// The public API, served by the gateway (`kosmos.v1`).
+pub mod v1 {
+    tonic::include_proto!("kosmos.v1");
 }
 
 /// The encoded `FileDescriptorSet` of every kosmos proto, for gRPC reflection.

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use kosmos_model::{DType, Device, ImageInjection, KosmosModel, SeqChunk, SequenceCache, Tensor, argmax};
+use kosmos_model::{
+    DType, Device, ImageInjection, KosmosModel, SeqChunk, SequenceCache, Tensor, argmax,
+};
 
 const PROMPT_LEN: usize = 128;
 const DECODE_STEPS: usize = 32;
@@ -37,7 +39,9 @@ struct Args {
 
 fn median_seconds(mut run: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<(f64, Vec<f64>)> {
     run()?;
-    let mut times = (0..REPS).map(|_| run()).collect::<anyhow::Result<Vec<f64>>>()?;
+    let mut times = (0..REPS)
+        .map(|_| run())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     let runs = times.clone();
     times.sort_by(f64::total_cmp);
     Ok((times[REPS / 2], runs))
@@ -55,7 +59,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = kosmos_model::parse_device(&args.device)?;
     let dtype = kosmos_model::parse_dtype(&args.dtype)?;
-    let model = KosmosModel::load(&args.model, dtype, &device).with_context(|| format!("{}", args.model.display()))?;
+    let model = KosmosModel::load(&args.model, dtype, &device)
+        .with_context(|| format!("{}", args.model.display()))?;
     let config = model.vision.config().clone();
     let queries = config.latent_query_num;
     let size = config.vision_config.image_size;
@@ -63,7 +68,8 @@ fn main() -> anyhow::Result<()> {
     let first_tag = vocab as u32 - 11 - 1024;
     let (begin_image, end_image) = (first_tag + 1, first_tag + 2);
 
-    let pixels = Tensor::randn(0f32, 1f32, (VISION_BATCH, 3, size, size), &Device::Cpu)?.to_device(&device)?;
+    let pixels = Tensor::randn(0f32, 1f32, (VISION_BATCH, 3, size, size), &Device::Cpu)?
+        .to_device(&device)?;
     let mut ids = vec![0u32, begin_image];
     ids.extend((0..queries as u32).map(|i| 4 + i));
     ids.push(end_image);
@@ -75,18 +81,26 @@ fn main() -> anyhow::Result<()> {
         state ^= state << 17;
         ids.push(4 + queries as u32 + (state % (first_tag as u64 - 4 - queries as u64)) as u32);
     }
-    let image_mask: Vec<bool> = (0..PROMPT_LEN).map(|p| (2..2 + queries).contains(&p)).collect();
+    let image_mask: Vec<bool> = (0..PROMPT_LEN)
+        .map(|p| (2..2 + queries).contains(&p))
+        .collect();
 
     let sync = |t: &Tensor| -> anyhow::Result<()> {
         // Reading one value back waits for asynchronous devices.
-        t.flatten_all()?.narrow(0, 0, 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        t.flatten_all()?
+            .narrow(0, 0, 1)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         Ok(())
     };
     let (vision_s, vision_runs) = median_seconds(timed(|| {
         let embeds = model.vision.encode(&pixels)?;
         sync(&embeds)
     }))?;
-    let image = model.vision.encode(&pixels.narrow(0, 0, 1)?)?.flatten_to(1)?;
+    let image = model
+        .vision
+        .encode(&pixels.narrow(0, 0, 1)?)?
+        .flatten_to(1)?;
     let text = model.text.model();
 
     // One prefill of `batch` copies of the prompt; returns the caches and the next token of each.
@@ -106,7 +120,9 @@ fn main() -> anyhow::Result<()> {
         let hidden = text.forward(&mut chunks)?;
         let last: Vec<u32> = (1..=batch).map(|b| (b * PROMPT_LEN - 1) as u32).collect();
         let rows = Tensor::from_vec(last, batch, hidden.device())?;
-        let logits = text.logits(&hidden.index_select(&rows, 0)?)?.to_vec2::<f32>()?;
+        let logits = text
+            .logits(&hidden.index_select(&rows, 0)?)?
+            .to_vec2::<f32>()?;
         let next = logits.iter().map(|row| argmax(row).unwrap_or(0)).collect();
         Ok((caches, next))
     };

@@ -100,7 +100,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    use tokio_stream::StreamExt as _;
+    // tonic does not set TCP_NODELAY on connections from a listener it did not bind; without it a streamed
+    // response's first message waits for the peer's delayed ACK (~40 ms on Linux).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(%err, "cannot set TCP_NODELAY");
+            }
+        })
+    });
     router
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await

@@ -1,0 +1,570 @@
+//! Parse, don't validate: wire requests become `Valid…` domain types here, and every violation is an
+//! INVALID_ARGUMENT naming the field, the limit and the value.
+//!
+//! Image bytes are checked before anything is forwarded: the size, the format from the magic bytes (never from
+//! a name or the MIME type alone), and the width and height from the header, so that a decompression bomb costs
+//! the encoder pool nothing. Checking the headers and hashing the bytes is CPU work that grows with the request,
+//! so [`validate_prompt`] runs on the blocking pool.
+
+use std::sync::Arc;
+
+use kosmos_processor::{AcceptedFormat, DecodeError, read_dimensions, sniff_format};
+use kosmos_proto::v1 as pb;
+
+use crate::cache::ContentHash;
+use crate::config::Limits;
+use crate::error::RequestError;
+
+/// "`field` is value, above the limit `limits.name` = limit".
+fn over(
+    field: &str,
+    value: impl std::fmt::Display,
+    limit: &str,
+    bound: impl std::fmt::Display,
+) -> RequestError {
+    RequestError::invalid(format!(
+        "`{field}` is {value}, above the limit `limits.{limit}` = {bound}"
+    ))
+}
+
+/// An image whose bytes passed the checks.
+#[derive(Debug, Clone)]
+pub struct ValidImage {
+    /// Index of its segment in the request (for error messages).
+    pub segment: usize,
+    /// The encoded bytes, shared by retries and concurrent encodes.
+    pub data: Arc<Vec<u8>>,
+    /// The format recognised from the bytes.
+    pub format: AcceptedFormat,
+    /// Width from the header.
+    pub width: u32,
+    /// Height from the header.
+    pub height: u32,
+    /// Content hash of the bytes.
+    pub hash: ContentHash,
+}
+
+impl ValidImage {
+    /// The MIME type of the recognised format.
+    pub fn mime_type(&self) -> &'static str {
+        mime_of(self.format)
+    }
+}
+
+fn mime_of(format: AcceptedFormat) -> &'static str {
+    match format {
+        AcceptedFormat::Jpeg => "image/jpeg",
+        AcceptedFormat::Png => "image/png",
+        AcceptedFormat::WebP => "image/webp",
+    }
+}
+
+/// One piece of a valid prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptPart {
+    /// Text.
+    Text(String),
+    /// The image at this index of [`ValidPrompt::images`].
+    Image(usize),
+}
+
+/// A prompt whose segments and images passed the checks.
+#[derive(Debug, Clone)]
+pub struct ValidPrompt {
+    /// The segments, in order.
+    pub parts: Vec<PromptPart>,
+    /// The images, in order of appearance.
+    pub images: Vec<ValidImage>,
+}
+
+/// Checks every segment of a prompt (`field` names it in errors) and every image's bytes.
+pub fn validate_prompt(
+    segments: Vec<pb::Segment>,
+    limits: &Limits,
+    field: &str,
+) -> Result<ValidPrompt, RequestError> {
+    if segments.is_empty() {
+        return Err(RequestError::invalid(format!(
+            "`{field}` must contain at least one segment"
+        )));
+    }
+    if segments.len() > limits.max_segments {
+        return Err(over(
+            field,
+            format!("{} segments", segments.len()),
+            "max_segments",
+            limits.max_segments,
+        ));
+    }
+    let image_count = segments
+        .iter()
+        .filter(|segment| matches!(segment.kind, Some(pb::segment::Kind::Image(_))))
+        .count();
+    if image_count > limits.max_images {
+        return Err(over(
+            field,
+            format!("{image_count} images"),
+            "max_images",
+            limits.max_images,
+        ));
+    }
+    let text_bytes: u64 = segments
+        .iter()
+        .map(|segment| match &segment.kind {
+            Some(pb::segment::Kind::Text(text)) => text.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    if text_bytes > limits.max_text_bytes {
+        return Err(over(
+            field,
+            format!("{text_bytes} bytes of text"),
+            "max_text_bytes",
+            limits.max_text_bytes,
+        ));
+    }
+    let mut parts = Vec::with_capacity(segments.len());
+    let mut images = Vec::with_capacity(image_count);
+    for (index, segment) in segments.into_iter().enumerate() {
+        match segment.kind {
+            None => {
+                return Err(RequestError::invalid(format!(
+                    "`{field}[{index}]` has neither text nor an image"
+                )));
+            }
+            Some(pb::segment::Kind::Text(text)) => parts.push(PromptPart::Text(text)),
+            Some(pb::segment::Kind::Image(image)) => {
+                let valid =
+                    validate_image(image, limits, &format!("{field}[{index}].image"), index)?;
+                parts.push(PromptPart::Image(images.len()));
+                images.push(valid);
+            }
+        }
+    }
+    Ok(ValidPrompt { parts, images })
+}
+
+fn decode_error(field: &str, err: DecodeError) -> RequestError {
+    let message = match err {
+        DecodeError::Empty => format!("`{field}.data` is empty"),
+        DecodeError::UnsupportedFormat { format } => {
+            format!("`{field}.data` is not a JPEG, PNG or WebP image (recognised: {format})")
+        }
+        DecodeError::ZeroSized { width, height } => {
+            format!("`{field}.data` has a zero dimension ({width}x{height})")
+        }
+        other => format!("`{field}.data` is not a readable image: {other}"),
+    };
+    RequestError::invalid(message)
+}
+
+fn validate_image(
+    image: pb::Image,
+    limits: &Limits,
+    field: &str,
+    segment: usize,
+) -> Result<ValidImage, RequestError> {
+    let bytes = image.data.len() as u64;
+    if bytes > limits.max_image_bytes {
+        return Err(over(
+            &format!("{field}.data"),
+            format!("{bytes} bytes"),
+            "max_image_bytes",
+            limits.max_image_bytes,
+        ));
+    }
+    let format = sniff_format(&image.data).map_err(|err| decode_error(field, err))?;
+    let declared = image.mime_type.trim().to_ascii_lowercase();
+    if !declared.is_empty() {
+        let known = match declared.as_str() {
+            "image/jpeg" | "image/jpg" => Some(AcceptedFormat::Jpeg),
+            "image/png" => Some(AcceptedFormat::Png),
+            "image/webp" => Some(AcceptedFormat::WebP),
+            _ => None,
+        };
+        match known {
+            None => {
+                return Err(RequestError::invalid(format!(
+                    "`{field}.mime_type` must be image/jpeg, image/png or image/webp, got `{declared}`"
+                )));
+            }
+            Some(declared_format) if declared_format != format => {
+                return Err(RequestError::invalid(format!(
+                    "`{field}.mime_type` says `{declared}` but the bytes are {}",
+                    mime_of(format)
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let (width, height) = read_dimensions(&image.data).map_err(|err| decode_error(field, err))?;
+    if width == 0 || height == 0 {
+        return Err(decode_error(
+            field,
+            DecodeError::ZeroSized { width, height },
+        ));
+    }
+    if width > limits.max_image_width {
+        return Err(over(
+            &format!("{field}.data"),
+            format!("{width} pixels wide"),
+            "max_image_width",
+            limits.max_image_width,
+        ));
+    }
+    if height > limits.max_image_height {
+        return Err(over(
+            &format!("{field}.data"),
+            format!("{height} pixels high"),
+            "max_image_height",
+            limits.max_image_height,
+        ));
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_image_pixels {
+        return Err(over(
+            &format!("{field}.data"),
+            format!("{width}x{height} = {pixels} pixels"),
+            "max_image_pixels",
+            limits.max_image_pixels,
+        ));
+    }
+    let hash = ContentHash::of(&image.data);
+    Ok(ValidImage {
+        segment,
+        data: Arc::new(image.data),
+        format,
+        width,
+        height,
+        hash,
+    })
+}
+
+/// Generation parameters with every default resolved except `max_new_tokens`, which depends on the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidParams {
+    /// The caller's max_new_tokens, `None` for the default.
+    pub max_new_tokens: Option<u32>,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 1 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// 1 is off.
+    pub repetition_penalty: f32,
+    /// 0 is off.
+    pub no_repeat_ngram_size: u32,
+    /// `None`: a random seed.
+    pub seed: Option<u64>,
+    /// Stop strings, non-empty.
+    pub stop: Vec<String>,
+    /// Top log-probabilities per step.
+    pub logprobs: u32,
+}
+
+/// Checks generation parameters against the limits and the vocabulary.
+pub fn validate_params(
+    params: Option<pb::GenerationParams>,
+    limits: &Limits,
+    vocab_size: usize,
+) -> Result<ValidParams, RequestError> {
+    let params = params.unwrap_or_default();
+    if params.max_new_tokens > limits.max_new_tokens {
+        return Err(over(
+            "params.max_new_tokens",
+            params.max_new_tokens,
+            "max_new_tokens",
+            limits.max_new_tokens,
+        ));
+    }
+    let temperature = params.temperature;
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(RequestError::invalid(format!(
+            "`params.temperature` must be a number >= 0, got {temperature}"
+        )));
+    }
+    if temperature > limits.max_temperature {
+        return Err(over(
+            "params.temperature",
+            temperature,
+            "max_temperature",
+            limits.max_temperature,
+        ));
+    }
+    let top_p = params.top_p;
+    if !(0.0..=1.0).contains(&top_p) {
+        return Err(RequestError::invalid(format!(
+            "`params.top_p` must be in [0, 1], got {top_p}"
+        )));
+    }
+    if params.top_k as usize > vocab_size {
+        return Err(RequestError::invalid(format!(
+            "`params.top_k` is {}, above the vocabulary size {vocab_size}",
+            params.top_k
+        )));
+    }
+    let penalty = params.repetition_penalty;
+    if !penalty.is_finite() || penalty < 0.0 {
+        return Err(RequestError::invalid(format!(
+            "`params.repetition_penalty` must be a number >= 0, got {penalty}"
+        )));
+    }
+    if penalty > limits.max_repetition_penalty {
+        return Err(over(
+            "params.repetition_penalty",
+            penalty,
+            "max_repetition_penalty",
+            limits.max_repetition_penalty,
+        ));
+    }
+    if params.no_repeat_ngram_size > limits.max_no_repeat_ngram_size {
+        return Err(over(
+            "params.no_repeat_ngram_size",
+            params.no_repeat_ngram_size,
+            "max_no_repeat_ngram_size",
+            limits.max_no_repeat_ngram_size,
+        ));
+    }
+    if params.stop.len() > limits.max_stop_strings {
+        return Err(over(
+            "params.stop",
+            format!("{} strings", params.stop.len()),
+            "max_stop_strings",
+            limits.max_stop_strings,
+        ));
+    }
+    for (index, stop) in params.stop.iter().enumerate() {
+        if stop.is_empty() {
+            return Err(RequestError::invalid(format!(
+                "`params.stop[{index}]` must not be empty"
+            )));
+        }
+        if stop.len() > limits.max_stop_string_bytes {
+            return Err(over(
+                &format!("params.stop[{index}]"),
+                format!("{} bytes", stop.len()),
+                "max_stop_string_bytes",
+                limits.max_stop_string_bytes,
+            ));
+        }
+    }
+    if params.logprobs > limits.max_top_logprobs {
+        return Err(over(
+            "params.logprobs",
+            params.logprobs,
+            "max_top_logprobs",
+            limits.max_top_logprobs,
+        ));
+    }
+    Ok(ValidParams {
+        max_new_tokens: (params.max_new_tokens > 0).then_some(params.max_new_tokens),
+        temperature,
+        top_p: if top_p == 0.0 { 1.0 } else { top_p },
+        top_k: params.top_k,
+        repetition_penalty: if penalty == 0.0 { 1.0 } else { penalty },
+        no_repeat_ngram_size: params.no_repeat_ngram_size,
+        seed: (params.seed != 0).then_some(params.seed),
+        stop: params.stop,
+        logprobs: params.logprobs,
+    })
+}
+
+/// Checks the candidates of a Score request.
+pub fn validate_candidates(candidates: &[String], limits: &Limits) -> Result<(), RequestError> {
+    if candidates.is_empty() {
+        return Err(RequestError::invalid(
+            "`candidates` must contain at least one candidate",
+        ));
+    }
+    if candidates.len() > limits.max_candidates {
+        return Err(over(
+            "candidates",
+            format!("{} candidates", candidates.len()),
+            "max_candidates",
+            limits.max_candidates,
+        ));
+    }
+    for (index, candidate) in candidates.iter().enumerate() {
+        if candidate.trim().is_empty() {
+            return Err(RequestError::invalid(format!(
+                "`candidates[{index}]` must contain text"
+            )));
+        }
+        if candidate.len() > limits.max_candidate_bytes {
+            return Err(over(
+                &format!("candidates[{index}]"),
+                format!("{} bytes", candidate.len()),
+                "max_candidate_bytes",
+                limits.max_candidate_bytes,
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GatewayConfig, RawConfig};
+
+    fn limits() -> Limits {
+        let mut raw = RawConfig {
+            model_dir: "/m".into(),
+            ..RawConfig::default()
+        };
+        raw.encoder.endpoints = vec!["a:1".into()];
+        raw.decoder.endpoints = vec!["a:1".into()];
+        GatewayConfig::try_from(raw).expect("valid").limits
+    }
+
+    fn png() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/images/a_gradient_48x32.png"
+        ))
+        .expect("fixture image")
+    }
+
+    fn image_segment(data: Vec<u8>, mime_type: &str) -> pb::Segment {
+        pb::Segment {
+            kind: Some(pb::segment::Kind::Image(pb::Image {
+                data,
+                mime_type: mime_type.into(),
+            })),
+        }
+    }
+
+    fn text_segment(text: &str) -> pb::Segment {
+        pb::Segment {
+            kind: Some(pb::segment::Kind::Text(text.into())),
+        }
+    }
+
+    fn message(result: Result<ValidPrompt, RequestError>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                err.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_prompt_keeps_its_order_and_reads_the_header() {
+        let prompt = validate_prompt(
+            vec![
+                text_segment("a"),
+                image_segment(png(), "image/png"),
+                text_segment("b"),
+            ],
+            &limits(),
+            "prompt",
+        )
+        .expect("valid");
+        assert_eq!(prompt.parts[1], PromptPart::Image(0));
+        assert_eq!((prompt.images[0].width, prompt.images[0].height), (48, 32));
+        assert_eq!(prompt.images[0].segment, 1);
+    }
+
+    #[test]
+    fn bad_images_name_the_field_and_the_limit() {
+        let limits = limits();
+        let err = message(validate_prompt(
+            vec![image_segment(b"not an image".to_vec(), "")],
+            &limits,
+            "prompt",
+        ));
+        assert!(err.contains("`prompt[0].image.data`"), "{err}");
+        let err = message(validate_prompt(
+            vec![image_segment(png(), "image/jpeg")],
+            &limits,
+            "prompt",
+        ));
+        assert!(err.contains("mime_type"), "{err}");
+        let mut small = limits.clone();
+        small.max_image_width = 40;
+        let err = message(validate_prompt(
+            vec![image_segment(png(), "")],
+            &small,
+            "prompt",
+        ));
+        assert!(
+            err.contains("limits.max_image_width` = 40") && err.contains("48 pixels wide"),
+            "{err}"
+        );
+        let mut few = limits.clone();
+        few.max_images = 1;
+        let two = vec![image_segment(png(), ""), image_segment(png(), "")];
+        let err = message(validate_prompt(two, &few, "prompt"));
+        assert!(
+            err.contains("max_images") && err.contains("2 images"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_prompt_or_segment_is_refused() {
+        let err = message(validate_prompt(Vec::new(), &limits(), "prompt"));
+        assert!(err.contains("at least one segment"), "{err}");
+        let err = message(validate_prompt(
+            vec![pb::Segment { kind: None }],
+            &limits(),
+            "prompt",
+        ));
+        assert!(err.contains("`prompt[0]`"), "{err}");
+    }
+
+    #[test]
+    fn sampling_values_out_of_range_are_refused_and_zeros_mean_defaults() {
+        let limits = limits();
+        let defaults = validate_params(None, &limits, 100).expect("defaults");
+        assert_eq!(
+            (defaults.top_p, defaults.repetition_penalty, defaults.seed),
+            (1.0, 1.0, None)
+        );
+        for params in [
+            pb::GenerationParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                top_k: 101,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                max_new_tokens: 5000,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                logprobs: 21,
+                ..Default::default()
+            },
+            pb::GenerationParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+        ] {
+            let err =
+                validate_params(Some(params.clone()), &limits, 100).expect_err("out of range");
+            assert!(err.to_string().contains("`params."), "{err} for {params:?}");
+        }
+    }
+
+    #[test]
+    fn candidates_must_exist_and_fit() {
+        let limits = limits();
+        assert!(validate_candidates(&[], &limits).is_err());
+        assert!(validate_candidates(&["  ".into()], &limits).is_err());
+        assert!(validate_candidates(&["cat".into(), "dog".into()], &limits).is_ok());
+    }
+}

@@ -1,0 +1,142 @@
+//! Errors of the gateway: what a request can fail with (each maps to one gRPC code, in one place) and what can
+//! stop the service from starting.
+
+use std::path::PathBuf;
+
+/// Why one request failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// A field is missing, out of range or inconsistent; the message names the field, the limit and the value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The gateway already works on as many requests as it may.
+    #[error(
+        "gateway overloaded: {limit} requests in flight (`limits.max_concurrent_requests`), retry later"
+    )]
+    Overloaded {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// A pool refused the work because its own queue is full.
+    #[error("{pool} pool overloaded: {message}")]
+    PoolOverloaded {
+        /// `encoder` or `decoder`.
+        pool: &'static str,
+        /// The replica's message.
+        message: String,
+    },
+    /// The gateway does not know the model yet (no decoder answered) or is shutting down.
+    #[error("gateway not ready: {0}")]
+    NotReady(String),
+    /// No replica of a pool could serve the call.
+    #[error("{pool} pool unavailable: {message}")]
+    Unavailable {
+        /// `encoder` or `decoder`.
+        pool: &'static str,
+        /// What the last replica answered.
+        message: String,
+    },
+    /// The caller's deadline passed.
+    #[error("deadline exceeded while {0}")]
+    DeadlineExceeded(&'static str),
+    /// A bug or an inconsistent answer from a pool.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The gRPC code of this error (the one place where errors become codes).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Self::Overloaded { .. } | Self::PoolOverloaded { .. } => tonic::Code::ResourceExhausted,
+            Self::NotReady(_) | Self::Unavailable { .. } => tonic::Code::Unavailable,
+            Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// An INVALID_ARGUMENT with `message`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidArgument(message.into())
+    }
+}
+
+impl From<RequestError> for tonic::Status {
+    fn from(error: RequestError) -> Self {
+        tonic::Status::new(error.code(), error.to_string())
+    }
+}
+
+/// Why the gateway could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The configuration could not be loaded.
+    #[error(transparent)]
+    ConfigLoad(#[from] kosmos_runtime::config::ConfigError),
+    /// The tokenizer could not be loaded.
+    #[error("cannot load the tokenizer from {dir}: {source}")]
+    Tokenizer {
+        /// The model directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: kosmos_processor::TokenizerError,
+    },
+    /// An endpoint could not be turned into a channel.
+    #[error("invalid endpoint `{endpoint}`: {message}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        message: String,
+    },
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    /// The server failed.
+    #[error("grpc server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("startup task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_the_documented_code() {
+        assert_eq!(
+            RequestError::invalid("x").code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            RequestError::Overloaded { limit: 1 }.code(),
+            tonic::Code::ResourceExhausted
+        );
+        let unavailable = RequestError::Unavailable {
+            pool: "decoder",
+            message: "gone".into(),
+        };
+        assert_eq!(unavailable.code(), tonic::Code::Unavailable);
+        let status = tonic::Status::from(unavailable);
+        assert!(
+            status.message().contains("decoder pool unavailable"),
+            "{status:?}"
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! One generation: admit, validate, tokenize, encode the images, open the decoder stream, then turn decoder
+//! messages into public stream messages (incremental text, stop strings, finish, usage, timings, grounding).
+//!
+//! `Generate` and `GenerateStream` share this code: the unary call folds the stream messages (see
+//! [`collect`]), so a streamed generation always concatenates to the unary result.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kosmos_processor::post_process_generation;
+use kosmos_proto::decoder::v1 as dec;
+use kosmos_proto::v1 as pb;
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::Code;
+
+use crate::domain::{ValidParams, validate_params};
+use crate::encode::call_timeout;
+use crate::error::RequestError;
+use crate::pool::{CallGuard, Pool};
+use crate::prompt::{PrepareInput, decoder_segments, prepare};
+use crate::state::{GatewayState, within};
+use crate::text::{Detokenizer, StopFilter};
+use crate::upstream::ModelInfo;
+
+/// When a request arrived and when it must be answered.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestClock {
+    /// Arrival at the gateway.
+    pub arrived: Instant,
+    /// The caller's deadline, if any.
+    pub deadline: Option<Instant>,
+}
+
+/// A generation in progress: the decoder stream and what is needed to turn it into public messages. Dropping it
+/// drops the decoder stream, which frees the sequence's decoder slot.
+#[derive(Debug)]
+pub struct Generation {
+    state: Arc<GatewayState>,
+    stream: Option<tonic::Streaming<dec::GenerateResponse>>,
+    call: Option<CallGuard>,
+    _permit: OwnedSemaphorePermit,
+    clock: RequestClock,
+    model: Arc<ModelInfo>,
+    grounding: bool,
+    logprobs: bool,
+    capped_by_context: bool,
+    prompt_ids: Vec<u32>,
+    image_tokens: u32,
+    detokenizer: Detokenizer,
+    stop: StopFilter,
+    completion_tokens: u32,
+    tokenize_seconds: f64,
+    encode_seconds: f64,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    done: bool,
+}
+
+/// Starts a generation: everything up to an open decoder stream, so that bad input and unavailable pools fail
+/// the call before any message is sent.
+pub async fn start(
+    state: Arc<GatewayState>,
+    request: pb::GenerateRequest,
+    clock: RequestClock,
+) -> Result<Generation, RequestError> {
+    let permit = state.admit()?;
+    let model = state.model()?;
+    let params = validate_params(request.params, &state.limits, model.vocab_size)?;
+    let input = PrepareInput {
+        segments: request.prompt,
+        grounding: request.grounding,
+        candidates: Vec::new(),
+    };
+    let tokenize_started = Instant::now();
+    let prepared = within(
+        clock.deadline,
+        "tokenizing the prompt",
+        prepare(
+            state.tokenizer.clone(),
+            state.limits.clone(),
+            model.clone(),
+            input,
+        ),
+    )
+    .await?;
+    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+    let prompt_len = prepared.encoded.len();
+    let (max_new_tokens, capped_by_context) = max_new_tokens(&params, prompt_len, &model, &state)?;
+
+    let encode_started = Instant::now();
+    let embeddings = within(
+        clock.deadline,
+        "encoding the images",
+        state
+            .encoder
+            .embeddings(&prepared.images, &model, clock.deadline),
+    )
+    .await?;
+    let encode_seconds = encode_started.elapsed().as_secs_f64();
+
+    let decoder_request = dec::GenerateRequest {
+        prompt: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
+        sampling: Some(sampling(&params)),
+        stopping: Some(dec::StoppingParams {
+            max_new_tokens,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }),
+    };
+    let (stream, call) = within(
+        clock.deadline,
+        "waiting for the decoder",
+        open_stream(
+            &state.upstreams.decoder,
+            decoder_request,
+            clock.deadline,
+            state.limits.max_message_bytes.get(),
+        ),
+    )
+    .await?;
+    Ok(Generation {
+        grounding: request.grounding,
+        logprobs: params.logprobs > 0,
+        capped_by_context,
+        image_tokens: (prepared.images.len() * model.num_image_tokens) as u32,
+        prompt_ids: prepared.encoded.input_ids,
+        stop: StopFilter::new(params.stop),
+        detokenizer: Detokenizer::new(),
+        stream: Some(stream),
+        call: Some(call),
+        _permit: permit,
+        clock,
+        model,
+        state,
+        completion_tokens: 0,
+        tokenize_seconds,
+        encode_seconds,
+        first_token_at: None,
+        last_token_at: None,
+        done: false,
+    })
+}
+
+/// The caller's max_new_tokens, or the default reduced to what fits; and whether the context is what bounds it.
+fn max_new_tokens(
+    params: &ValidParams,
+    prompt_len: usize,
+    model: &ModelInfo,
+    state: &GatewayState,
+) -> Result<(u32, bool), RequestError> {
+    let room = model.context_length.saturating_sub(prompt_len);
+    match params.max_new_tokens {
+        Some(requested) => {
+            if prompt_len + requested as usize > model.context_length {
+                return Err(RequestError::invalid(format!(
+                    "`params.max_new_tokens` is {requested}, above the {room} tokens the prompt ({prompt_len} \
+                     tokens) leaves in the model's context length ({})",
+                    model.context_length
+                )));
+            }
+            Ok((requested, false))
+        }
+        None => {
+            let default = state.limits.default_max_new_tokens as usize;
+            Ok((default.min(room) as u32, room < default))
+        }
+    }
+}
+
+fn sampling(params: &ValidParams) -> dec::SamplingParams {
+    dec::SamplingParams {
+        temperature: params.temperature,
+        top_p: params.top_p,
+        top_k: params.top_k,
+        repetition_penalty: params.repetition_penalty,
+        no_repeat_ngram_size: params.no_repeat_ngram_size,
+        seed: params.seed,
+        top_logprobs: params.logprobs,
+    }
+}
+
+/// Opens a decoder stream, trying another replica while none has answered.
+async fn open_stream(
+    pool: &Pool,
+    request: dec::GenerateRequest,
+    deadline: Option<Instant>,
+    max_message_bytes: usize,
+) -> Result<(tonic::Streaming<dec::GenerateResponse>, CallGuard), RequestError> {
+    let max_attempts = pool.config().max_attempts.get();
+    let mut tried = Vec::new();
+    let mut last_error = String::from("no replica");
+    for attempt in 0..max_attempts {
+        let Some(replica) = pool.pick(&tried) else {
+            break;
+        };
+        tried.push(replica.clone());
+        let timeout = call_timeout(deadline, pool.config().call_timeout)
+            .ok_or(RequestError::DeadlineExceeded("waiting for the decoder"))?;
+        let call = pool.begin(replica.clone(), attempt);
+        let mut client = dec::decoder_client::DecoderClient::new(replica.channel())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let mut wire = tonic::Request::new(request.clone());
+        wire.set_timeout(timeout);
+        match client.generate(wire).await {
+            Ok(response) => return Ok((response.into_inner(), call)),
+            Err(status) => {
+                last_error = decoder_failure(&call, &status, deadline)?;
+            }
+        }
+    }
+    Err(RequestError::Unavailable {
+        pool: "decoder",
+        message: last_error,
+    })
+}
+
+/// Classifies a failed decoder call: an error the caller must see, or (Ok) a description worth a retry.
+pub(crate) fn decoder_failure(
+    call: &CallGuard,
+    status: &tonic::Status,
+    deadline: Option<Instant>,
+) -> Result<String, RequestError> {
+    let address = call.replica().address().to_string();
+    match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => {
+            call.failed(false);
+            Err(RequestError::invalid(format!(
+                "refused by the decoder: {}",
+                status.message()
+            )))
+        }
+        Code::DeadlineExceeded if deadline.is_some_and(|at| Instant::now() >= at) => {
+            call.failed(false);
+            Err(RequestError::DeadlineExceeded("waiting for the decoder"))
+        }
+        Code::ResourceExhausted => {
+            // Full is the replica's state, not a fault: keep it in rotation but try another.
+            call.failed(false);
+            tracing::warn!(replica = %address, message = status.message(), "decoder replica full, trying another");
+            Ok(format!("{address}: overloaded: {}", status.message()))
+        }
+        code => {
+            call.failed(true);
+            tracing::warn!(replica = %address, ?code, message = status.message(), "decoder call failed, trying another replica");
+            Ok(format!("{address}: {code:?}: {}", status.message()))
+        }
+    }
+}
+
+fn finish_reason(reason: i32, capped_by_context: bool) -> pb::FinishReason {
+    match dec::FinishReason::try_from(reason) {
+        Ok(dec::FinishReason::Length) if capped_by_context => pb::FinishReason::ContextLength,
+        Ok(dec::FinishReason::Length) => pb::FinishReason::Length,
+        Ok(dec::FinishReason::Eos | dec::FinishReason::StopToken) => pb::FinishReason::Eos,
+        Ok(dec::FinishReason::ContextLength) => pb::FinishReason::ContextLength,
+        Ok(dec::FinishReason::Unspecified) | Err(_) => {
+            tracing::warn!(
+                reason,
+                "decoder finished without a known reason, reporting length"
+            );
+            pb::FinishReason::Length
+        }
+    }
+}
+
+impl Generation {
+    /// The next public message; `None` after the last one. Each decoder message gives at most one public message.
+    pub async fn next(&mut self) -> Result<Option<pb::GenerateStreamResponse>, RequestError> {
+        if self.done {
+            return Ok(None);
+        }
+        let deadline = self.clock.deadline;
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(None);
+            };
+            let received = match deadline {
+                None => Ok(stream.message().await),
+                Some(at) => tokio::time::timeout_at(at.into(), stream.message())
+                    .await
+                    .map_err(|_| RequestError::DeadlineExceeded("generating")),
+            };
+            let received = match received {
+                Ok(Ok(message)) => Ok(message),
+                Ok(Err(status)) => Err(self.stream_error(&status)),
+                Err(err) => Err(err),
+            };
+            let message = match received {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    self.end_stream();
+                    return Err(RequestError::Unavailable {
+                        pool: "decoder",
+                        message: "the decoder stream ended without a finish".into(),
+                    });
+                }
+                Err(err) => {
+                    self.end_stream();
+                    return Err(err);
+                }
+            };
+            if let Some(call) = self.call.as_mut() {
+                call.responded();
+            }
+            let mut out = pb::GenerateStreamResponse::default();
+            let mut stopped = false;
+            for token in message.tokens {
+                let now = Instant::now();
+                self.first_token_at.get_or_insert(now);
+                self.last_token_at = Some(now);
+                self.completion_tokens += 1;
+                let raw = self.detokenizer.push(&self.state.tokenizer, token.id);
+                let released = self.stop.push(&raw);
+                out.text.push_str(&released.text);
+                out.tokens.push(self.public_token(&token, released.text));
+                if released.stopped {
+                    stopped = true;
+                    break;
+                }
+            }
+            if stopped {
+                // Dropping the decoder stream now frees the sequence's slot at the decoder's next step.
+                self.end_stream();
+                self.finish(&mut out, pb::FinishReason::StopSequence, None);
+                return Ok(Some(out));
+            }
+            if let Some(finish) = message.finish {
+                self.end_stream();
+                let tail = self.detokenizer.finish(&self.state.tokenizer);
+                let released = self.stop.push(&tail);
+                out.text.push_str(&released.text);
+                if released.stopped {
+                    self.finish(&mut out, pb::FinishReason::StopSequence, Some(&finish));
+                } else {
+                    out.text.push_str(&self.stop.flush());
+                    let reason = finish_reason(finish.reason, self.capped_by_context);
+                    self.finish(&mut out, reason, Some(&finish));
+                }
+                return Ok(Some(out));
+            }
+            if !out.tokens.is_empty() {
+                return Ok(Some(out));
+            }
+        }
+    }
+
+    fn public_token(&self, token: &dec::Token, text: String) -> pb::Token {
+        let tokenizer = &self.state.tokenizer;
+        let special = tokenizer.special_ids();
+        let top_logprobs = if self.logprobs {
+            token
+                .top_logprobs
+                .iter()
+                .map(|top| pb::TopLogprob {
+                    id: top.id,
+                    text: tokenizer.decode(&[top.id], false).unwrap_or_default(),
+                    logprob: top.logprob,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        pb::Token {
+            id: token.id,
+            text,
+            logprob: token.logprob,
+            top_logprobs,
+            special: [special.bos, special.eos, special.pad].contains(&token.id),
+        }
+    }
+
+    fn stream_error(&self, status: &tonic::Status) -> RequestError {
+        if status.code() == Code::DeadlineExceeded {
+            return RequestError::DeadlineExceeded("generating");
+        }
+        if let Some(call) = &self.call {
+            call.failed(matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal
+            ));
+        }
+        RequestError::Unavailable {
+            pool: "decoder",
+            message: format!(
+                "the decoder stream failed: {:?}: {}",
+                status.code(),
+                status.message()
+            ),
+        }
+    }
+
+    fn end_stream(&mut self) {
+        self.stream = None;
+        self.call = None;
+    }
+
+    fn finish(
+        &mut self,
+        out: &mut pb::GenerateStreamResponse,
+        reason: pb::FinishReason,
+        decoder_finish: Option<&dec::Finish>,
+    ) {
+        self.done = true;
+        let now = Instant::now();
+        let decoder_timings = decoder_finish.and_then(|finish| finish.timings.as_ref());
+        out.finish_reason = reason as i32;
+        out.usage = Some(pb::Usage {
+            prompt_tokens: self.prompt_ids.len() as u32,
+            image_tokens: self.image_tokens,
+            completion_tokens: self.completion_tokens,
+        });
+        out.timings = Some(pb::Timings {
+            tokenize_seconds: self.tokenize_seconds,
+            encode_seconds: self.encode_seconds,
+            queue_seconds: decoder_timings.map_or(0.0, |t| t.queue_seconds),
+            prefill_seconds: decoder_timings.map_or(0.0, |t| t.prefill_seconds),
+            time_to_first_token_seconds: self
+                .first_token_at
+                .map_or(0.0, |at| (at - self.clock.arrived).as_secs_f64()),
+            decode_seconds: match (self.first_token_at, self.last_token_at) {
+                (Some(first), Some(last)) => (last - first).as_secs_f64(),
+                _ => 0.0,
+            },
+            total_seconds: (now - self.clock.arrived).as_secs_f64(),
+        });
+        out.prompt_token_ids = std::mem::take(&mut self.prompt_ids);
+        if self.grounding {
+            let (clean_text, entities) = post_process_generation(self.stop.released_text());
+            out.clean_text = clean_text;
+            out.entities = entities
+                .into_iter()
+                .map(|entity| pb::Entity {
+                    phrase: entity.phrase,
+                    span: Some(pb::Span {
+                        start: entity.span.0 as u32,
+                        end: entity.span.1 as u32,
+                    }),
+                    boxes: entity
+                        .boxes
+                        .into_iter()
+                        .map(|[x1, y1, x2, y2]| pb::Box { x1, y1, x2, y2 })
+                        .collect(),
+                })
+                .collect();
+        }
+        tracing::debug!(
+            finish = ?reason,
+            completion_tokens = self.completion_tokens,
+            model = %self.model.fingerprint,
+            "generation finished"
+        );
+    }
+}
+
+/// Folds a whole generation into the unary response.
+pub async fn collect(mut generation: Generation) -> Result<pb::GenerateResponse, RequestError> {
+    let mut response = pb::GenerateResponse::default();
+    while let Some(message) = generation.next().await? {
+        response.text.push_str(&message.text);
+        response.tokens.extend(message.tokens);
+        if message.finish_reason != pb::FinishReason::Unspecified as i32 {
+            response.finish_reason = message.finish_reason;
+            response.usage = message.usage;
+            response.entities = message.entities;
+            response.timings = message.timings;
+            response.prompt_token_ids = message.prompt_token_ids;
+            response.clean_text = message.clean_text;
+        }
+    }
+    Ok(response)
+}

@@ -1,0 +1,174 @@
+//! The `kosmos.v1.Kosmos` service: reads the caller's deadline, hands the request to [`crate::generate`] or
+//! [`crate::score`], and converts domain values to wire messages.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kosmos_proto::v1 as pb;
+use kosmos_proto::v1::kosmos_server::Kosmos;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::cache::CacheStats;
+use crate::config::Limits;
+use crate::generate::{self, RequestClock};
+use crate::pool::PoolStats;
+use crate::score;
+use crate::state::{GatewayState, GatewayStats, deadline_of};
+
+/// The public API over the shared gateway state.
+#[derive(Debug, Clone)]
+pub struct KosmosService {
+    state: Arc<GatewayState>,
+}
+
+impl KosmosService {
+    /// A service over `state`.
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+fn clock_of<T>(request: &Request<T>) -> Result<RequestClock, Status> {
+    let arrived = Instant::now();
+    let deadline = deadline_of(request, arrived)?;
+    Ok(RequestClock { arrived, deadline })
+}
+
+#[tonic::async_trait]
+impl Kosmos for KosmosService {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let clock = clock_of(&request)?;
+        let generation = generate::start(self.state.clone(), request.into_inner(), clock).await?;
+        // If the caller goes away, tonic drops this future, and with it the generation and its decoder stream.
+        let response = generate::collect(generation).await?;
+        Ok(Response::new(response))
+    }
+
+    type GenerateStreamStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let clock = clock_of(&request)?;
+        let mut generation =
+            generate::start(self.state.clone(), request.into_inner(), clock).await?;
+        let (sender, receiver) = mpsc::channel(self.state.stream_buffer_messages);
+        tokio::spawn(async move {
+            loop {
+                // Waiting on the decoder and on the caller at once: a caller that goes away ends the task (and
+                // drops the decoder stream) even while the decoder is silent.
+                let next = tokio::select! {
+                    next = generation.next() => next,
+                    () = sender.closed() => {
+                        tracing::debug!("caller went away, dropping the decoder stream");
+                        return;
+                    }
+                };
+                let message = match next {
+                    Ok(Some(message)) => Ok(message),
+                    Ok(None) => return,
+                    Err(err) => Err(Status::from(err)),
+                };
+                let failed = message.is_err();
+                if sender.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn score(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let clock = clock_of(&request)?;
+        let response = score::score(self.state.clone(), request.into_inner(), clock).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_model_info(
+        &self,
+        _request: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::GetModelInfoResponse>, Status> {
+        let model = self.state.model()?;
+        let tokenizer = &self.state.tokenizer;
+        Ok(Response::new(pb::GetModelInfoResponse {
+            model_fingerprint: model.fingerprint.to_string(),
+            context_length: model.context_length as u32,
+            vocab_size: model.vocab_size as u32,
+            num_image_tokens: model.num_image_tokens as u32,
+            supports_grounding: tokenizer.tag_id(kosmos_processor::Tag::Grounding).is_some()
+                && tokenizer.num_patch_index_tokens() > 0,
+            limits: Some(wire_limits(&self.state.limits)),
+            stats: Some(wire_stats(&self.state.stats())),
+        }))
+    }
+}
+
+/// The limits on the wire.
+pub fn wire_limits(limits: &Limits) -> pb::Limits {
+    pb::Limits {
+        max_segments: limits.max_segments as u32,
+        max_images: limits.max_images as u32,
+        max_image_bytes: limits.max_image_bytes,
+        max_image_width: limits.max_image_width,
+        max_image_height: limits.max_image_height,
+        max_image_pixels: limits.max_image_pixels,
+        max_text_bytes: limits.max_text_bytes,
+        max_prompt_tokens: limits.max_prompt_tokens as u32,
+        max_new_tokens: limits.max_new_tokens,
+        default_max_new_tokens: limits.default_max_new_tokens,
+        max_temperature: limits.max_temperature,
+        max_repetition_penalty: limits.max_repetition_penalty,
+        max_no_repeat_ngram_size: limits.max_no_repeat_ngram_size,
+        max_stop_strings: limits.max_stop_strings as u32,
+        max_stop_string_bytes: limits.max_stop_string_bytes as u32,
+        max_top_logprobs: limits.max_top_logprobs,
+        max_candidates: limits.max_candidates as u32,
+        max_candidate_bytes: limits.max_candidate_bytes as u32,
+        max_concurrent_requests: limits.max_concurrent_requests.get() as u32,
+        max_message_bytes: limits.max_message_bytes.get() as u64,
+    }
+}
+
+fn wire_pool(name: &str, stats: &PoolStats) -> pb::PoolStats {
+    pb::PoolStats {
+        name: name.to_string(),
+        replicas: stats.replicas,
+        healthy_replicas: stats.healthy_replicas,
+        pending: stats.pending,
+        in_flight: stats.in_flight,
+        calls_total: stats.calls_total,
+        failures_total: stats.failures_total,
+        retries_total: stats.retries_total,
+    }
+}
+
+fn wire_cache(stats: &CacheStats) -> pb::CacheStats {
+    pb::CacheStats {
+        hits: stats.hits,
+        misses: stats.misses,
+        entries: stats.entries,
+        bytes: stats.bytes,
+        capacity_bytes: stats.capacity_bytes,
+        evictions: stats.evictions,
+    }
+}
+
+/// The gateway's load on the wire.
+pub fn wire_stats(stats: &GatewayStats) -> pb::GatewayStats {
+    pb::GatewayStats {
+        requests_in_flight: stats.requests_in_flight,
+        requests_rejected_total: stats.requests_rejected_total,
+        encoder: Some(wire_pool("encoder", &stats.encoder)),
+        decoder: Some(wire_pool("decoder", &stats.decoder)),
+        cache: Some(wire_cache(&stats.cache)),
+    }
+}

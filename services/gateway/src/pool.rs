@@ -1,0 +1,387 @@
+//! The replicas of one pool (encoder or decoder): discovery from a static list or a DNS name re-resolved
+//! periodically, client-side balancing by power of two choices on in-flight calls, and the pool's gauges.
+//!
+//! Every replica holds one lazily connected HTTP/2 channel; calls multiplex over it. A call holds a
+//! [`CallGuard`] from the moment a replica is picked until the call (or the stream) ends, so the in-flight and
+//! pending gauges are right even when a caller goes away mid-stream: dropping the guard is the accounting.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rand::Rng;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{Discovery, PoolConfig, endpoint_uri};
+use crate::error::StartError;
+
+/// One replica of a pool.
+#[derive(Debug)]
+pub struct Replica {
+    address: String,
+    channel: Channel,
+    in_flight: AtomicU64,
+    healthy: AtomicBool,
+}
+
+impl Replica {
+    fn new(address: String, connect_timeout: Duration) -> Result<Self, StartError> {
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|err| StartError::Endpoint {
+                endpoint: address.clone(),
+                message: err.to_string(),
+            })?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            address,
+            channel: endpoint.connect_lazy(),
+            // Optimistic until a probe or a call says otherwise: a new replica takes traffic at once.
+            healthy: AtomicBool::new(true),
+            in_flight: AtomicU64::new(0),
+        })
+    }
+
+    /// The replica's URI.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A channel to the replica (cheap to clone; calls multiplex over one connection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Calls open against this replica.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether its last probe or call succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a probe or a call.
+    pub fn set_healthy(&self, healthy: bool) {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            tracing::info!(replica = %self.address, healthy, "replica health changed");
+        }
+    }
+}
+
+/// The gauges and counters of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Replicas known.
+    pub replicas: u32,
+    /// Replicas whose last probe or call succeeded.
+    pub healthy_replicas: u32,
+    /// Calls open that have not received their first response yet.
+    pub pending: u64,
+    /// Calls open.
+    pub in_flight: u64,
+    /// Calls started (retries included).
+    pub calls_total: u64,
+    /// Calls that failed.
+    pub failures_total: u64,
+    /// Calls retried on another replica.
+    pub retries_total: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    pending: AtomicU64,
+    in_flight: AtomicU64,
+    calls_total: AtomicU64,
+    failures_total: AtomicU64,
+    retries_total: AtomicU64,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    name: &'static str,
+    config: PoolConfig,
+    /// Replaced whole on discovery changes; readers clone the `Arc` and never hold the lock across an await.
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    counters: Counters,
+}
+
+/// One pool of replicas, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    state: Arc<PoolState>,
+}
+
+impl Pool {
+    /// A pool named `name` (`encoder`, `decoder`); a static list is connected lazily now, a DNS name is resolved
+    /// by [`Pool::refresh`].
+    pub fn new(name: &'static str, config: PoolConfig) -> Result<Self, StartError> {
+        let replicas = match &config.discovery {
+            Discovery::Static(uris) => uris
+                .iter()
+                .map(|uri| Replica::new(uri.clone(), config.connect_timeout).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()?,
+            Discovery::Dns { .. } => Vec::new(),
+        };
+        Ok(Self {
+            state: Arc::new(PoolState {
+                name,
+                config,
+                replicas: RwLock::new(Arc::new(replicas)),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// `encoder` or `decoder`.
+    pub fn name(&self) -> &'static str {
+        self.state.name
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.state.config
+    }
+
+    /// The replicas now.
+    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.state
+            .replicas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-resolves a DNS-discovered pool: new addresses become replicas, vanished ones are dropped (calls open on
+    /// them finish on their own channel), known ones keep their channel and counters. No-op for a static list.
+    pub async fn refresh(&self) {
+        let Discovery::Dns { name, .. } = &self.state.config.discovery else {
+            return;
+        };
+        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(name.as_str()).await {
+            Ok(addresses) => addresses.collect(),
+            Err(err) => {
+                tracing::warn!(pool = self.state.name, %name, %err, "dns resolution failed, keeping the replicas");
+                return;
+            }
+        };
+        let wanted: HashSet<String> = resolved
+            .iter()
+            .map(|address| endpoint_uri(&address.to_string()))
+            .collect();
+        let current = self.replicas();
+        let known: HashSet<&str> = current.iter().map(|r| r.address()).collect();
+        let unchanged =
+            wanted.len() == known.len() && wanted.iter().all(|a| known.contains(a.as_str()));
+        if unchanged {
+            return;
+        }
+        let mut next: Vec<Arc<Replica>> = current
+            .iter()
+            .filter(|replica| wanted.contains(replica.address()))
+            .cloned()
+            .collect();
+        for address in wanted {
+            if known.contains(address.as_str()) {
+                continue;
+            }
+            match Replica::new(address.clone(), self.state.config.connect_timeout) {
+                Ok(replica) => next.push(Arc::new(replica)),
+                Err(err) => {
+                    tracing::warn!(pool = self.state.name, %address, %err, "cannot add replica")
+                }
+            }
+        }
+        next.sort_by(|a, b| a.address().cmp(b.address()));
+        tracing::info!(
+            pool = self.state.name,
+            replicas = ?next.iter().map(|r| r.address()).collect::<Vec<_>>(),
+            "replica set changed"
+        );
+        *self
+            .state
+            .replicas
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+    }
+
+    /// Picks a replica by power of two choices on in-flight calls among the healthy ones not in `exclude` (the
+    /// replicas a retry already tried); when none is healthy, among all not excluded. `None` when every replica
+    /// was tried.
+    pub fn pick(&self, exclude: &[Arc<Replica>]) -> Option<Arc<Replica>> {
+        let replicas = self.replicas();
+        let allowed: Vec<&Arc<Replica>> = replicas
+            .iter()
+            .filter(|replica| !exclude.iter().any(|tried| Arc::ptr_eq(tried, replica)))
+            .collect();
+        let healthy: Vec<&Arc<Replica>> =
+            allowed.iter().copied().filter(|r| r.is_healthy()).collect();
+        let candidates = if healthy.is_empty() { allowed } else { healthy };
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0].clone()),
+            len => {
+                let mut rng = rand::rng();
+                let first = rng.random_range(0..len);
+                // A second, different index: shift by 1..len so the two choices never coincide.
+                let second = (first + rng.random_range(1..len)) % len;
+                let (a, b) = (candidates[first], candidates[second]);
+                Some(if b.in_flight() < a.in_flight() { b } else { a }.clone())
+            }
+        }
+    }
+
+    /// Starts accounting a call on `replica` (pending and in flight until the guard says otherwise or drops).
+    pub fn begin(&self, replica: Arc<Replica>, attempt: u32) -> CallGuard {
+        let counters = &self.state.counters;
+        counters.pending.fetch_add(1, Ordering::Relaxed);
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        counters.calls_total.fetch_add(1, Ordering::Relaxed);
+        if attempt > 0 {
+            counters.retries_total.fetch_add(1, Ordering::Relaxed);
+        }
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        CallGuard {
+            state: self.state.clone(),
+            replica,
+            pending: true,
+        }
+    }
+
+    /// The gauges and counters now.
+    pub fn stats(&self) -> PoolStats {
+        let replicas = self.replicas();
+        let counters = &self.state.counters;
+        PoolStats {
+            replicas: replicas.len() as u32,
+            healthy_replicas: replicas.iter().filter(|r| r.is_healthy()).count() as u32,
+            pending: counters.pending.load(Ordering::Relaxed),
+            in_flight: counters.in_flight.load(Ordering::Relaxed),
+            calls_total: counters.calls_total.load(Ordering::Relaxed),
+            failures_total: counters.failures_total.load(Ordering::Relaxed),
+            retries_total: counters.retries_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One call's share of the gauges; dropping it ends the call's accounting.
+#[derive(Debug)]
+pub struct CallGuard {
+    state: Arc<PoolState>,
+    replica: Arc<Replica>,
+    pending: bool,
+}
+
+impl CallGuard {
+    /// The replica the call goes to.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// The first response arrived: the call is no longer pending; the replica answers.
+    pub fn responded(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.state.counters.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.replica.set_healthy(true);
+    }
+
+    /// The call failed; `replica_at_fault` marks the replica unhealthy until a probe or call succeeds.
+    pub fn failed(&self, replica_at_fault: bool) {
+        self.state
+            .counters
+            .failures_total
+            .fetch_add(1, Ordering::Relaxed);
+        if replica_at_fault {
+            self.replica.set_healthy(false);
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let counters = &self.state.counters;
+        if self.pending {
+            counters.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn pool(addresses: &[&str]) -> Pool {
+        let config = PoolConfig {
+            discovery: Discovery::Static(addresses.iter().map(|a| endpoint_uri(a)).collect()),
+            connect_timeout: Duration::from_secs(1),
+            call_timeout: None,
+            max_attempts: NonZeroU32::MIN,
+            probe_interval: Duration::from_secs(1),
+        };
+        Pool::new("encoder", config).expect("pool")
+    }
+
+    #[tokio::test]
+    async fn the_less_loaded_of_two_replicas_is_picked() {
+        let pool = pool(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let busy = pool.replicas()[0].clone();
+        let _guards: Vec<CallGuard> = (0..3).map(|_| pool.begin(busy.clone(), 0)).collect();
+        for _ in 0..20 {
+            let picked = pool.pick(&[]).expect("a replica");
+            assert_eq!(picked.address(), "http://127.0.0.1:2");
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_skip_tried_replicas_and_unhealthy_ones_are_avoided() {
+        let pool = pool(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let replicas = pool.replicas();
+        replicas[2].set_healthy(false);
+        for _ in 0..20 {
+            let picked = pool.pick(&[replicas[0].clone()]).expect("a replica");
+            assert_eq!(picked.address(), "http://127.0.0.1:2");
+        }
+        let all: Vec<Arc<Replica>> = replicas.iter().cloned().collect();
+        assert!(pool.pick(&all).is_none());
+        // Only unhealthy replicas left: they are still tried.
+        let picked = pool.pick(&all[..2]).expect("the unhealthy one");
+        assert_eq!(picked.address(), "http://127.0.0.1:3");
+    }
+
+    #[tokio::test]
+    async fn guards_keep_the_gauges_right() {
+        let pool = pool(&["127.0.0.1:1"]);
+        let replica = pool.pick(&[]).expect("replica");
+        let mut first = pool.begin(replica.clone(), 0);
+        let second = pool.begin(replica, 1);
+        assert_eq!((pool.stats().pending, pool.stats().in_flight), (2, 2));
+        second.failed(true);
+        assert_eq!(pool.stats().healthy_replicas, 0);
+        first.responded();
+        assert_eq!((pool.stats().pending, pool.stats().in_flight), (1, 2));
+        drop(second);
+        drop(first);
+        let stats = pool.stats();
+        assert_eq!((stats.pending, stats.in_flight), (0, 0));
+        assert_eq!(
+            (stats.calls_total, stats.failures_total, stats.retries_total),
+            (2, 1, 1)
+        );
+        assert_eq!(
+            stats.healthy_replicas, 1,
+            "responded() after failed() restores health"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Score: log-likelihoods of candidate continuations after a shared prompt. The prompt is prepared and its
+//! images encoded as for Generate; each candidate's own tokens go to the decoder, which prefills the prompt
+//! once and scores every candidate after it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kosmos_proto::decoder::v1 as dec;
+use kosmos_proto::v1 as pb;
+
+use crate::domain::validate_candidates;
+use crate::encode::call_timeout;
+use crate::error::RequestError;
+use crate::generate::{RequestClock, decoder_failure};
+use crate::pool::Pool;
+use crate::prompt::{PrepareInput, decoder_segments, prepare};
+use crate::state::{GatewayState, within};
+
+/// Serves one Score request.
+pub async fn score(
+    state: Arc<GatewayState>,
+    request: pb::ScoreRequest,
+    clock: RequestClock,
+) -> Result<pb::ScoreResponse, RequestError> {
+    let _permit = state.admit()?;
+    let model = state.model()?;
+    validate_candidates(&request.candidates, &state.limits)?;
+    let tokenize_started = Instant::now();
+    let input = PrepareInput {
+        segments: request.prompt,
+        grounding: false,
+        candidates: request.candidates.clone(),
+    };
+    let prepared = within(
+        clock.deadline,
+        "tokenizing the prompt",
+        prepare(
+            state.tokenizer.clone(),
+            state.limits.clone(),
+            model.clone(),
+            input,
+        ),
+    )
+    .await?;
+    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+    let encode_started = Instant::now();
+    let embeddings = within(
+        clock.deadline,
+        "encoding the images",
+        state
+            .encoder
+            .embeddings(&prepared.images, &model, clock.deadline),
+    )
+    .await?;
+    let encode_seconds = encode_started.elapsed().as_secs_f64();
+    let decoder_request = dec::ScoreRequest {
+        context: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
+        candidates: prepared
+            .candidates
+            .iter()
+            .map(|ids| dec::Candidate { ids: ids.clone() })
+            .collect(),
+    };
+    let answer = within(
+        clock.deadline,
+        "scoring",
+        call_score(
+            &state.upstreams.decoder,
+            decoder_request,
+            clock.deadline,
+            state.limits.max_message_bytes.get(),
+        ),
+    )
+    .await?;
+    if answer.scores.len() != request.candidates.len() {
+        return Err(RequestError::Internal(format!(
+            "the decoder scored {} candidates, {} were sent",
+            answer.scores.len(),
+            request.candidates.len()
+        )));
+    }
+    let scores: Vec<pb::CandidateScore> = request
+        .candidates
+        .into_iter()
+        .zip(prepared.candidates)
+        .zip(answer.scores)
+        .map(|((candidate, token_ids), score)| pb::CandidateScore {
+            candidate,
+            token_ids,
+            token_logprobs: score.token_logprobs,
+            sum_logprob: score.sum_logprob,
+            mean_logprob: score.mean_logprob,
+        })
+        .collect();
+    let best_index = scores
+        .iter()
+        .enumerate()
+        .fold(None::<(usize, f64)>, |best, (index, score)| match best {
+            Some((_, best_mean)) if best_mean >= score.mean_logprob => best,
+            _ => Some((index, score.mean_logprob)),
+        })
+        .map_or(0, |(index, _)| index as u32);
+    let decoder_timings = answer.timings.unwrap_or_default();
+    Ok(pb::ScoreResponse {
+        scores,
+        prompt_token_ids: prepared.encoded.input_ids,
+        best_index,
+        timings: Some(pb::Timings {
+            tokenize_seconds,
+            encode_seconds,
+            queue_seconds: decoder_timings.queue_seconds,
+            prefill_seconds: decoder_timings.prefill_seconds,
+            total_seconds: clock.arrived.elapsed().as_secs_f64(),
+            ..pb::Timings::default()
+        }),
+    })
+}
+
+/// One decoder Score, retried on another replica when one fails (scoring has no side effects).
+async fn call_score(
+    pool: &Pool,
+    request: dec::ScoreRequest,
+    deadline: Option<Instant>,
+    max_message_bytes: usize,
+) -> Result<dec::ScoreResponse, RequestError> {
+    let max_attempts = pool.config().max_attempts.get();
+    let mut tried = Vec::new();
+    let mut last_error = String::from("no replica");
+    for attempt in 0..max_attempts {
+        let Some(replica) = pool.pick(&tried) else {
+            break;
+        };
+        tried.push(replica.clone());
+        let timeout = call_timeout(deadline, pool.config().call_timeout)
+            .ok_or(RequestError::DeadlineExceeded("scoring"))?;
+        let mut call = pool.begin(replica.clone(), attempt);
+        let mut client = dec::decoder_client::DecoderClient::new(replica.channel())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let mut wire = tonic::Request::new(request.clone());
+        wire.set_timeout(timeout);
+        match client.score(wire).await {
+            Ok(response) => {
+                call.responded();
+                return Ok(response.into_inner());
+            }
+            Err(status) => last_error = decoder_failure(&call, &status, deadline)?,
+        }
+    }
+    Err(RequestError::Unavailable {
+        pool: "decoder",
+        message: last_error,
+    })
+}

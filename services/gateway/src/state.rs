@@ -1,0 +1,142 @@
+//! What every request shares: the tokenizer, the pools, the cache, the limits and the concurrency limit, and the
+//! gateway's statistics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kosmos_processor::KosmosTokenizer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::cache::CacheStats;
+use crate::config::Limits;
+use crate::encode::ImageEncoder;
+use crate::error::RequestError;
+use crate::pool::PoolStats;
+use crate::upstream::{ModelInfo, Upstreams};
+
+/// How much earlier than the caller's deadline the gateway gives up. tonic's transport enforces `grpc-timeout`
+/// on the handler's future too, from a clock started a moment before ours, and answers CANCELLED; expiring
+/// first lets the caller see DEADLINE_EXCEEDED, the code the gRPC spec asks for.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The gateway's load, for `GetModelInfo` and for in-process callers (tests, the `kosmos` command).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GatewayStats {
+    /// Requests being served now.
+    pub requests_in_flight: u32,
+    /// Requests refused by the concurrency limit since start.
+    pub requests_rejected_total: u64,
+    /// The encoder pool.
+    pub encoder: PoolStats,
+    /// The decoder pool.
+    pub decoder: PoolStats,
+    /// The embedding cache.
+    pub cache: CacheStats,
+}
+
+/// The state every request shares.
+#[derive(Debug)]
+pub struct GatewayState {
+    /// The tokenizer with the Kosmos tags configured.
+    pub tokenizer: Arc<KosmosTokenizer>,
+    /// Both pools and the model.
+    pub upstreams: Upstreams,
+    /// The encoder pool behind the embedding cache.
+    pub encoder: ImageEncoder,
+    /// Request limits.
+    pub limits: Limits,
+    /// Messages buffered per stream.
+    pub stream_buffer_messages: usize,
+    permits: Arc<Semaphore>,
+    rejected: AtomicU64,
+}
+
+impl GatewayState {
+    /// State over a loaded tokenizer and the pools.
+    pub fn new(
+        tokenizer: Arc<KosmosTokenizer>,
+        upstreams: Upstreams,
+        encoder: ImageEncoder,
+        limits: Limits,
+        stream_buffer_messages: usize,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests.get()));
+        Self {
+            tokenizer,
+            upstreams,
+            encoder,
+            limits,
+            stream_buffer_messages,
+            permits,
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// A slot under the concurrency limit, held for the whole request (stream included); RESOURCE_EXHAUSTED when
+    /// none is free. Requests are refused rather than queued: a queue in the gateway would hide the overload
+    /// from the callers' retry logic and from autoscaling.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, RequestError> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                limit = self.limits.max_concurrent_requests.get(),
+                "concurrency limit reached, refusing a request"
+            );
+            RequestError::Overloaded {
+                limit: self.limits.max_concurrent_requests.get(),
+            }
+        })
+    }
+
+    /// The model, or UNAVAILABLE while no decoder has described it.
+    pub fn model(&self) -> Result<Arc<ModelInfo>, RequestError> {
+        self.upstreams
+            .model()
+            .ok_or_else(|| RequestError::NotReady("no decoder replica has answered yet".into()))
+    }
+
+    /// The gateway's load now.
+    pub fn stats(&self) -> GatewayStats {
+        let free = self.permits.available_permits();
+        GatewayStats {
+            requests_in_flight: self
+                .limits
+                .max_concurrent_requests
+                .get()
+                .saturating_sub(free) as u32,
+            requests_rejected_total: self.rejected.load(Ordering::Relaxed),
+            encoder: self.upstreams.encoder.stats(),
+            decoder: self.upstreams.decoder.stats(),
+            cache: self.encoder.cache().stats(),
+        }
+    }
+}
+
+/// The caller's deadline (`grpc-timeout`), slightly early; DEADLINE_EXCEEDED when it has already passed.
+pub fn deadline_of<T>(
+    request: &tonic::Request<T>,
+    arrived: Instant,
+) -> Result<Option<Instant>, RequestError> {
+    match kosmos_runtime::grpc::request_timeout(request) {
+        Some(timeout) if timeout <= DEADLINE_MARGIN => {
+            Err(RequestError::DeadlineExceeded("waiting to start"))
+        }
+        Some(timeout) => Ok(Some(arrived + (timeout - DEADLINE_MARGIN))),
+        None => Ok(None),
+    }
+}
+
+/// Runs `work` until `deadline`; DEADLINE_EXCEEDED (naming `stage`) if it passes first.
+pub async fn within<T>(
+    deadline: Option<Instant>,
+    stage: &'static str,
+    work: impl std::future::Future<Output = Result<T, RequestError>>,
+) -> Result<T, RequestError> {
+    match deadline {
+        None => work.await,
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .unwrap_or(Err(RequestError::DeadlineExceeded(stage))),
+    }
+}

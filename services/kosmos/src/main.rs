@@ -1,0 +1,117 @@
+//! `kosmos`: the whole system in one command (`kosmos serve`), each service on its own
+//! (`kosmos gateway|encoder|decoder --config FILE`), and small clients (`kosmos ask|caption|score`).
+
+mod client;
+mod serve;
+mod services;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// KOSMOS multimodal language model serving: images interleaved with text in, text (optionally grounded) out.
+///
+/// Start everything on this machine with `kosmos serve`, then ask it something with
+/// `kosmos ask --image photo.jpg "What is in this picture?"`.
+#[derive(Debug, Parser)]
+#[command(name = "kosmos", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the encoder, the decoder and the gateway in this process, connected by gRPC on loopback.
+    Serve(serve::ServeArgs),
+    /// Runs the gateway alone (the public API in front of the encoder and decoder pools).
+    Gateway(services::ServiceArgs),
+    /// Runs a vision-encoder replica alone.
+    Encoder(services::ServiceArgs),
+    /// Runs a decoder replica alone.
+    Decoder(services::ServiceArgs),
+    /// Asks a question about an image (or about nothing) and streams the answer.
+    Ask(client::AskArgs),
+    /// Captions each image.
+    Caption(client::CaptionArgs),
+    /// Scores candidate continuations of a prompt about an image, best first.
+    Score(client::ScoreArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Gateway(args) => services::gateway(args).await,
+        Command::Encoder(args) => services::encoder(args).await,
+        Command::Decoder(args) => services::decoder(args).await,
+        Command::Ask(args) => client::ask(args).await,
+        Command::Caption(args) => client::caption(args).await,
+        Command::Score(args) => client::score(args).await,
+    }
+}
+
+/// `value` as a JSON string, so a config override keeps it a string (a directory named `2024` stays a path).
+fn json_string(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            '\n' => quoted.push_str("\\n"),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// `path` as a config override value.
+fn path_value(path: &std::path::Path) -> String {
+    json_string(&path.display().to_string())
+}
+
+/// The model `kosmos serve` uses when `--model` is not given: `models/default` under the current directory,
+/// else under the source checkout this binary was built from.
+fn default_model_dir() -> PathBuf {
+    let relative = PathBuf::from("models/default");
+    if relative.join("config.json").is_file() {
+        return relative;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn overrides_keep_strings_strings() {
+        assert_eq!(json_string("2024"), "\"2024\"");
+        assert_eq!(json_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn the_shipped_model_is_found() {
+        assert!(default_model_dir().join("tokenizer.json").is_file());
+    }
+}

@@ -1,0 +1,348 @@
+//! An in-process kosmos cluster for end-to-end tests and benchmarks: encoder replicas, a decoder and a gateway,
+//! each on a free loopback port, talking real gRPC to each other; plus the model run directly (no services) as
+//! the reference the cluster's answers are compared with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kosmos_gateway::GatewayHandle;
+use kosmos_model::{DType, Device, GreedyParams, KosmosModel, Prompt, Tensor, greedy_generate};
+use kosmos_processor::{DecodeLimits, KosmosProcessor, Segment};
+use kosmos_proto::decoder::v1::decoder_client::DecoderClient;
+use kosmos_proto::encoder::v1::vision_encoder_client::VisionEncoderClient;
+use kosmos_proto::v1 as pb;
+use kosmos_proto::v1::kosmos_client::KosmosClient;
+use kosmos_runtime::Shutdown;
+use kosmos_runtime::config::Layers;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Largest message the test clients send or accept.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The tiny random Kosmos-2 of the reference fixtures (3 image tokens, context 512).
+pub fn tiny_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny")
+}
+
+/// The bytes of a fixture image (`tests/fixtures/images/<name>`).
+pub fn fixture_image(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/images")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
+}
+
+/// A text segment.
+pub fn text(text: &str) -> pb::Segment {
+    pb::Segment {
+        kind: Some(pb::segment::Kind::Text(text.to_string())),
+    }
+}
+
+/// An image segment (format detected from the bytes).
+pub fn image(data: Vec<u8>) -> pb::Segment {
+    pb::Segment {
+        kind: Some(pb::segment::Kind::Image(pb::Image {
+            data,
+            mime_type: String::new(),
+        })),
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The model directory.
+    pub model_dir: PathBuf,
+    /// Encoder replicas.
+    pub encoders: usize,
+    /// `key=value` overrides of every encoder's configuration.
+    pub encoder_overrides: Vec<String>,
+    /// Overrides of the decoder's configuration.
+    pub decoder_overrides: Vec<String>,
+    /// Overrides of the gateway's configuration.
+    pub gateway_overrides: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    /// The tiny model, one encoder.
+    fn default() -> Self {
+        Self {
+            model_dir: tiny_model_dir(),
+            encoders: 1,
+            encoder_overrides: Vec::new(),
+            decoder_overrides: Vec::new(),
+            gateway_overrides: Vec::new(),
+        }
+    }
+}
+
+/// Encoders, a decoder and a gateway running in this process; dropping it shuts them all down.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The gateway's address.
+    pub gateway_addr: SocketAddr,
+    /// The decoder's address.
+    pub decoder_addr: SocketAddr,
+    /// Each encoder's address.
+    pub encoder_addrs: Vec<SocketAddr>,
+    gateway: GatewayHandle,
+    encoder_shutdowns: Vec<Shutdown>,
+    decoder_shutdown: Shutdown,
+    gateway_shutdown: Shutdown,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn log_failure<E: std::fmt::Display>(service: &'static str, result: Result<(), E>) {
+    if let Err(err) = result {
+        eprintln!("{service} stopped with an error: {err}");
+    }
+}
+
+impl Cluster {
+    /// Starts the encoders, the decoder and the gateway, and waits until the gateway is ready.
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
+        let model = options.model_dir.display().to_string();
+        let mut tasks = Vec::new();
+        let mut encoder_addrs = Vec::new();
+        let mut encoder_shutdowns = Vec::new();
+        for _ in 0..options.encoders {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            encoder_addrs.push(listener.local_addr()?);
+            let mut overrides = vec![format!("model={model}"), "listen=127.0.0.1:0".to_string()];
+            overrides.extend(options.encoder_overrides.iter().cloned());
+            let config = kosmos_encoder::EncoderConfig::from_overrides(&overrides)?;
+            let shutdown = Shutdown::new();
+            encoder_shutdowns.push(shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                log_failure(
+                    "encoder",
+                    kosmos_encoder::serve(listener, config, shutdown).await,
+                );
+            }));
+        }
+
+        let mut decoder_overrides = vec![
+            format!("model_dir={model}"),
+            "listen=127.0.0.1:0".to_string(),
+        ];
+        decoder_overrides.extend(options.decoder_overrides.iter().cloned());
+        let decoder_config = kosmos_decoder::DecoderConfig::load(&Layers {
+            env_prefix: kosmos_decoder::config::ENV_PREFIX.into(),
+            overrides: decoder_overrides,
+            ..Layers::default()
+        })?;
+        let decoder = kosmos_decoder::start(decoder_config).await?;
+        let decoder_addr = decoder.local_addr()?;
+        let decoder_shutdown = Shutdown::new();
+        let stop = decoder_shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            log_failure("decoder", decoder.serve(stop).await);
+        }));
+
+        let endpoints = |addrs: &[SocketAddr]| {
+            let quoted: Vec<String> = addrs
+                .iter()
+                .map(|addr| format!("\"http://{addr}\""))
+                .collect();
+            format!("[{}]", quoted.join(","))
+        };
+        let mut gateway_overrides = vec![
+            format!("model_dir={model}"),
+            "listen=127.0.0.1:0".to_string(),
+            format!("encoder.endpoints={}", endpoints(&encoder_addrs)),
+            format!("decoder.endpoints={}", endpoints(&[decoder_addr])),
+            "encoder.probe_interval_seconds=0.2".to_string(),
+            "decoder.probe_interval_seconds=0.2".to_string(),
+        ];
+        gateway_overrides.extend(options.gateway_overrides.iter().cloned());
+        let gateway_config = kosmos_gateway::GatewayConfig::load(&Layers {
+            env_prefix: kosmos_gateway::config::ENV_PREFIX.into(),
+            overrides: gateway_overrides,
+            ..Layers::default()
+        })?;
+        let gateway = kosmos_gateway::start(gateway_config).await?;
+        let gateway_addr = gateway.local_addr()?;
+        let handle = gateway.handle();
+        let gateway_shutdown = Shutdown::new();
+        let stop = gateway_shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            log_failure("gateway", gateway.serve(stop).await);
+        }));
+
+        let cluster = Self {
+            gateway_addr,
+            decoder_addr,
+            encoder_addrs,
+            gateway: handle,
+            encoder_shutdowns,
+            decoder_shutdown,
+            gateway_shutdown,
+            tasks,
+        };
+        anyhow::ensure!(
+            cluster.gateway.wait_ready(Duration::from_secs(120)).await,
+            "the gateway did not become ready (stats: {:?})",
+            cluster.gateway.stats()
+        );
+        Ok(cluster)
+    }
+
+    /// A client of the public API.
+    pub async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
+        Ok(KosmosClient::new(channel(self.gateway_addr).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A client of the decoder, bypassing the gateway.
+    pub async fn decoder(&self) -> anyhow::Result<DecoderClient<Channel>> {
+        Ok(DecoderClient::new(channel(self.decoder_addr).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A client of encoder `index`, bypassing the gateway.
+    pub async fn encoder(&self, index: usize) -> anyhow::Result<VisionEncoderClient<Channel>> {
+        let addr = *self.encoder_addrs.get(index).context("no such encoder")?;
+        Ok(VisionEncoderClient::new(channel(addr).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The gateway's in-process handle (stats, model).
+    pub fn gateway(&self) -> &GatewayHandle {
+        &self.gateway
+    }
+
+    /// Shuts encoder `index` down (as SIGTERM would).
+    pub fn stop_encoder(&self, index: usize) {
+        if let Some(shutdown) = self.encoder_shutdowns.get(index) {
+            shutdown.trigger();
+        }
+    }
+
+    /// Shuts everything down and waits for every service to stop.
+    pub async fn shutdown(mut self) {
+        self.trigger_all();
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+    }
+
+    fn trigger_all(&self) {
+        self.gateway_shutdown.trigger();
+        self.decoder_shutdown.trigger();
+        for shutdown in &self.encoder_shutdowns {
+            shutdown.trigger();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.trigger_all();
+    }
+}
+
+async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
+}
+
+/// A prompt piece for [`DirectModel`].
+#[derive(Debug, Clone)]
+pub enum DirectSegment {
+    /// Text.
+    Text(String),
+    /// Encoded image bytes.
+    Image(Vec<u8>),
+}
+
+/// The model run directly in this process, without any service: the reference for end-to-end results.
+#[derive(Debug)]
+pub struct DirectModel {
+    model: KosmosModel,
+    processor: KosmosProcessor,
+}
+
+impl DirectModel {
+    /// Loads both halves of the model in `dir` (f32, CPU).
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let model = KosmosModel::load(dir, DType::F32, &Device::Cpu)?;
+        let num_image_tokens = model.text.config().latent_query_num;
+        let processor = KosmosProcessor::from_dir(dir, num_image_tokens)?;
+        Ok(Self { model, processor })
+    }
+
+    /// Greedy generation as HF `generate` does it: `(prompt ids, generated ids)`, the end token included.
+    pub fn greedy(
+        &self,
+        segments: &[DirectSegment],
+        max_new_tokens: usize,
+        no_repeat_ngram_size: usize,
+    ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        let prompt_segments: Vec<Segment> = segments
+            .iter()
+            .map(|segment| match segment {
+                DirectSegment::Text(text) => Segment::Text(text.clone()),
+                DirectSegment::Image(_) => Segment::Image,
+            })
+            .collect();
+        let encoded = self.processor.encode_prompt(&prompt_segments, false)?;
+        let mut pixels = Vec::new();
+        let mut count = 0;
+        let mut side = (0, 0);
+        for segment in segments {
+            if let DirectSegment::Image(bytes) = segment {
+                let values = self
+                    .processor
+                    .process_image_bytes(bytes, &DecodeLimits::default())?;
+                side = (values.height, values.width);
+                pixels.extend_from_slice(&values.data);
+                count += 1;
+            }
+        }
+        let image_embeds = if count == 0 {
+            None
+        } else {
+            let pixel_values = Tensor::from_vec(pixels, (count, 3, side.0, side.1), &Device::Cpu)?;
+            // (images, latent queries, hidden) → (marked positions, hidden)
+            let embeds = self.model.vision.encode(&pixel_values)?;
+            let (images, queries, hidden) = embeds.dims3()?;
+            Some(embeds.reshape((images * queries, hidden))?)
+        };
+        let prompt = Prompt {
+            ids: encoded.input_ids.clone(),
+            image_mask: encoded
+                .image_embeds_position_mask
+                .iter()
+                .map(|&m| m == 1)
+                .collect(),
+            image_embeds,
+        };
+        let params = GreedyParams {
+            max_new_tokens,
+            no_repeat_ngram_size,
+            eos_token_id: Some(self.model.text.config().text_config.eos_token_id),
+        };
+        let generated = greedy_generate(self.model.text.model(), &[prompt], params)?;
+        let ids = generated
+            .into_iter()
+            .next()
+            .context("one prompt, one output")?;
+        Ok((encoded.input_ids, ids))
+    }
+
+    /// The tokenizer's decode of `ids` (special tokens skipped), as the gateway's text should read.
+    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        Ok(self.processor.tokenizer.decode(ids, true)?)
+    }
+}
