@@ -157,19 +157,14 @@ impl BoundDecoder {
             .add_service(reflection_v1alpha)
             .add_service(decoder);
         tracing::info!(addr = ?listener.local_addr().ok(), "decoder serving");
-        let serve = kosmos_runtime::grpc::serve(router, listener, shutdown.clone());
-        let drain_timeout = config.drain_timeout;
-        let drain_deadline = async {
-            shutdown.wait().await;
-            tokio::time::sleep(drain_timeout).await;
-        };
-        let result = tokio::select! {
-            result = serve => result.map_err(StartError::from),
-            () = drain_deadline => {
-                tracing::warn!(drain_timeout_seconds = drain_timeout.as_secs_f64(), "drain timeout passed, dropping in-flight calls");
-                Ok(())
-            }
-        };
+        let result = kosmos_runtime::grpc::serve_with_drain(
+            router,
+            listener,
+            shutdown.clone(),
+            config.drain_timeout,
+        )
+        .await
+        .map_err(StartError::from);
         watcher.abort();
         tracing::info!("decoder stopped serving");
         result

@@ -13,7 +13,6 @@ use kosmos_proto::encoder::v1::{
     InfoResponse,
 };
 use kosmos_proto::tensor::v1::{DType, Tensor};
-use kosmos_runtime::grpc::request_timeout;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -128,16 +127,6 @@ impl ValidEncodeRequest {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { images, dtype })
     }
-}
-
-/// The instant by which a call with a `grpc-timeout` of `timeout`, received at `received`, is answered.
-///
-/// A little before the caller's deadline: tonic's own timers (the client's and the server's) fire exactly at it
-/// and answer CANCELLED, so the service gives up first and answers the precise DEADLINE_EXCEEDED; an answer that
-/// would arrive too late anyway does not hold a batch slot either.
-fn answer_by(received: Instant, timeout: Duration) -> Instant {
-    let margin = (timeout / 20).min(Duration::from_millis(20));
-    received + timeout.saturating_sub(margin)
 }
 
 fn wire_dtype(dtype: ModelDType) -> DType {
@@ -287,7 +276,7 @@ impl VisionEncoder for EncoderService {
         request: Request<EncodeRequest>,
     ) -> Result<Response<EncodeResponse>, Status> {
         let received = Instant::now();
-        let deadline = request_timeout(&request).map(|timeout| answer_by(received, timeout));
+        let deadline = kosmos_runtime::grpc::request_deadline(&request, received);
         let span = tracing::info_span!("encode", images = request.get_ref().images.len());
         let result = self
             .encode_request(request.into_inner(), deadline)
@@ -304,23 +293,5 @@ impl VisionEncoder for EncoderService {
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(self.info_response()?))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_service_answers_a_little_before_the_callers_deadline() {
-        let now = Instant::now();
-        assert_eq!(
-            answer_by(now, Duration::from_millis(100)),
-            now + Duration::from_millis(95)
-        );
-        assert_eq!(
-            answer_by(now, Duration::from_secs(10)),
-            now + Duration::from_millis(9980)
-        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kosmos_processor::KosmosTokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -14,11 +14,6 @@ use crate::encode::ImageEncoder;
 use crate::error::RequestError;
 use crate::pool::PoolStats;
 use crate::upstream::{ModelInfo, Upstreams};
-
-/// How much earlier than the caller's deadline the gateway gives up. tonic's transport enforces `grpc-timeout`
-/// on the handler's future too, from a clock started a moment before ours, and answers CANCELLED; expiring
-/// first lets the caller see DEADLINE_EXCEEDED, the code the gRPC spec asks for.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
 
 /// The gateway's load, for `GetModelInfo` and for in-process callers (tests, the `kosmos` command).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,12 +113,11 @@ pub fn deadline_of<T>(
     request: &tonic::Request<T>,
     arrived: Instant,
 ) -> Result<Option<Instant>, RequestError> {
-    match kosmos_runtime::grpc::request_timeout(request) {
-        Some(timeout) if timeout <= DEADLINE_MARGIN => {
+    match kosmos_runtime::grpc::request_deadline(request, arrived) {
+        Some(deadline) if deadline <= Instant::now() => {
             Err(RequestError::DeadlineExceeded("waiting to start"))
         }
-        Some(timeout) => Ok(Some(arrived + (timeout - DEADLINE_MARGIN))),
-        None => Ok(None),
+        deadline => Ok(deadline),
     }
 }
 

@@ -6,7 +6,7 @@ mod convert;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kosmos_proto::decoder::v1 as pb;
 use kosmos_proto::decoder::v1::decoder_server::Decoder;
@@ -55,19 +55,14 @@ impl DecoderService {
     }
 }
 
-/// How much earlier than the caller's deadline the service gives up. tonic's transport enforces `grpc-timeout`
-/// on the handler's future too, from a clock started a moment before ours, and answers CANCELLED ("Timeout
-/// expired"); expiring first lets the caller see DEADLINE_EXCEEDED, the code the gRPC spec asks for.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
-
-/// The caller's deadline, or DEADLINE_EXCEEDED when it has already passed.
+/// The caller's deadline (a little early, see `kosmos_runtime::grpc::answer_by`), or DEADLINE_EXCEEDED when it
+/// has already passed.
 fn deadline_of<T>(request: &Request<T>, arrived: Instant) -> Result<Option<Instant>, Status> {
-    match kosmos_runtime::grpc::request_timeout(request) {
-        Some(timeout) if timeout <= DEADLINE_MARGIN => {
+    match kosmos_runtime::grpc::request_deadline(request, arrived) {
+        Some(deadline) if deadline <= Instant::now() => {
             Err(RequestError::DeadlineExceeded("before the request started").into())
         }
-        Some(timeout) => Ok(Some(arrived + (timeout - DEADLINE_MARGIN))),
-        None => Ok(None),
+        deadline => Ok(deadline),
     }
 }
 
