@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Demo model: training and held-out evaluation, in the pinned reference environment (tools/reference/run.sh).
+#
+#   tools/train/run.sh train [ARGS...]   train and write models/demo/ (train.py --help; seeded, ~2 CPU cores)
+#   tools/train/run.sh eval [ARGS...]    held-out metrics of models/demo/ with PyTorch (eval_torch.py --help),
+#                                        e.g. --dump tools/train/heldout to rewrite the held-out set for Rust
+#
+# Both run under `nice -n 10` (the build machines are shared) unless NICE=0.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+NICE="${NICE:-10}"
+
+usage() {
+    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+[[ $# -ge 1 ]] || usage
+cmd="$1"
+shift
+
+cd "$ROOT"
+case "$cmd" in
+train)
+    exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/train.py" "$@"
+    ;;
+eval)
+    exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/eval_torch.py" "$@"
+    ;;
+*)
+    usage
+    ;;
+esac
