@@ -24,6 +24,9 @@
 //! [server]
 //! drain_timeout_seconds = 30.0
 //! log_json = false
+//!
+//! [metrics]
+//! listen = "0.0.0.0:9090"   # GET /metrics (Prometheus text); port 0: any free port
 //! ```
 
 use std::net::SocketAddr;
@@ -59,6 +62,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// Serving.
     pub server: RawServer,
+    /// Prometheus metrics.
+    pub metrics: RawMetrics,
 }
 
 impl Default for RawConfig {
@@ -72,6 +77,23 @@ impl Default for RawConfig {
             scheduler: RawScheduler::default(),
             limits: RawLimits::default(),
             server: RawServer::default(),
+            metrics: RawMetrics::default(),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".into(),
         }
     }
 }
@@ -199,6 +221,8 @@ pub struct DecoderConfig {
     pub drain_timeout: Duration,
     /// Log JSON lines.
     pub log_json: bool,
+    /// Address the `/metrics` HTTP server binds (`metrics.listen`; port 0: any free port).
+    pub metrics_listen: SocketAddr,
 }
 
 fn positive(key: &str, value: usize) -> Result<NonZeroUsize, StartError> {
@@ -213,6 +237,12 @@ impl TryFrom<RawConfig> for DecoderConfig {
             StartError::Config(format!(
                 "`listen` = `{}` is not an address: {err}",
                 raw.listen
+            ))
+        })?;
+        let metrics_listen = raw.metrics.listen.trim().parse().map_err(|err| {
+            StartError::Config(format!(
+                "`metrics.listen` = `{}` is not an address: {err}",
+                raw.metrics.listen
             ))
         })?;
         if raw.model_dir.as_os_str().is_empty() {
@@ -273,6 +303,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
             },
             drain_timeout: raw.server.drain_timeout,
             log_json: raw.server.log_json,
+            metrics_listen,
         })
     }
 }
@@ -316,6 +347,17 @@ mod tests {
         assert_eq!(config.scheduler.stalled_poll, Duration::from_millis(10));
         assert_eq!(config.scheduler.kv_token_budget, None);
         assert_eq!(config.model_dir, PathBuf::from("/m"));
+        assert_eq!(
+            config.metrics_listen,
+            SocketAddr::from(([0, 0, 0, 0], 9090))
+        );
+
+        let bad_metrics = Layers {
+            overrides: vec!["model_dir=/m".into(), "metrics.listen=nowhere".into()],
+            ..Layers::default()
+        };
+        let err = DecoderConfig::load(&bad_metrics).expect_err("rejects");
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
 
         let zero = Layers {
             overrides: vec![

@@ -103,6 +103,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics address could not be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] kosmos_runtime::metrics::BindError),
+    /// The metrics registry could not be created.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The reflection service could not be built.
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),

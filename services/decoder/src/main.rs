@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use kosmos_decoder::config::{DecoderConfig, ENV_PREFIX};
 use kosmos_runtime::config::Layers;
+use kosmos_runtime::telemetry::LogFormat;
 
 /// The kosmos decoder service.
 #[derive(Debug, Parser)]
@@ -42,7 +43,13 @@ async fn main() -> anyhow::Result<()> {
     }
     overrides.extend(args.overrides);
     let config = DecoderConfig::load(&Layers::from_process(ENV_PREFIX, args.config, overrides))?;
-    kosmos_runtime::logging::init(config.log_json);
+    let format = if config.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    // Kept until the end of main: dropping it flushes the spans not exported yet.
+    let _telemetry = kosmos_runtime::telemetry::init("kosmos-decoder", format, "info");
     let shutdown = kosmos_runtime::Shutdown::on_signals();
     kosmos_decoder::run(config, shutdown).await?;
     Ok(())

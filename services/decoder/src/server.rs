@@ -2,17 +2,21 @@
 //! until shutdown, then drain.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use kosmos_model::{ModelFiles, TextHalf, parse_device};
 use kosmos_proto::decoder::v1::decoder_server::DecoderServer;
 use kosmos_runtime::Shutdown;
 use kosmos_runtime::grpc::Health;
+use kosmos_runtime::metrics::{Registry, RpcMetrics, model_name};
+use kosmos_runtime::rpc::RpcLayer;
 use tokio::net::TcpListener;
 
 use crate::config::{DecoderConfig, SchedulerConfig};
 use crate::engine::{EngineHandle, EngineSettings, ModelInfo};
 use crate::error::StartError;
 use crate::grpc::DecoderService;
+use crate::metrics::DecoderMetrics;
 
 /// Loads the text half of the configured model and describes it.
 pub fn load_model(config: &DecoderConfig) -> Result<(TextHalf, ModelInfo), StartError> {
@@ -80,16 +84,33 @@ pub fn engine_settings(
     })
 }
 
-/// A decoder with its model loaded, its engine running and its port bound, not yet serving.
+/// A decoder with its model loaded, its engine running and its ports bound (gRPC and `/metrics`), not yet
+/// serving.
 #[derive(Debug)]
 pub struct BoundDecoder {
     config: DecoderConfig,
     engine: EngineHandle,
     listener: TcpListener,
+    metrics_listener: TcpListener,
+    metrics: Arc<DecoderMetrics>,
 }
 
-/// Loads the model (on a blocking thread), starts the engine and binds the listener.
+/// Loads the model (on a blocking thread), starts the engine and binds `config.listen` and
+/// `config.metrics_listen`.
 pub async fn start(config: DecoderConfig) -> Result<BoundDecoder, StartError> {
+    let metrics_listener = kosmos_runtime::metrics::bind(config.metrics_listen).await?;
+    start_with_metrics(config, metrics_listener).await
+}
+
+/// [`start`] with `/metrics` on an already bound `metrics_listener` (`config.metrics_listen` is ignored).
+pub async fn start_with_metrics(
+    config: DecoderConfig,
+    metrics_listener: TcpListener,
+) -> Result<BoundDecoder, StartError> {
+    let registry =
+        Arc::new(Registry::new("decoder").map_err(|err| StartError::Metrics(err.to_string()))?);
+    let model = model_name(&config.model_dir);
+    let metrics = Arc::new(DecoderMetrics::new(Arc::clone(&registry), model.clone()));
     let load_config = config.clone();
     let (text, info) = tokio::task::spawn_blocking(move || load_model(&load_config)).await??;
     let settings = engine_settings(&config.scheduler, info.context_length)?;
@@ -100,7 +121,9 @@ pub async fn start(config: DecoderConfig) -> Result<BoundDecoder, StartError> {
         kv_token_budget = settings.kv_token_budget.get(),
         "decoder model loaded"
     );
-    let engine = EngineHandle::start(text, info, settings)?;
+    registry.set_model(&model, &info.fingerprint);
+    let engine =
+        EngineHandle::start_with_metrics(text, info, settings, Some(Arc::clone(&metrics)))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -111,6 +134,8 @@ pub async fn start(config: DecoderConfig) -> Result<BoundDecoder, StartError> {
         config,
         engine,
         listener,
+        metrics_listener,
+        metrics,
     })
 }
 
@@ -130,6 +155,16 @@ impl BoundDecoder {
             })
     }
 
+    /// The bound `/metrics` address (the real port when configured with port 0).
+    pub fn metrics_addr(&self) -> Result<SocketAddr, StartError> {
+        self.metrics_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: self.config.metrics_listen,
+                source,
+            })
+    }
+
     /// A handle on the engine (in-process callers, tests, benchmarks).
     pub fn engine(&self) -> EngineHandle {
         self.engine.clone()
@@ -142,16 +177,27 @@ impl BoundDecoder {
             config,
             engine,
             listener,
+            metrics_listener,
+            metrics,
         } = self;
+        let registry = Arc::clone(metrics.registry());
+        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "decoder metrics on /metrics");
+        let metrics_server = tokio::spawn(kosmos_runtime::metrics::serve(
+            metrics_listener,
+            Arc::clone(&registry),
+            shutdown.clone(),
+        ));
         let (health, health_service) = Health::new().await;
         let (reflection_v1, reflection_v1alpha) = kosmos_runtime::grpc::reflection()
             .map_err(|err| StartError::Reflection(err.to_string()))?;
         let watcher = tokio::spawn(watch_health(engine.clone(), health, shutdown.clone()));
         let max_message_bytes = config.limits.max_message_bytes.get();
-        let decoder = DecoderServer::new(DecoderService::new(engine, config.limits.clone()))
+        let service = DecoderService::new(engine, config.limits.clone()).with_metrics(metrics);
+        let decoder = DecoderServer::new(service)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         let router = tonic::transport::Server::builder()
+            .layer(RpcLayer::new(RpcMetrics::new(&registry)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -166,6 +212,11 @@ impl BoundDecoder {
         .await
         .map_err(StartError::from);
         watcher.abort();
+        // The metrics server stops with `shutdown`; after a server error it is stopped here.
+        metrics_server.abort();
+        if let Ok(Err(err)) = metrics_server.await {
+            tracing::warn!(%err, "the metrics server failed");
+        }
         tracing::info!("decoder stopped serving");
         result
     }

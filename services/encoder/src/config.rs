@@ -25,6 +25,9 @@
 //!
 //! [grpc]
 //! max_message_bytes = 67108864
+//!
+//! [metrics]
+//! listen = "0.0.0.0:9090"   # GET /metrics (Prometheus text); port 0: any free port
 //! ```
 
 use std::net::SocketAddr;
@@ -65,6 +68,8 @@ pub struct RawConfig {
     pub preprocess: RawPreprocess,
     /// Transport.
     pub grpc: RawGrpc,
+    /// Prometheus metrics.
+    pub metrics: RawMetrics,
 }
 
 /// `[limits]`.
@@ -114,6 +119,22 @@ pub struct RawGrpc {
     pub max_message_bytes: u64,
 }
 
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
@@ -125,6 +146,7 @@ impl Default for RawConfig {
             batching: RawBatching::default(),
             preprocess: RawPreprocess::default(),
             grpc: RawGrpc::default(),
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -179,6 +201,8 @@ pub struct EncoderConfig {
     pub preprocess_workers: NonZeroUsize,
     /// Largest request and response message, in bytes.
     pub max_message_bytes: usize,
+    /// Address the `/metrics` HTTP server binds (`metrics.listen`).
+    pub metrics_listen: SocketAddr,
 }
 
 /// Limits enforced on every request, each named in the error that reports a violation.
@@ -320,6 +344,15 @@ impl TryFrom<RawConfig> for EncoderConfig {
                     ),
                 )
             })?;
+        let metrics_listen = raw.metrics.listen.trim().parse().map_err(|err| {
+            invalid(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address (host:port): {err}",
+                    raw.metrics.listen
+                ),
+            )
+        })?;
         Ok(Self {
             listen: raw.listen,
             model_dir: raw.model,
@@ -329,6 +362,7 @@ impl TryFrom<RawConfig> for EncoderConfig {
             batching,
             preprocess_workers,
             max_message_bytes,
+            metrics_listen,
         })
     }
 }
@@ -384,6 +418,10 @@ mod tests {
         assert_eq!(config.batching.max_queue_delay, Duration::from_millis(5));
         assert_eq!(config.limits.formats.len(), 3);
         assert_eq!(config.dtype, DType::F32);
+        assert_eq!(
+            config.metrics_listen,
+            SocketAddr::from(([0, 0, 0, 0], 9090))
+        );
     }
 
     #[test]
@@ -424,6 +462,11 @@ mod tests {
                 "batching.max_batch_images",
             ),
             (vec!["model=/m", "dtype=f64"], "dtype"),
+            (
+                vec!["model=/m", "metrics.listen=\"nowhere\""],
+                "metrics.listen",
+            ),
+            (vec!["model=/m", "metrics.port=9"], "port"),
             (vec!["model=/m", "limits.max_widht=3"], "max_widht"),
             (
                 vec!["model=/m", "batching.max_queued_images=2"],

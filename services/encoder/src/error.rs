@@ -246,6 +246,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics address could not be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] kosmos_runtime::metrics::BindError),
+    /// The metrics registry could not be created, or the `/metrics` server failed.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The model directory could not be loaded.
     #[error("cannot load the model from {dir}: {source}")]
     Model {

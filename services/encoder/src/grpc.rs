@@ -20,6 +20,7 @@ use crate::config::{Limits, mime_type};
 use crate::engine::{ChunkOutput, EngineHandle};
 use crate::error::RequestError;
 use crate::images::{CheckedImage, Preprocessor, check_image};
+use crate::metrics::EncoderMetrics;
 
 /// What the loaded model is, as `Info` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,7 @@ pub(crate) struct ServiceState {
     model: OnceLock<ModelSummary>,
     /// Set when shutdown begins: new calls are refused, calls in flight finish.
     draining: AtomicBool,
+    metrics: Arc<EncoderMetrics>,
 }
 
 impl ServiceState {
@@ -55,6 +57,7 @@ impl ServiceState {
         limits: Limits,
         preprocessor: Arc<Preprocessor>,
         engine: EngineHandle,
+        metrics: Arc<EncoderMetrics>,
     ) -> Self {
         Self {
             limits,
@@ -62,6 +65,7 @@ impl ServiceState {
             engine,
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -145,7 +149,14 @@ impl EncoderService {
         deadline: Option<Instant>,
     ) -> Result<EncodeResponse, RequestError> {
         let model = self.state.serving_model()?;
-        let request = ValidEncodeRequest::parse(request, &self.state.limits)?;
+        let request =
+            ValidEncodeRequest::parse(request, &self.state.limits).inspect_err(|err| {
+                // The first image that fails the cheap checks (the others are not looked at); the ones failing later
+                // on the blocking pool are counted there.
+                if let RequestError::Image { reason, .. } = err {
+                    self.state.metrics.image_rejected(reason);
+                }
+            })?;
         let preprocess_started = Instant::now();
         let pixels = self.state.preprocessor.process_all(request.images).await?;
         let preprocess_time = preprocess_started.elapsed();

@@ -3,6 +3,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kosmos_processor::{
     AcceptedFormat, DecodeLimits, ImageProcessorConfig, PixelValues, decode_image, preprocess,
@@ -12,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Limits, mime_type, parse_format};
 use crate::error::{ImageRejection, RequestError};
+use crate::metrics::EncoderMetrics;
 
 /// Allocation slack the decoder may use beyond the decoded pixels (row buffers, JPEG component planes).
 const DECODER_SLACK_BYTES: u64 = 16 * 1024 * 1024;
@@ -99,6 +101,7 @@ pub struct Preprocessor {
     config: ImageProcessorConfig,
     image_size: usize,
     workers: Arc<Semaphore>,
+    metrics: Option<Arc<EncoderMetrics>>,
 }
 
 impl Preprocessor {
@@ -115,7 +118,14 @@ impl Preprocessor {
             config,
             image_size,
             workers: Arc::new(Semaphore::new(workers.get())),
+            metrics: None,
         }
+    }
+
+    /// Records decode and preprocess times and rejected images in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<EncoderMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The limits the decoder enforces on its own, a second line behind the header checks.
@@ -166,10 +176,18 @@ impl Preprocessor {
                 },
             ));
         }
+        let decode_started = Instant::now();
         let rgb = decode_image(&image.bytes, &self.decode_limits())
             .map_err(|err| rejected(index, err.into()))?;
+        let preprocess_started = Instant::now();
+        if let Some(metrics) = &self.metrics {
+            metrics.image_decoded(preprocess_started - decode_started);
+        }
         let values = preprocess(&rgb, &self.config)
             .map_err(|err| rejected(index, ImageRejection::Preprocess(err.to_string())))?;
+        if let Some(metrics) = &self.metrics {
+            metrics.image_preprocessed(preprocess_started.elapsed());
+        }
         let expected = [3, self.image_size, self.image_size];
         if values.shape() != expected {
             return Err(RequestError::Internal(format!(
@@ -195,7 +213,12 @@ impl Preprocessor {
                 .await
                 .map_err(|_| RequestError::ShuttingDown)?;
             let preprocessor = Arc::clone(self);
-            let span = tracing::Span::current();
+            // A child of the call's span, entered on the blocking thread that does the work.
+            let span = tracing::info_span!(
+                "encoder.preprocess",
+                image.index = image.index,
+                image.bytes = image.bytes.len()
+            );
             let index = image.index;
             let task = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
@@ -209,6 +232,11 @@ impl Preprocessor {
             match task.await {
                 Ok(Ok(values)) => pixels.push(values),
                 Ok(Err(err)) => {
+                    if let (Some(metrics), RequestError::Image { reason, .. }) =
+                        (&self.metrics, &err)
+                    {
+                        metrics.image_rejected(reason);
+                    }
                     first_error.get_or_insert(err);
                 }
                 Err(join_error) => {

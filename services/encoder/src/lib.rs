@@ -5,7 +5,9 @@
 //!   on the blocking pool;
 //! * [`engine`]: the engine thread that owns the model, its bounded queue and the dynamic batching;
 //! * [`grpc`]: `kosmos.encoder.v1.VisionEncoder` and the proto conversions;
-//! * [`run`] / [`serve`]: the server with health (`readiness`), reflection and graceful shutdown.
+//! * [`metrics`]: every instrument of the encoder (Prometheus text on `metrics.listen`, see `docs/metrics.md`);
+//! * [`run`] / [`serve`] / [`serve_with_metrics`]: the server with health (`readiness`), reflection, `/metrics`
+//!   and graceful shutdown.
 //!
 //! A call's path: `grpc` parses the request (count, dtype, each image's size, format and MIME type), `images`
 //! decodes and preprocesses the images in parallel, `engine` admits them whole or answers RESOURCE_EXHAUSTED,
@@ -16,8 +18,9 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod images;
+pub mod metrics;
 mod server;
 
 pub use config::{ENV_PREFIX, EncoderConfig};
 pub use error::{ConfigError, ImageRejection, RequestError, StartError};
-pub use server::{run, serve};
+pub use server::{run, serve, serve_with_metrics};

@@ -8,6 +8,7 @@ use clap::Parser;
 use kosmos_encoder::{ENV_PREFIX, EncoderConfig};
 use kosmos_runtime::Shutdown;
 use kosmos_runtime::config::Layers;
+use kosmos_runtime::telemetry::LogFormat;
 
 /// The KOSMOS vision encoder: images in, embeddings out (gRPC `kosmos.encoder.v1.VisionEncoder`).
 ///
@@ -42,7 +43,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    kosmos_runtime::logging::init(args.log_json);
+    let format = if args.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    // Kept until the end of main: dropping it flushes the spans not exported yet.
+    let _telemetry = kosmos_runtime::telemetry::init("kosmos-encoder", format, "info");
     let mut overrides = args.set;
     let named = [
         ("listen", args.listen),

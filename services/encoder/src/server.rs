@@ -9,6 +9,8 @@ use kosmos_processor::{ImageProcessorConfig, ResizeTarget};
 use kosmos_proto::encoder::v1::vision_encoder_server::VisionEncoderServer;
 use kosmos_runtime::Shutdown;
 use kosmos_runtime::grpc::{Health, reflection};
+use kosmos_runtime::metrics::{Registry, RpcMetrics, model_name};
+use kosmos_runtime::rpc::RpcLayer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
@@ -17,8 +19,10 @@ use crate::engine::{self, VisionEngine};
 use crate::error::StartError;
 use crate::grpc::{EncoderService, ModelSummary, ServiceState};
 use crate::images::Preprocessor;
+use crate::metrics::EncoderMetrics;
 
-/// Binds `config.listen` and serves until `shutdown` trips and the calls in flight have finished.
+/// Binds `config.listen` and `config.metrics_listen` and serves until `shutdown` trips and the calls in flight
+/// have finished.
 pub async fn run(config: EncoderConfig, shutdown: Shutdown) -> Result<(), StartError> {
     let listener = TcpListener::bind(config.listen)
         .await
@@ -30,13 +34,52 @@ pub async fn run(config: EncoderConfig, shutdown: Shutdown) -> Result<(), StartE
 }
 
 /// Serves on an already bound `listener` (`config.listen` is ignored) until `shutdown` trips and the calls in
-/// flight have finished. Tests bind `127.0.0.1:0`, read `local_addr()`, then spawn this.
+/// flight have finished; binds `config.metrics_listen` for `/metrics`. Tests bind `127.0.0.1:0`, read
+/// `local_addr()`, then spawn this.
 ///
 /// Returns an error when the model cannot be loaded; Encode and Info answer UNAVAILABLE until it is.
 pub async fn serve(
     listener: TcpListener,
     config: EncoderConfig,
     shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let metrics_listener = kosmos_runtime::metrics::bind(config.metrics_listen).await?;
+    serve_with_metrics(listener, metrics_listener, config, shutdown).await
+}
+
+/// [`serve`] with `/metrics` served on an already bound `metrics_listener` (`config.metrics_listen` is ignored)
+/// until `shutdown` trips.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    config: EncoderConfig,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let registry =
+        Arc::new(Registry::new("encoder").map_err(|err| StartError::Metrics(err.to_string()))?);
+    let metrics = Arc::new(EncoderMetrics::new(Arc::clone(&registry)));
+    let metrics_address = metrics_listener.local_addr().ok();
+    let metrics_server = tokio::spawn(kosmos_runtime::metrics::serve(
+        metrics_listener,
+        Arc::clone(&registry),
+        shutdown.clone(),
+    ));
+    tracing::info!(address = ?metrics_address, "encoder metrics on /metrics");
+    let result = serve_grpc(listener, config, shutdown.clone(), &registry, metrics).await;
+    // The metrics server stops with `shutdown`; on an early error it is stopped here.
+    metrics_server.abort();
+    if let Ok(Err(err)) = metrics_server.await {
+        tracing::warn!(%err, "the metrics server failed");
+    }
+    result
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    config: EncoderConfig,
+    shutdown: Shutdown,
+    registry: &Arc<Registry>,
+    metrics: Arc<EncoderMetrics>,
 ) -> Result<(), StartError> {
     let model_dir = config.model_dir.clone();
     let files = ModelFiles::open(&model_dir).map_err(|source| StartError::Model {
@@ -46,19 +89,25 @@ pub async fn serve(
     let image_size = files.config.vision_config.image_size;
     let processor = ImageProcessorConfig::from_file(model_dir.join("preprocessor_config.json"))?;
     check_preprocessor(&processor, image_size)?;
-    let preprocessor = Arc::new(Preprocessor::new(
-        config.limits.clone(),
-        processor,
-        image_size,
-        config.preprocess_workers,
-    ));
+    let preprocessor = Arc::new(
+        Preprocessor::new(
+            config.limits.clone(),
+            processor,
+            image_size,
+            config.preprocess_workers,
+        )
+        .with_metrics(Arc::clone(&metrics)),
+    );
     let (device, dtype) = (config.device.clone(), config.dtype);
     let (engine, engine_thread, startup) =
-        engine::start(config.batching, move || load_model(&files, device, dtype))?;
+        engine::start_with_metrics(config.batching, Some(Arc::clone(&metrics)), move || {
+            load_model(&files, device, dtype)
+        })?;
     let state = Arc::new(ServiceState::new(
         config.limits.clone(),
         preprocessor,
         engine,
+        metrics,
     ));
 
     let (health, health_service) = Health::new().await;
@@ -69,6 +118,7 @@ pub async fn serve(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let router = Server::builder()
+        .layer(RpcLayer::new(RpcMetrics::new(registry)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -90,6 +140,7 @@ pub async fn serve(
     let outcome = match loaded {
         Some(Ok(Ok(model))) => {
             tracing::info!(fingerprint = %model.fingerprint, device = %model.device, "encoder ready");
+            registry.set_model(&model_name(&model_dir), &model.fingerprint);
             state.set_ready(model);
             health.set_ready().await;
             tokio::select! {

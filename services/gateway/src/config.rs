@@ -30,6 +30,9 @@
 //! drain_timeout_seconds = 30.0
 //! stream_buffer_messages = 16
 //! log_json = false
+//!
+//! [metrics]
+//! listen = "0.0.0.0:9090"              # GET /metrics (Prometheus text); port 0: any free port
 //! ```
 
 use std::net::SocketAddr;
@@ -63,6 +66,24 @@ pub struct RawConfig {
     pub cache: RawCache,
     /// Serving.
     pub server: RawServer,
+    /// The Prometheus endpoint.
+    pub metrics: RawMetrics,
+}
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Address of the HTTP server answering `GET /metrics`.
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".into(),
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -75,6 +96,7 @@ impl Default for RawConfig {
             limits: RawLimits::default(),
             cache: RawCache::default(),
             server: RawServer::default(),
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -326,6 +348,8 @@ pub struct GatewayConfig {
     pub stream_buffer_messages: NonZeroUsize,
     /// JSON logs.
     pub log_json: bool,
+    /// Where `GET /metrics` is served.
+    pub metrics_listen: SocketAddr,
 }
 
 impl GatewayConfig {
@@ -519,6 +543,12 @@ impl TryFrom<RawConfig> for GatewayConfig {
                 "`model_dir` must name the model directory (its tokenizer.json)",
             ));
         }
+        let metrics_listen: SocketAddr = raw.metrics.listen.parse().map_err(|err| {
+            config_error(format!(
+                "`metrics.listen` must be an ip:port address, got `{}`: {err}",
+                raw.metrics.listen
+            ))
+        })?;
         let stream_buffer_messages = NonZeroUsize::new(raw.server.stream_buffer_messages)
             .ok_or_else(|| config_error("`server.stream_buffer_messages` must be >= 1"))?;
         Ok(Self {
@@ -531,6 +561,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
             drain_timeout: raw.server.drain_timeout,
             stream_buffer_messages,
             log_json: raw.server.log_json,
+            metrics_listen,
         })
     }
 }

@@ -13,6 +13,7 @@ use kosmos_proto::encoder::v1 as enc;
 use kosmos_proto::tensor::v1::{DType, Tensor};
 use tokio::task::JoinSet;
 use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::cache::{CacheKey, ContentHash, EmbeddingCache};
 use crate::domain::ValidImage;
@@ -81,10 +82,18 @@ impl ImageEncoder {
             let this = self.clone();
             let image = image.clone();
             let model = model.clone();
-            calls.spawn(async move {
-                let result = this.encode_with_retries(&image, &model, deadline).await;
-                (image.hash, result)
-            });
+            let span = tracing::info_span!(
+                "gateway.encode",
+                image.segment = image.segment,
+                image.bytes = image.data.len()
+            );
+            calls.spawn(
+                async move {
+                    let result = this.encode_with_retries(&image, &model, deadline).await;
+                    (image.hash, result)
+                }
+                .instrument(span),
+            );
         }
         // Dropping `calls` (the caller went away, or one image failed) aborts every call still running.
         while let Some(joined) = calls.join_next().await {
@@ -127,7 +136,7 @@ impl ImageEncoder {
             tried.push(replica.clone());
             let timeout = call_timeout(deadline, self.pool.config().call_timeout)
                 .ok_or(RequestError::DeadlineExceeded("encoding the images"))?;
-            let mut guard = self.pool.begin(replica.clone(), attempt);
+            let mut guard = self.pool.begin_with_images(replica.clone(), attempt, 1);
             let mut client =
                 enc::vision_encoder_client::VisionEncoderClient::new(replica.channel())
                     .max_decoding_message_size(self.max_message_bytes)

@@ -74,6 +74,9 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The metrics registry could not be created.
+    #[error("{0}")]
+    Metrics(String),
     /// The configuration could not be loaded.
     #[error(transparent)]
     ConfigLoad(#[from] kosmos_runtime::config::ConfigError),

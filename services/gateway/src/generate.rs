@@ -12,10 +12,12 @@ use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::domain::{ValidParams, validate_params};
 use crate::encode::call_timeout;
 use crate::error::RequestError;
+use crate::metrics::{Operation, Outcome};
 use crate::pool::{CallGuard, Pool};
 use crate::prompt::{PrepareInput, decoder_segments, prepare};
 use crate::state::{GatewayState, within};
@@ -65,7 +67,8 @@ pub async fn start(
 ) -> Result<Generation, RequestError> {
     let permit = state.admit()?;
     let model = state.model()?;
-    let params = validate_params(request.params, &state.limits, model.vocab_size)?;
+    let params = tracing::info_span!("gateway.validate")
+        .in_scope(|| validate_params(request.params, &state.limits, model.vocab_size))?;
     let input = PrepareInput {
         segments: request.prompt,
         grounding: request.grounding,
@@ -80,7 +83,8 @@ pub async fn start(
             state.limits.clone(),
             model.clone(),
             input,
-        ),
+        )
+        .instrument(tracing::info_span!("gateway.tokenize")),
     )
     .await?;
     let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
@@ -93,7 +97,11 @@ pub async fn start(
         "encoding the images",
         state
             .encoder
-            .embeddings(&prepared.images, &model, clock.deadline),
+            .embeddings(&prepared.images, &model, clock.deadline)
+            .instrument(tracing::info_span!(
+                "gateway.images",
+                images = prepared.images.len()
+            )),
     )
     .await?;
     let encode_seconds = encode_started.elapsed().as_secs_f64();
@@ -115,7 +123,8 @@ pub async fn start(
             decoder_request,
             clock.deadline,
             state.limits.max_message_bytes.get(),
-        ),
+        )
+        .instrument(tracing::info_span!("gateway.decoder.open")),
     )
     .await?;
     Ok(Generation {
@@ -402,6 +411,15 @@ impl Generation {
         decoder_finish: Option<&dec::Finish>,
     ) {
         self.done = true;
+        self.state.metrics.succeeded(&Outcome {
+            operation: Operation::TextCompletion,
+            arrived: self.clock.arrived,
+            first_token_at: self.first_token_at,
+            last_token_at: self.last_token_at,
+            input_tokens: (self.prompt_ids.len() as u32).saturating_sub(self.image_tokens),
+            image_tokens: self.image_tokens,
+            output_tokens: self.completion_tokens,
+        });
         let now = Instant::now();
         let decoder_timings = decoder_finish.and_then(|finish| finish.timings.as_ref());
         out.finish_reason = reason as i32;

@@ -9,10 +9,13 @@ use kosmos_proto::v1::kosmos_server::Kosmos;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::cache::CacheStats;
 use crate::config::Limits;
+use crate::error::RequestError;
 use crate::generate::{self, RequestClock};
+use crate::metrics::Operation;
 use crate::pool::PoolStats;
 use crate::score;
 use crate::state::{GatewayState, GatewayStats, deadline_of};
@@ -30,10 +33,41 @@ impl KosmosService {
     }
 }
 
-fn clock_of<T>(request: &Request<T>) -> Result<RequestClock, Status> {
-    let arrived = Instant::now();
-    let deadline = deadline_of(request, arrived)?;
-    Ok(RequestClock { arrived, deadline })
+impl KosmosService {
+    /// The request's clock; a deadline already passed fails (and is counted) here.
+    fn clock_of<T>(
+        &self,
+        request: &Request<T>,
+        operation: Operation,
+    ) -> Result<RequestClock, Status> {
+        let arrived = Instant::now();
+        let deadline = self.failed_if_err(
+            operation,
+            RequestClock {
+                arrived,
+                deadline: None,
+            },
+            deadline_of(request, arrived),
+        )?;
+        Ok(RequestClock { arrived, deadline })
+    }
+
+    /// Counts a failed request in the GenAI duration histogram (successes are counted where they finish, with
+    /// their token timings) and turns the error into its status.
+    fn failed_if_err<T>(
+        &self,
+        operation: Operation,
+        clock: RequestClock,
+        result: Result<T, RequestError>,
+    ) -> Result<T, Status> {
+        result.map_err(|err| {
+            let status = Status::from(err);
+            self.state
+                .metrics
+                .failed(operation, clock.arrived, status.code());
+            status
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -42,10 +76,15 @@ impl Kosmos for KosmosService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let clock = clock_of(&request)?;
-        let generation = generate::start(self.state.clone(), request.into_inner(), clock).await?;
+        let clock = self.clock_of(&request, Operation::TextCompletion)?;
         // If the caller goes away, tonic drops this future, and with it the generation and its decoder stream.
-        let response = generate::collect(generation).await?;
+        let result = async {
+            let generation =
+                generate::start(self.state.clone(), request.into_inner(), clock).await?;
+            generate::collect(generation).await
+        }
+        .await;
+        let response = self.failed_if_err(Operation::TextCompletion, clock, result)?;
         Ok(Response::new(response))
     }
 
@@ -55,11 +94,17 @@ impl Kosmos for KosmosService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let clock = clock_of(&request)?;
-        let mut generation =
-            generate::start(self.state.clone(), request.into_inner(), clock).await?;
+        let clock = self.clock_of(&request, Operation::TextCompletion)?;
+        let started = generate::start(self.state.clone(), request.into_inner(), clock).await;
+        let mut generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
         let (sender, receiver) = mpsc::channel(self.state.stream_buffer_messages);
-        tokio::spawn(async move {
+        let state = self.state.clone();
+        let forward = async move {
+            let failed = |code| {
+                state
+                    .metrics
+                    .failed(Operation::TextCompletion, clock.arrived, code)
+            };
             loop {
                 // Waiting on the decoder and on the caller at once: a caller that goes away ends the task (and
                 // drops the decoder stream) even while the decoder is silent.
@@ -67,20 +112,32 @@ impl Kosmos for KosmosService {
                     next = generation.next() => next,
                     () = sender.closed() => {
                         tracing::debug!("caller went away, dropping the decoder stream");
+                        failed(tonic::Code::Cancelled);
                         return;
                     }
                 };
                 let message = match next {
                     Ok(Some(message)) => Ok(message),
                     Ok(None) => return,
-                    Err(err) => Err(Status::from(err)),
+                    Err(err) => {
+                        let status = Status::from(err);
+                        failed(status.code());
+                        Err(status)
+                    }
                 };
-                let failed = message.is_err();
-                if sender.send(message).await.is_err() || failed {
+                let is_error = message.is_err();
+                if sender.send(message).await.is_err() {
+                    if !is_error {
+                        failed(tonic::Code::Cancelled);
+                    }
+                    return;
+                }
+                if is_error {
                     return;
                 }
             }
-        });
+        };
+        tokio::spawn(forward.instrument(tracing::Span::current()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
@@ -88,8 +145,9 @@ impl Kosmos for KosmosService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let clock = clock_of(&request)?;
-        let response = score::score(self.state.clone(), request.into_inner(), clock).await?;
+        let clock = self.clock_of(&request, Operation::Score)?;
+        let result = score::score(self.state.clone(), request.into_inner(), clock).await;
+        let response = self.failed_if_err(Operation::Score, clock, result)?;
         Ok(Response::new(response))
     }
 

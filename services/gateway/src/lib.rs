@@ -12,6 +12,7 @@
 //!   reasons, usage, timings, grounding;
 //! * [`pool`]: replicas per pool, power-of-two-choices balancing, per-pool pending/in-flight gauges;
 //! * [`upstream`]: probes, the model learned from the decoders, grpc.health.v1;
+//! * [`metrics`]: everything `/metrics` exports (GenAI request metrics, per-pool queue signals, the cache);
 //! * [`server`]: start, serve with health and reflection, drain; [`config`]: file < environment < flags.
 
 pub mod cache;
@@ -21,6 +22,7 @@ pub mod encode;
 pub mod error;
 pub mod generate;
 pub mod grpc;
+pub mod metrics;
 pub mod pool;
 pub mod prompt;
 pub mod score;

@@ -40,7 +40,11 @@ async fn main() -> anyhow::Result<()> {
     }
     overrides.extend(args.overrides);
     let config = GatewayConfig::load(&Layers::from_process(ENV_PREFIX, args.config, overrides))?;
-    kosmos_runtime::logging::init(config.log_json);
+    let _telemetry = kosmos_runtime::telemetry::init(
+        "kosmos-gateway",
+        kosmos_runtime::telemetry::LogFormat::from_json_flag(config.log_json),
+        "info",
+    );
     let shutdown = kosmos_runtime::Shutdown::on_signals();
     kosmos_gateway::run(config, shutdown).await?;
     Ok(())

@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use kosmos_runtime::telemetry::TracePropagation;
 use rand::Rng;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// A channel to a replica that propagates the caller's trace context (`traceparent`) on every call.
+pub type UpstreamChannel = InterceptedService<Channel, TracePropagation>;
 
 use crate::config::{Discovery, PoolConfig, endpoint_uri};
 use crate::error::StartError;
@@ -52,9 +57,10 @@ impl Replica {
         &self.address
     }
 
-    /// A channel to the replica (cheap to clone; calls multiplex over one connection).
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// A channel to the replica (cheap to clone; calls multiplex over one connection) that carries the current
+    /// span's trace context to the replica.
+    pub fn channel(&self) -> UpstreamChannel {
+        InterceptedService::new(self.channel.clone(), TracePropagation)
     }
 
     /// Calls open against this replica.
@@ -87,6 +93,8 @@ pub struct PoolStats {
     pub pending: u64,
     /// Calls open.
     pub in_flight: u64,
+    /// Images in calls that have not received their first response yet (encoder pool).
+    pub pending_images: u64,
     /// Calls started (retries included).
     pub calls_total: u64,
     /// Calls that failed.
@@ -98,6 +106,7 @@ pub struct PoolStats {
 #[derive(Debug, Default)]
 struct Counters {
     pending: AtomicU64,
+    pending_images: AtomicU64,
     in_flight: AtomicU64,
     calls_total: AtomicU64,
     failures_total: AtomicU64,
@@ -240,8 +249,14 @@ impl Pool {
 
     /// Starts accounting a call on `replica` (pending and in flight until the guard says otherwise or drops).
     pub fn begin(&self, replica: Arc<Replica>, attempt: u32) -> CallGuard {
+        self.begin_with_images(replica, attempt, 0)
+    }
+
+    /// [`Pool::begin`] for a call carrying `images` images, counted as pending images until it is answered.
+    pub fn begin_with_images(&self, replica: Arc<Replica>, attempt: u32, images: u64) -> CallGuard {
         let counters = &self.state.counters;
         counters.pending.fetch_add(1, Ordering::Relaxed);
+        counters.pending_images.fetch_add(images, Ordering::Relaxed);
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
         counters.calls_total.fetch_add(1, Ordering::Relaxed);
         if attempt > 0 {
@@ -252,6 +267,7 @@ impl Pool {
             state: self.state.clone(),
             replica,
             pending: true,
+            images,
         }
     }
 
@@ -264,6 +280,7 @@ impl Pool {
             healthy_replicas: replicas.iter().filter(|r| r.is_healthy()).count() as u32,
             pending: counters.pending.load(Ordering::Relaxed),
             in_flight: counters.in_flight.load(Ordering::Relaxed),
+            pending_images: counters.pending_images.load(Ordering::Relaxed),
             calls_total: counters.calls_total.load(Ordering::Relaxed),
             failures_total: counters.failures_total.load(Ordering::Relaxed),
             retries_total: counters.retries_total.load(Ordering::Relaxed),
@@ -277,6 +294,7 @@ pub struct CallGuard {
     state: Arc<PoolState>,
     replica: Arc<Replica>,
     pending: bool,
+    images: u64,
 }
 
 impl CallGuard {
@@ -289,6 +307,10 @@ impl CallGuard {
     pub fn responded(&mut self) {
         if std::mem::take(&mut self.pending) {
             self.state.counters.pending.fetch_sub(1, Ordering::Relaxed);
+            self.state
+                .counters
+                .pending_images
+                .fetch_sub(self.images, Ordering::Relaxed);
         }
         self.replica.set_healthy(true);
     }
@@ -310,6 +332,9 @@ impl Drop for CallGuard {
         let counters = &self.state.counters;
         if self.pending {
             counters.pending.fetch_sub(1, Ordering::Relaxed);
+            counters
+                .pending_images
+                .fetch_sub(self.images, Ordering::Relaxed);
         }
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -48,9 +48,12 @@ pub async fn prepare(
     model: Arc<ModelInfo>,
     input: PrepareInput,
 ) -> Result<PreparedPrompt, RequestError> {
-    tokio::task::spawn_blocking(move || prepare_blocking(&tokenizer, &limits, &model, input))
-        .await
-        .map_err(|err| RequestError::Internal(format!("tokenization task failed: {err}")))?
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        span.in_scope(|| prepare_blocking(&tokenizer, &limits, &model, input))
+    })
+    .await
+    .map_err(|err| RequestError::Internal(format!("tokenization task failed: {err}")))?
 }
 
 fn prepare_blocking(

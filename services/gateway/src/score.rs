@@ -7,11 +7,13 @@ use std::time::Instant;
 
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
+use tracing::Instrument as _;
 
 use crate::domain::validate_candidates;
 use crate::encode::call_timeout;
 use crate::error::RequestError;
 use crate::generate::{RequestClock, decoder_failure};
+use crate::metrics::{Operation, Outcome};
 use crate::pool::Pool;
 use crate::prompt::{PrepareInput, decoder_segments, prepare};
 use crate::state::{GatewayState, within};
@@ -39,7 +41,8 @@ pub async fn score(
             state.limits.clone(),
             model.clone(),
             input,
-        ),
+        )
+        .instrument(tracing::info_span!("gateway.tokenize")),
     )
     .await?;
     let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
@@ -49,7 +52,11 @@ pub async fn score(
         "encoding the images",
         state
             .encoder
-            .embeddings(&prepared.images, &model, clock.deadline),
+            .embeddings(&prepared.images, &model, clock.deadline)
+            .instrument(tracing::info_span!(
+                "gateway.images",
+                images = prepared.images.len()
+            )),
     )
     .await?;
     let encode_seconds = encode_started.elapsed().as_secs_f64();
@@ -69,7 +76,8 @@ pub async fn score(
             decoder_request,
             clock.deadline,
             state.limits.max_message_bytes.get(),
-        ),
+        )
+        .instrument(tracing::info_span!("gateway.decoder.score")),
     )
     .await?;
     if answer.scores.len() != request.candidates.len() {
@@ -101,6 +109,17 @@ pub async fn score(
         })
         .map_or(0, |(index, _)| index as u32);
     let decoder_timings = answer.timings.unwrap_or_default();
+    let image_tokens = (prepared.images.len() * model.num_image_tokens) as u32;
+    let candidate_tokens: usize = scores.iter().map(|score| score.token_ids.len()).sum();
+    state.metrics.succeeded(&Outcome {
+        operation: Operation::Score,
+        arrived: clock.arrived,
+        first_token_at: None,
+        last_token_at: None,
+        input_tokens: (prepared.encoded.input_ids.len() + candidate_tokens) as u32 - image_tokens,
+        image_tokens,
+        output_tokens: 0,
+    });
     Ok(pb::ScoreResponse {
         scores,
         prompt_token_ids: prepared.encoded.input_ids,

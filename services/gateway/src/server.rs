@@ -16,6 +16,7 @@ use crate::config::GatewayConfig;
 use crate::encode::ImageEncoder;
 use crate::error::StartError;
 use crate::grpc::KosmosService;
+use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
 use crate::state::{GatewayState, GatewayStats};
 use crate::upstream::{self, ModelInfo, SERVICE_NAME, Upstreams, UpstreamsWriter};
@@ -50,6 +51,7 @@ pub struct BoundGateway {
     state: Arc<GatewayState>,
     writer: UpstreamsWriter,
     listener: TcpListener,
+    metrics_listener: TcpListener,
 }
 
 /// Loads the tokenizer (on a blocking thread), builds the pools and binds the listener.
@@ -65,24 +67,30 @@ pub async fn start(config: GatewayConfig) -> Result<BoundGateway, StartError> {
     let (upstreams, writer) = Upstreams::new(encoder_pool.clone(), decoder_pool);
     let cache = Arc::new(EmbeddingCache::new(config.cache_capacity_bytes));
     let encoder = ImageEncoder::new(encoder_pool, cache, config.limits.max_message_bytes.get());
+    let metrics = GatewayMetrics::new(&kosmos_runtime::metrics::model_name(&config.model_dir))
+        .map_err(|err| StartError::Metrics(err.to_string()))?;
     let state = Arc::new(GatewayState::new(
         Arc::new(tokenizer),
         upstreams,
         encoder,
         config.limits.clone(),
         config.stream_buffer_messages.get(),
+        metrics,
     ));
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    state.metrics.observe(Arc::downgrade(&state));
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(config.listen).await?;
+    let metrics_listener = bind(config.metrics_listen).await?;
     Ok(BoundGateway {
         config,
         state,
         writer,
         listener,
+        metrics_listener,
     })
 }
 
@@ -102,6 +110,16 @@ impl BoundGateway {
             })
     }
 
+    /// The bound address of `GET /metrics`.
+    pub fn metrics_addr(&self) -> Result<SocketAddr, StartError> {
+        self.metrics_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: self.config.metrics_listen,
+                source,
+            })
+    }
+
     /// A handle on the gateway's state.
     pub fn handle(&self) -> GatewayHandle {
         GatewayHandle {
@@ -117,7 +135,32 @@ impl BoundGateway {
             state,
             writer,
             listener,
+            metrics_listener,
         } = self;
+        let metrics_server = tokio::spawn(kosmos_runtime::metrics::serve(
+            metrics_listener,
+            state.metrics.registry().clone(),
+            shutdown.clone(),
+        ));
+        // kosmos_build_info names the model the decoders serve, once they have described it.
+        let build_info = {
+            let mut changes = state.upstreams.model_changes();
+            let registry = state.metrics.registry().clone();
+            let name = kosmos_runtime::metrics::model_name(&config.model_dir);
+            tokio::spawn(async move {
+                loop {
+                    let fingerprint = changes
+                        .borrow_and_update()
+                        .as_ref()
+                        .map(|model| model.fingerprint.to_string())
+                        .unwrap_or_default();
+                    registry.set_model(&name, &fingerprint);
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         let (health, health_service) = Health::new().await;
         // Not serving until the probes find both pools (Health::new starts the overall status SERVING).
         health.set_status("", false).await;
@@ -133,10 +176,12 @@ impl BoundGateway {
             shutdown.clone(),
         ));
         let max_message_bytes = config.limits.max_message_bytes.get();
+        let rpc_layer = kosmos_runtime::rpc::RpcLayer::new(state.metrics.rpc().clone());
         let kosmos = KosmosServer::new(KosmosService::new(state))
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         let router = tonic::transport::Server::builder()
+            .layer(rpc_layer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -151,6 +196,8 @@ impl BoundGateway {
         .await
         .map_err(StartError::from);
         watcher.abort();
+        metrics_server.abort();
+        build_info.abort();
         tracing::info!("gateway stopped serving");
         result
     }

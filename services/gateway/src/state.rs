@@ -12,6 +12,7 @@ use crate::cache::CacheStats;
 use crate::config::Limits;
 use crate::encode::ImageEncoder;
 use crate::error::RequestError;
+use crate::metrics::GatewayMetrics;
 use crate::pool::PoolStats;
 use crate::upstream::{ModelInfo, Upstreams};
 
@@ -43,6 +44,8 @@ pub struct GatewayState {
     pub limits: Limits,
     /// Messages buffered per stream.
     pub stream_buffer_messages: usize,
+    /// Request metrics.
+    pub metrics: GatewayMetrics,
     permits: Arc<Semaphore>,
     rejected: AtomicU64,
 }
@@ -55,6 +58,7 @@ impl GatewayState {
         encoder: ImageEncoder,
         limits: Limits,
         stream_buffer_messages: usize,
+        metrics: GatewayMetrics,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests.get()));
         Self {
@@ -63,6 +67,7 @@ impl GatewayState {
             encoder,
             limits,
             stream_buffer_messages,
+            metrics,
             permits,
             rejected: AtomicU64::new(0),
         }

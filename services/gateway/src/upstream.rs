@@ -127,6 +127,11 @@ impl Upstreams {
         *self.ready.borrow()
     }
 
+    /// The model as the decoders describe it, watched: changes when a decoder with another model answers.
+    pub fn model_changes(&self) -> watch::Receiver<Option<Arc<ModelInfo>>> {
+        self.model.clone()
+    }
+
     /// Waits until [`Upstreams::is_ready`] or `timeout`; returns readiness.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut ready = self.ready.clone();

@@ -11,7 +11,6 @@ use kosmos_runtime::Shutdown;
 use kosmos_runtime::config::Layers;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing_subscriber::EnvFilter;
 
 use crate::{default_model_dir, json_string, path_value};
 
@@ -41,13 +40,15 @@ pub struct ServeArgs {
 
 type ServiceTask = JoinHandle<anyhow::Result<()>>;
 
-/// Logs go to stderr below the progress lines: warnings only, unless `RUST_LOG` says otherwise.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Where each service serves `GET /metrics` unless `--<service>-set metrics.listen=…` says otherwise.
+const GATEWAY_METRICS: &str = "127.0.0.1:9090";
+const ENCODER_METRICS: &str = "127.0.0.1:9091";
+const DECODER_METRICS: &str = "127.0.0.1:9092";
+
+/// Logs go to stderr below the progress lines: warnings only, unless `RUST_LOG` says otherwise. Spans of all
+/// three services are exported (as service `kosmos`) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+fn init_telemetry() -> kosmos_runtime::telemetry::TelemetryGuard {
+    kosmos_runtime::telemetry::init("kosmos", kosmos_runtime::telemetry::LogFormat::Text, "warn")
 }
 
 fn step(service: &str, message: impl std::fmt::Display) {
@@ -56,7 +57,7 @@ fn step(service: &str, message: impl std::fmt::Display) {
 
 /// Runs the three services until Ctrl-C (or SIGTERM).
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    let _telemetry = init_telemetry();
     let started = Instant::now();
     let model = args.model.clone().unwrap_or_else(default_model_dir);
     anyhow::ensure!(
@@ -84,6 +85,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut encoder_overrides = vec![
         format!("model={}", path_value(&model)),
         "listen=\"127.0.0.1:0\"".to_string(),
+        format!("metrics.listen={}", json_string(ENCODER_METRICS)),
         format!("device={}", json_string(&args.device)),
     ];
     encoder_overrides.extend(args.encoder_overrides);
@@ -106,6 +108,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut decoder_overrides = vec![
         format!("model_dir={}", path_value(&model)),
         "listen=\"127.0.0.1:0\"".to_string(),
+        format!("metrics.listen={}", json_string(DECODER_METRICS)),
         format!("device={}", json_string(&args.device)),
     ];
     decoder_overrides.extend(args.decoder_overrides);
@@ -135,6 +138,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut gateway_overrides = vec![
         format!("model_dir={}", path_value(&model)),
         format!("listen={}", json_string(&args.listen.to_string())),
+        format!("metrics.listen={}", json_string(GATEWAY_METRICS)),
         format!(
             "encoder.endpoints=[{}]",
             json_string(&format!("http://{encoder_addr}"))
@@ -155,10 +159,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("the gateway could not start")?;
     let gateway_addr = gateway.local_addr()?;
+    let gateway_metrics = gateway.metrics_addr()?;
     let handle = gateway.handle();
     step(
         "gateway",
-        format!("listening on {gateway_addr}, waiting for both pools…"),
+        format!(
+            "listening on {gateway_addr} (metrics http://{gateway_metrics}/metrics), waiting for both pools…"
+        ),
     );
     let stop = shutdown.clone();
     tasks.push((

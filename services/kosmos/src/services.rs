@@ -23,6 +23,16 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
+    /// Logs and traces for `service` (spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set);
+    /// flushed when the returned guard drops, at exit.
+    fn telemetry(&self, service: &'static str) -> kosmos_runtime::telemetry::TelemetryGuard {
+        kosmos_runtime::telemetry::init(
+            service,
+            kosmos_runtime::telemetry::LogFormat::from_json_flag(self.log_json),
+            "info",
+        )
+    }
+
     fn layers(self, env_prefix: &str) -> Layers {
         Layers::from_process(env_prefix, self.config, self.overrides)
     }
@@ -30,7 +40,7 @@ impl ServiceArgs {
 
 /// Runs the gateway.
 pub async fn gateway(args: ServiceArgs) -> anyhow::Result<()> {
-    kosmos_runtime::logging::init(args.log_json);
+    let _telemetry = args.telemetry("kosmos-gateway");
     let layers = args.layers(kosmos_gateway::config::ENV_PREFIX);
     let config =
         kosmos_gateway::GatewayConfig::load(&layers).context("invalid gateway configuration")?;
@@ -40,7 +50,7 @@ pub async fn gateway(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// Runs an encoder replica.
 pub async fn encoder(args: ServiceArgs) -> anyhow::Result<()> {
-    kosmos_runtime::logging::init(args.log_json);
+    let _telemetry = args.telemetry("kosmos-encoder");
     let layers = args.layers(kosmos_encoder::ENV_PREFIX);
     let config =
         kosmos_encoder::EncoderConfig::load(&layers).context("invalid encoder configuration")?;
@@ -50,7 +60,7 @@ pub async fn encoder(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// Runs a decoder replica.
 pub async fn decoder(args: ServiceArgs) -> anyhow::Result<()> {
-    kosmos_runtime::logging::init(args.log_json);
+    let _telemetry = args.telemetry("kosmos-decoder");
     let layers = args.layers(kosmos_decoder::config::ENV_PREFIX);
     let config =
         kosmos_decoder::DecoderConfig::load(&layers).context("invalid decoder configuration")?;

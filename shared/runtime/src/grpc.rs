@@ -94,12 +94,25 @@ pub fn reflection() -> Result<
     Ok((v1, v1alpha))
 }
 
-/// Serves `router` on `listener` until `shutdown` trips, then stops accepting and lets in-flight calls finish.
-pub async fn serve(
-    router: tonic::transport::server::Router,
+/// Serves `router` (with any layers, e.g. [`crate::rpc::RpcLayer`]) on `listener` until `shutdown` trips, then
+/// stops accepting and lets in-flight calls finish.
+pub async fn serve<L, ResBody>(
+    router: tonic::transport::server::Router<L>,
     listener: TcpListener,
     shutdown: Shutdown,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    L: tower::Layer<tonic::service::Routes>,
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    ResBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use tokio_stream::StreamExt as _;
     // tonic does not set TCP_NODELAY on connections from a listener it did not bind; without it a streamed
     // response's first message waits for the peer's delayed ACK (~40 ms on Linux).
@@ -117,12 +130,24 @@ pub async fn serve(
 
 /// Like [`serve`], but once `shutdown` trips, in-flight calls get at most `drain_timeout` to finish; after that
 /// they are dropped and this returns.
-pub async fn serve_with_drain(
-    router: tonic::transport::server::Router,
+pub async fn serve_with_drain<L, ResBody>(
+    router: tonic::transport::server::Router<L>,
     listener: TcpListener,
     shutdown: Shutdown,
     drain_timeout: Duration,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    L: tower::Layer<tonic::service::Routes>,
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    ResBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let drain_deadline = {
         let shutdown = shutdown.clone();
         async move {

@@ -4,12 +4,19 @@
 //! * [`shutdown`]: a cancellation token tripped by SIGINT/SIGTERM or by a test;
 //! * [`grpc`]: health (overall + `readiness`), reflection v1 and v1alpha, message limits, deadlines;
 //! * [`tensor`]: the wire tensor (`kosmos.tensor.v1.Tensor`) checked and converted to and from f32;
-//! * [`logging`]: the tracing subscriber.
+//! * [`telemetry`]: logs (text or JSON, with trace ids), OpenTelemetry traces exported over OTLP, W3C propagation;
+//! * [`rpc`]: the server layer that continues the caller's trace and meters every call;
+//! * [`metrics`]: a per-service metrics registry served as Prometheus text on `/metrics`.
 
 pub mod config;
 pub mod grpc;
-pub mod logging;
+pub mod metrics;
+pub mod rpc;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tensor;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 
 pub use shutdown::Shutdown;

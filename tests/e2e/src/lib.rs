@@ -62,7 +62,9 @@ pub struct ClusterOptions {
     pub encoders: usize,
     /// `key=value` overrides of every encoder's configuration.
     pub encoder_overrides: Vec<String>,
-    /// Overrides of the decoder's configuration.
+    /// Decoder replicas.
+    pub decoders: usize,
+    /// Overrides of every decoder's configuration.
     pub decoder_overrides: Vec<String>,
     /// Overrides of the gateway's configuration.
     pub gateway_overrides: Vec<String>,
@@ -75,6 +77,7 @@ impl Default for ClusterOptions {
             model_dir: tiny_model_dir(),
             encoders: 1,
             encoder_overrides: Vec::new(),
+            decoders: 1,
             decoder_overrides: Vec::new(),
             gateway_overrides: Vec::new(),
         }
@@ -86,10 +89,18 @@ impl Default for ClusterOptions {
 pub struct Cluster {
     /// The gateway's address.
     pub gateway_addr: SocketAddr,
-    /// The decoder's address.
+    /// Where the gateway serves `GET /metrics`.
+    pub gateway_metrics_addr: SocketAddr,
+    /// The (first) decoder's address.
     pub decoder_addr: SocketAddr,
+    /// Each decoder's address.
+    pub decoder_addrs: Vec<SocketAddr>,
     /// Each encoder's address.
     pub encoder_addrs: Vec<SocketAddr>,
+    /// Where each encoder serves `GET /metrics`.
+    pub encoder_metrics_addrs: Vec<SocketAddr>,
+    /// Where each decoder serves `GET /metrics`.
+    pub decoder_metrics_addrs: Vec<SocketAddr>,
     gateway: GatewayHandle,
     encoder_shutdowns: Vec<Shutdown>,
     decoder_shutdown: Shutdown,
@@ -110,9 +121,12 @@ impl Cluster {
         let mut tasks = Vec::new();
         let mut encoder_addrs = Vec::new();
         let mut encoder_shutdowns = Vec::new();
+        let mut encoder_metrics_addrs = Vec::new();
         for _ in 0..options.encoders {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             encoder_addrs.push(listener.local_addr()?);
+            let metrics_listener = TcpListener::bind("127.0.0.1:0").await?;
+            encoder_metrics_addrs.push(metrics_listener.local_addr()?);
             let mut overrides = vec![format!("model={model}"), "listen=127.0.0.1:0".to_string()];
             overrides.extend(options.encoder_overrides.iter().cloned());
             let config = kosmos_encoder::EncoderConfig::from_overrides(&overrides)?;
@@ -121,28 +135,41 @@ impl Cluster {
             tasks.push(tokio::spawn(async move {
                 log_failure(
                     "encoder",
-                    kosmos_encoder::serve(listener, config, shutdown).await,
+                    kosmos_encoder::serve_with_metrics(
+                        listener,
+                        metrics_listener,
+                        config,
+                        shutdown,
+                    )
+                    .await,
                 );
             }));
         }
 
-        let mut decoder_overrides = vec![
-            format!("model_dir={model}"),
-            "listen=127.0.0.1:0".to_string(),
-        ];
-        decoder_overrides.extend(options.decoder_overrides.iter().cloned());
-        let decoder_config = kosmos_decoder::DecoderConfig::load(&Layers {
-            env_prefix: kosmos_decoder::config::ENV_PREFIX.into(),
-            overrides: decoder_overrides,
-            ..Layers::default()
-        })?;
-        let decoder = kosmos_decoder::start(decoder_config).await?;
-        let decoder_addr = decoder.local_addr()?;
+        let mut decoder_addrs = Vec::new();
+        let mut decoder_metrics_addrs = Vec::new();
         let decoder_shutdown = Shutdown::new();
-        let stop = decoder_shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            log_failure("decoder", decoder.serve(stop).await);
-        }));
+        for _ in 0..options.decoders.max(1) {
+            let mut decoder_overrides = vec![
+                format!("model_dir={model}"),
+                "listen=127.0.0.1:0".to_string(),
+                "metrics.listen=127.0.0.1:0".to_string(),
+            ];
+            decoder_overrides.extend(options.decoder_overrides.iter().cloned());
+            let decoder_config = kosmos_decoder::DecoderConfig::load(&Layers {
+                env_prefix: kosmos_decoder::config::ENV_PREFIX.into(),
+                overrides: decoder_overrides,
+                ..Layers::default()
+            })?;
+            let decoder = kosmos_decoder::start(decoder_config).await?;
+            decoder_addrs.push(decoder.local_addr()?);
+            decoder_metrics_addrs.push(decoder.metrics_addr()?);
+            let stop = decoder_shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                log_failure("decoder", decoder.serve(stop).await);
+            }));
+        }
+        let decoder_addr = decoder_addrs[0];
 
         let endpoints = |addrs: &[SocketAddr]| {
             let quoted: Vec<String> = addrs
@@ -155,9 +182,10 @@ impl Cluster {
             format!("model_dir={model}"),
             "listen=127.0.0.1:0".to_string(),
             format!("encoder.endpoints={}", endpoints(&encoder_addrs)),
-            format!("decoder.endpoints={}", endpoints(&[decoder_addr])),
+            format!("decoder.endpoints={}", endpoints(&decoder_addrs)),
             "encoder.probe_interval_seconds=0.2".to_string(),
             "decoder.probe_interval_seconds=0.2".to_string(),
+            "metrics.listen=\"127.0.0.1:0\"".to_string(),
         ];
         gateway_overrides.extend(options.gateway_overrides.iter().cloned());
         let gateway_config = kosmos_gateway::GatewayConfig::load(&Layers {
@@ -167,6 +195,7 @@ impl Cluster {
         })?;
         let gateway = kosmos_gateway::start(gateway_config).await?;
         let gateway_addr = gateway.local_addr()?;
+        let gateway_metrics_addr = gateway.metrics_addr()?;
         let handle = gateway.handle();
         let gateway_shutdown = Shutdown::new();
         let stop = gateway_shutdown.clone();
@@ -176,8 +205,12 @@ impl Cluster {
 
         let cluster = Self {
             gateway_addr,
+            gateway_metrics_addr,
             decoder_addr,
+            decoder_addrs,
+            decoder_metrics_addrs,
             encoder_addrs,
+            encoder_metrics_addrs,
             gateway: handle,
             encoder_shutdowns,
             decoder_shutdown,

@@ -31,11 +31,13 @@ mod types;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use kosmos_model::TextHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{RequestError, StartError};
+use crate::metrics::{DecoderMetrics, Load};
 
 pub use types::{
     CandidateScore, EngineSettings, EngineSnapshot, Finish, FinishReason, GenerateEvent,
@@ -54,7 +56,11 @@ enum Command {
 struct GenerateCommand {
     job: GenerateJob,
     events: mpsc::Sender<GenerateEvent>,
+    /// The caller's span: the parent of the request's engine spans, linked from the step spans.
     span: tracing::Span,
+    /// `decoder.queue`, from submission to admission (closed when dropped).
+    queue_span: tracing::Span,
+    submitted: Instant,
 }
 
 #[derive(Debug)]
@@ -62,6 +68,13 @@ struct ScoreCommand {
     job: ScoreJob,
     reply: oneshot::Sender<Result<ScoreOutput, RequestError>>,
     span: tracing::Span,
+    queue_span: tracing::Span,
+    submitted: Instant,
+}
+
+/// The `decoder.queue` span of a request being submitted, a child of the caller's span.
+fn queue_span(prompt_tokens: usize) -> tracing::Span {
+    tracing::info_span!("decoder.queue", prompt_tokens)
 }
 
 /// Where the engine thread is in its life.
@@ -150,13 +163,34 @@ impl EngineHandle {
         info: ModelInfo,
         settings: EngineSettings,
     ) -> Result<Self, StartError> {
+        Self::start_with_metrics(model, info, settings, None)
+    }
+
+    /// [`EngineHandle::start`], recording the engine's metrics in `metrics` and publishing its load there.
+    pub fn start_with_metrics(
+        model: TextHalf,
+        info: ModelInfo,
+        settings: EngineSettings,
+        metrics: Option<Arc<DecoderMetrics>>,
+    ) -> Result<Self, StartError> {
         let capacity = settings.max_waiting_requests.get();
         // The waiting counter admits at most `capacity` commands, so a send with a counted slot never finds the
         // channel full.
         let (commands, receiver) = mpsc::channel(capacity);
         let stats = Arc::new(EngineStats::default());
+        if let Some(metrics) = &metrics {
+            // The gauges hold the counters only, never a handle: the engine must be free to stop.
+            let stats = Arc::clone(&stats);
+            let budget = settings.kv_token_budget.get();
+            metrics.observe_load(move || Load {
+                running: stats.running.load(Ordering::Relaxed),
+                waiting: stats.waiting.load(Ordering::Relaxed),
+                kv_usage: stats.kv_tokens_reserved.load(Ordering::Relaxed) as f64 / budget as f64,
+            });
+        }
         let (state_sender, state) = watch::channel(EngineState::Starting);
-        let scheduler = scheduler::Scheduler::new(model, settings.clone(), receiver, stats.clone());
+        let scheduler =
+            scheduler::Scheduler::new(model, settings.clone(), receiver, stats.clone(), metrics);
         std::thread::Builder::new()
             .name("kosmos-decoder-engine".into())
             .spawn(move || {
@@ -220,10 +254,13 @@ impl EngineHandle {
         }
         self.check_budget(job.kv_need(), "prompt + max_new_tokens")?;
         let (events, receiver) = mpsc::channel(self.settings.stream_buffer_messages.get());
+        let queue_span = queue_span(job.prompt.len());
         let command = Command::Generate(Box::new(GenerateCommand {
             job,
             events,
             span: tracing::Span::current(),
+            queue_span,
+            submitted: Instant::now(),
         }));
         self.submit(command)?;
         Ok(receiver)
@@ -245,10 +282,13 @@ impl EngineHandle {
             "the KV tokens of the context copies and candidates",
         )?;
         let (reply, receiver) = oneshot::channel();
+        let queue_span = queue_span(job.context.len());
         let command = Command::Score(Box::new(ScoreCommand {
             job,
             reply,
             span: tracing::Span::current(),
+            queue_span,
+            submitted: Instant::now(),
         }));
         self.submit(command)?;
         Ok(receiver)

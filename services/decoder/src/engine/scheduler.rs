@@ -8,13 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use kosmos_model::TextHalf;
+use kosmos_runtime::telemetry::span_context;
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sequence::{Delivery, Flush, ScoreTask, Sequence};
 use super::step::{self, ChunkLogits, Owner};
-use super::types::EngineSettings;
+use super::types::{EngineSettings, FinishReason, Usage};
 use super::{Command, EngineStats};
 use crate::error::RequestError;
+use crate::metrics::{DecoderMetrics, Ending, Operation, TokenCounts};
 
 impl Command {
     /// KV tokens the request reserves once admitted.
@@ -37,6 +40,20 @@ impl Command {
         match self {
             Self::Generate(command) => command.job.deadline,
             Self::Score(command) => command.job.deadline,
+        }
+    }
+
+    fn arrived(&self) -> Instant {
+        match self {
+            Self::Generate(command) => command.job.arrived,
+            Self::Score(command) => command.job.arrived,
+        }
+    }
+
+    fn operation(&self) -> Operation {
+        match self {
+            Self::Generate(_) => Operation::TextCompletion,
+            Self::Score(_) => Operation::Score,
         }
     }
 
@@ -81,6 +98,33 @@ pub(super) struct Scheduler {
     /// Ended generations whose last message their client has not taken yet (their KV is already freed).
     finishing: Vec<Delivery>,
     kv_reserved: usize,
+    metrics: Option<Arc<DecoderMetrics>>,
+}
+
+/// Why a request whose caller went away left: its deadline had passed, or it was cancelled.
+fn closed_ending(deadline: Option<Instant>, now: Instant) -> Ending {
+    if deadline.is_some_and(|deadline| deadline <= now) {
+        Ending::Deadline
+    } else {
+        Ending::Cancelled
+    }
+}
+
+/// The `finish_reason` of a generation that ended normally.
+fn finish_ending(reason: FinishReason) -> Ending {
+    match reason {
+        FinishReason::Eos => Ending::Stop,
+        FinishReason::StopToken => Ending::StopSequence,
+        FinishReason::Length | FinishReason::ContextLength => Ending::Length,
+    }
+}
+
+fn generation_tokens(usage: &Usage) -> TokenCounts {
+    TokenCounts {
+        input: usage.prompt_tokens.saturating_sub(usage.image_tokens),
+        image: usage.image_tokens,
+        output: Some(usage.completion_tokens),
+    }
 }
 
 impl Scheduler {
@@ -89,6 +133,7 @@ impl Scheduler {
         settings: EngineSettings,
         commands: mpsc::Receiver<Command>,
         stats: Arc<EngineStats>,
+        metrics: Option<Arc<DecoderMetrics>>,
     ) -> Self {
         Self {
             model,
@@ -101,6 +146,14 @@ impl Scheduler {
             scoring: Vec::new(),
             finishing: Vec::new(),
             kv_reserved: 0,
+            metrics,
+        }
+    }
+
+    /// Records a request leaving the engine.
+    fn ended(&self, operation: Operation, ending: Ending, arrived: Instant) {
+        if let Some(metrics) = &self.metrics {
+            metrics.finished(operation, ending, arrived.elapsed());
         }
     }
 
@@ -175,9 +228,12 @@ impl Scheduler {
             if command.is_abandoned() {
                 self.leave_queue();
                 self.count_cancelled();
+                let ending = closed_ending(command.deadline(), now);
+                self.ended(command.operation(), ending, command.arrived());
             } else if expired(command.deadline()) {
                 self.leave_queue();
                 self.count_cancelled();
+                self.ended(command.operation(), Ending::Deadline, command.arrived());
                 command.fail(RequestError::DeadlineExceeded(
                     "while waiting for admission",
                 ));
@@ -189,10 +245,17 @@ impl Scheduler {
             if sequence.delivery.is_closed() {
                 self.kv_reserved -= sequence.kv_reserved;
                 self.count_cancelled();
+                let ending = closed_ending(sequence.deadline, now);
+                self.ended(Operation::TextCompletion, ending, sequence.arrived());
                 tracing::debug!(parent: &sequence.span, "client went away, sequence removed");
             } else if expired(sequence.deadline) {
                 self.kv_reserved -= sequence.kv_reserved;
                 self.count_cancelled();
+                self.ended(
+                    Operation::TextCompletion,
+                    Ending::Deadline,
+                    sequence.arrived(),
+                );
                 sequence
                     .into_delivery()
                     .fail(RequestError::DeadlineExceeded("while generating"));
@@ -204,9 +267,12 @@ impl Scheduler {
             if task.is_closed() {
                 self.kv_reserved -= task.kv_reserved;
                 self.count_cancelled();
+                let ending = closed_ending(task.deadline, now);
+                self.ended(Operation::Score, ending, task.arrived());
             } else if expired(task.deadline) {
                 self.kv_reserved -= task.kv_reserved;
                 self.count_cancelled();
+                self.ended(Operation::Score, Ending::Deadline, task.arrived());
                 task.fail(RequestError::DeadlineExceeded("while scoring"));
             } else {
                 self.scoring.push(task);
@@ -222,6 +288,8 @@ impl Scheduler {
             if sequence.delivery.flush() == Flush::Closed {
                 self.kv_reserved -= sequence.kv_reserved;
                 self.count_cancelled();
+                let ending = closed_ending(sequence.deadline, Instant::now());
+                self.ended(Operation::TextCompletion, ending, sequence.arrived());
             } else {
                 self.running.push(sequence);
             }
@@ -253,31 +321,61 @@ impl Scheduler {
             self.leave_queue();
             prefill_tokens += command.prefill_tokens();
             let model = self.model.model();
-            match command {
+            let (operation, arrived) = (command.operation(), command.arrived());
+            let failed = match command {
                 Command::Generate(command) => {
-                    let command = *command;
-                    match Sequence::new(model, command.job, command.events, command.span) {
+                    let super::GenerateCommand {
+                        job,
+                        events,
+                        span,
+                        queue_span,
+                        submitted,
+                    } = *command;
+                    drop(queue_span);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.admitted(submitted.elapsed());
+                    }
+                    match Sequence::new(model, job, events, span) {
                         Ok(sequence) => {
                             self.kv_reserved += sequence.kv_reserved;
                             self.running.push(sequence);
+                            None
                         }
                         Err((error, events)) => {
+                            let code = error.code();
                             let _ = events.try_send(Err(error));
+                            Some(code)
                         }
                     }
                 }
                 Command::Score(command) => {
-                    let command = *command;
-                    match ScoreTask::new(model, command.job, command.reply, command.span) {
+                    let super::ScoreCommand {
+                        job,
+                        reply,
+                        span,
+                        queue_span,
+                        submitted,
+                    } = *command;
+                    drop(queue_span);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.admitted(submitted.elapsed());
+                    }
+                    match ScoreTask::new(model, job, reply, span) {
                         Ok(task) => {
                             self.kv_reserved += task.kv_reserved;
                             self.scoring.push(task);
+                            None
                         }
                         Err((error, reply)) => {
+                            let code = error.code();
                             let _ = reply.send(Err(error));
+                            Some(code)
                         }
                     }
                 }
+            };
+            if let Some(code) = failed {
+                self.ended(operation, Ending::Error(code), arrived);
             }
         }
     }
@@ -287,15 +385,18 @@ impl Scheduler {
         if !self.running.iter().any(Sequence::is_runnable) && self.scoring.is_empty() {
             return;
         }
+        let step_span = self.open_step();
         let started = Instant::now();
         let model = self.model.model();
         let running = &mut self.running;
         let scoring = &mut self.scoring;
         // Unwind safety: on a panic every request that was in the step is failed and dropped below, so no cache
         // left half-written is ever used again.
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            step::run(model, running, scoring, started)
-        }));
+        let outcome = step_span.in_scope(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                step::run(model, running, scoring, started)
+            }))
+        });
         let ended = Instant::now();
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
         match outcome {
@@ -315,11 +416,55 @@ impl Scheduler {
         self.flush_deliveries();
     }
 
+    /// The `decoder.step` span of the step about to run (a root span linked to the span of every request in
+    /// it), opening the `decoder.prefill` span of each request it prefills, and the step's occupancy.
+    fn open_step(&mut self) -> tracing::Span {
+        let sequences =
+            self.running.iter().filter(|s| s.is_runnable()).count() + self.scoring.len();
+        if let Some(metrics) = &self.metrics {
+            metrics.step(sequences, self.settings.max_running_sequences.get());
+        }
+        let step_span = tracing::info_span!(
+            parent: None,
+            "decoder.step",
+            step.sequences = sequences,
+            step.id = self.stats.steps_total.load(Ordering::Relaxed),
+        );
+        let traced = !step_span.is_disabled();
+        for sequence in self.running.iter_mut().filter(|s| s.is_runnable()) {
+            if traced {
+                step_span.add_link(span_context(&sequence.span));
+            }
+            if sequence.awaiting_prefill() {
+                sequence.phase_span = tracing::info_span!(
+                    parent: &sequence.span,
+                    "decoder.prefill",
+                    prompt_tokens = sequence.prompt_tokens(),
+                );
+            }
+        }
+        for task in &mut self.scoring {
+            if traced {
+                step_span.add_link(span_context(&task.span));
+            }
+            if task.in_context_step() && task.phase_span.is_none() {
+                task.phase_span = tracing::info_span!(
+                    parent: &task.span,
+                    "decoder.prefill",
+                    prompt_tokens = task.context_tokens(),
+                );
+            }
+        }
+        step_span
+    }
+
     /// Fails every request that took part in the step that just failed.
     fn fail_step(&mut self, error: &RequestError) {
+        let ending = Ending::Error(error.code());
         for sequence in std::mem::take(&mut self.running) {
             if sequence.is_runnable() {
                 self.kv_reserved -= sequence.kv_reserved;
+                self.ended(Operation::TextCompletion, ending, sequence.arrived());
                 sequence.into_delivery().fail(error.clone());
             } else {
                 self.running.push(sequence);
@@ -327,6 +472,7 @@ impl Scheduler {
         }
         for task in std::mem::take(&mut self.scoring) {
             self.kv_reserved -= task.kv_reserved;
+            self.ended(Operation::Score, ending, task.arrived());
             task.fail(error.clone());
         }
     }
@@ -345,10 +491,22 @@ impl Scheduler {
                 Owner::Sequence(index) => {
                     generated += 1;
                     let sequence = &mut self.running[index];
+                    let first = !sequence.has_first_token();
                     let result = match rows.first() {
                         Some(row) => guarded(|| sequence.accept(row, started, ended)),
                         None => Err(missing()),
                     };
+                    if first && result.is_ok() {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.prefilled(ended.saturating_duration_since(started));
+                            metrics.first_token(
+                                Operation::TextCompletion,
+                                ended.saturating_duration_since(sequence.arrived()),
+                            );
+                        }
+                        sequence.phase_span =
+                            tracing::info_span!(parent: &sequence.span, "decoder.decode");
+                    }
                     sequence_outcomes[index] = match result {
                         Ok(true) => Outcome::Finished,
                         Ok(false) => Outcome::Continue,
@@ -361,8 +519,18 @@ impl Scheduler {
                         Some(row) => guarded(|| task.accept_context(row, started, ended)),
                         None => Err(missing()),
                     };
-                    if let Err(error) = result {
-                        task_outcomes[index] = Outcome::Failed(error);
+                    match result {
+                        Ok(()) => {
+                            if let Some(metrics) = &self.metrics {
+                                metrics.prefilled(ended.saturating_duration_since(started));
+                            }
+                            task.phase_span = if task.is_done() {
+                                tracing::Span::none()
+                            } else {
+                                tracing::info_span!(parent: &task.span, "decoder.decode")
+                            };
+                        }
+                        Err(error) => task_outcomes[index] = Outcome::Failed(error),
                     }
                 }
                 Owner::ScoreCandidate { task, run } => {
@@ -386,6 +554,7 @@ impl Scheduler {
                 Outcome::Continue => self.running.push(sequence),
                 Outcome::Finished => {
                     self.kv_reserved -= sequence.kv_reserved;
+                    self.record_generation_end(&sequence, ended);
                     let mut delivery = sequence.into_delivery();
                     if delivery.flush() == Flush::Blocked {
                         self.finishing.push(delivery);
@@ -394,6 +563,8 @@ impl Scheduler {
                 Outcome::Failed(error) => {
                     tracing::warn!(parent: &sequence.span, %error, "sequence failed");
                     self.kv_reserved -= sequence.kv_reserved;
+                    let ending = Ending::Error(error.code());
+                    self.ended(Operation::TextCompletion, ending, sequence.arrived());
                     sequence.into_delivery().fail(error);
                 }
             }
@@ -404,15 +575,43 @@ impl Scheduler {
                 Outcome::Failed(error) => {
                     tracing::warn!(parent: &task.span, %error, "scoring failed");
                     self.kv_reserved -= task.kv_reserved;
+                    self.ended(
+                        Operation::Score,
+                        Ending::Error(error.code()),
+                        task.arrived(),
+                    );
                     task.fail(error);
                 }
                 Outcome::Continue | Outcome::Finished if task.is_done() => {
                     self.kv_reserved -= task.kv_reserved;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.token_usage(Operation::Score, task.token_counts());
+                    }
+                    self.ended(Operation::Score, Ending::Stop, task.arrived());
                     task.complete();
                 }
                 Outcome::Continue | Outcome::Finished => self.scoring.push(task),
             }
         }
+    }
+
+    /// Records a generation that just finished normally: its decode, tokens and end.
+    fn record_generation_end(&self, sequence: &Sequence, ended: Instant) {
+        let (Some(metrics), Some(finish)) = (&self.metrics, sequence.finish_pending()) else {
+            return;
+        };
+        let usage = &finish.usage;
+        metrics.decoded(
+            Operation::TextCompletion,
+            usage.completion_tokens,
+            finish.timings.decode,
+        );
+        metrics.token_usage(Operation::TextCompletion, generation_tokens(usage));
+        metrics.finished(
+            Operation::TextCompletion,
+            finish_ending(finish.reason),
+            ended.saturating_duration_since(sequence.arrived()),
+        );
     }
 
     /// Publishes the load for `Info` and the handles.

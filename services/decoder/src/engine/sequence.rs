@@ -11,6 +11,7 @@ use super::types::{
     ScoreJob, ScoreOutput, StoppingRule, Timings, Usage,
 };
 use crate::error::RequestError;
+use crate::metrics::TokenCounts;
 use crate::sampling::{SampledToken, Sampler};
 
 /// Which logits rows of a chunk the request needs.
@@ -103,6 +104,9 @@ impl Delivery {
 #[derive(Debug)]
 pub(crate) struct Sequence {
     pub(crate) span: tracing::Span,
+    /// `decoder.prefill` during the prefill step, then `decoder.decode` until the sequence ends (children of
+    /// `span`, closed when replaced or dropped).
+    pub(crate) phase_span: tracing::Span,
     /// Prompt then generated ids: the history of the penalties and the n-gram ban.
     history: Vec<u32>,
     usage: Usage,
@@ -145,6 +149,7 @@ impl Sequence {
         } = job;
         Ok(Self {
             span,
+            phase_span: tracing::Span::none(),
             usage: Usage {
                 prompt_tokens: prompt.len(),
                 image_tokens: prompt.image_tokens,
@@ -175,6 +180,31 @@ impl Sequence {
     /// KV rows written.
     pub(crate) fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// When the request arrived.
+    pub(crate) fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    /// Whether the next step is this sequence's prefill.
+    pub(crate) fn awaiting_prefill(&self) -> bool {
+        self.first_step.is_none()
+    }
+
+    /// Whether the first token has been produced.
+    pub(crate) fn has_first_token(&self) -> bool {
+        self.first_token.is_some()
+    }
+
+    /// Prompt positions (images included).
+    pub(crate) fn prompt_tokens(&self) -> usize {
+        self.usage.prompt_tokens
+    }
+
+    /// The finish waiting for the client, once the sequence has ended.
+    pub(crate) fn finish_pending(&self) -> Option<&Finish> {
+        self.delivery.pending.finish.as_ref()
     }
 
     /// This sequence's chunk of the next step.
@@ -268,6 +298,8 @@ struct CandidateRun {
 #[derive(Debug)]
 pub(crate) struct ScoreTask {
     pub(crate) span: tracing::Span,
+    /// `decoder.prefill` during the context step, then `decoder.decode` during the candidate step.
+    pub(crate) phase_span: tracing::Span,
     context: Prompt,
     images: Option<Tensor>,
     candidates: Vec<Vec<u32>>,
@@ -308,6 +340,7 @@ impl ScoreTask {
             .collect();
         Ok(Self {
             span,
+            phase_span: tracing::Span::none(),
             context: job.context,
             images,
             candidates: job.candidates,
@@ -333,6 +366,26 @@ impl ScoreTask {
     /// Whether every candidate is scored.
     pub(crate) fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// When the request arrived.
+    pub(crate) fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    /// Context positions.
+    pub(crate) fn context_tokens(&self) -> usize {
+        self.context.len()
+    }
+
+    /// Its tokens: the context's text tokens and every candidate token as input, the context's image positions.
+    pub(crate) fn token_counts(&self) -> TokenCounts {
+        let candidates: usize = self.candidates.iter().map(Vec::len).sum();
+        TokenCounts {
+            input: self.context.len().saturating_sub(self.context.image_tokens) + candidates,
+            image: self.context.image_tokens,
+            output: None,
+        }
     }
 
     /// KV rows written.

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::config::RequestLimits;
 use crate::engine::{EngineHandle, GenerateEvent, ModelInfo};
 use crate::error::RequestError;
+use crate::metrics::{DecoderMetrics, Operation};
 
 /// The gRPC face of one engine.
 #[derive(Debug, Clone)]
@@ -24,6 +25,7 @@ pub struct DecoderService {
     engine: EngineHandle,
     info: Arc<ModelInfo>,
     limits: RequestLimits,
+    metrics: Option<Arc<DecoderMetrics>>,
 }
 
 impl DecoderService {
@@ -34,7 +36,27 @@ impl DecoderService {
             engine,
             info,
             limits,
+            metrics: None,
         }
+    }
+
+    /// Records the requests refused before they reach the engine in `metrics` (the engine records the rest).
+    pub fn with_metrics(mut self, metrics: Arc<DecoderMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records `result`'s failure, if any, as a request refused `arrived` ago.
+    fn refused<T>(
+        &self,
+        operation: Operation,
+        arrived: Instant,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        if let (Err(status), Some(metrics)) = (&result, &self.metrics) {
+            metrics.refused(operation, status.code(), arrived.elapsed());
+        }
+        result
     }
 
     /// Runs `parse` on a blocking thread when the request carries image embeddings (decoding them is too much
@@ -132,15 +154,19 @@ impl Decoder for DecoderService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
-        let deadline = deadline_of(&request, arrived)?;
-        let request = request.into_inner();
-        let has_images = convert::has_images(&request.prompt);
-        let job = self
-            .parse(has_images, move |info| {
-                convert::generate_job(&request, info, deadline, arrived)
-            })
-            .await?;
-        let events = self.engine.generate(job)?;
+        let submitted = async {
+            let deadline = deadline_of(&request, arrived)?;
+            let request = request.into_inner();
+            let has_images = convert::has_images(&request.prompt);
+            let job = self
+                .parse(has_images, move |info| {
+                    convert::generate_job(&request, info, deadline, arrived)
+                })
+                .await?;
+            Ok::<_, Status>((self.engine.generate(job)?, deadline))
+        }
+        .await;
+        let (events, deadline) = self.refused(Operation::TextCompletion, arrived, submitted)?;
         Ok(Response::new(GenerateStream::new(events, deadline)))
     }
 
@@ -149,16 +175,21 @@ impl Decoder for DecoderService {
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
         let arrived = Instant::now();
-        let deadline = deadline_of(&request, arrived)?;
-        let request = request.into_inner();
-        let has_images = convert::has_images(&request.context);
-        let limits = self.limits.clone();
-        let job = self
-            .parse(has_images, move |info| {
-                convert::score_job(&request, info, &limits, deadline, arrived)
-            })
-            .await?;
-        let reply = self.engine.score(job)?;
+        let submitted = async {
+            let deadline = deadline_of(&request, arrived)?;
+            let request = request.into_inner();
+            let has_images = convert::has_images(&request.context);
+            let limits = self.limits.clone();
+            let job = self
+                .parse(has_images, move |info| {
+                    convert::score_job(&request, info, &limits, deadline, arrived)
+                })
+                .await?;
+            Ok::<_, Status>((self.engine.score(job)?, deadline))
+        }
+        .await;
+        // From here on the engine records how the request ends.
+        let (reply, deadline) = self.refused(Operation::Score, arrived, submitted)?;
         let result = match deadline {
             Some(deadline) => tokio::time::timeout(convert::remaining(deadline), reply)
                 .await

@@ -29,6 +29,8 @@ pub fn tiny_dir() -> PathBuf {
 /// A decoder serving in the background.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     pub engine: EngineHandle,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<Result<(), StartError>>,
@@ -39,6 +41,8 @@ pub async fn start(overrides: &[&str]) -> TestServer {
     let mut all = vec![
         format!("model_dir={}", tiny_dir().display()),
         "listen=127.0.0.1:0".to_string(),
+        // Every test server has its own metrics port (the default, 9090, would collide).
+        "metrics.listen=127.0.0.1:0".to_string(),
     ];
     all.extend(overrides.iter().map(|item| item.to_string()));
     let layers = Layers {
@@ -48,11 +52,13 @@ pub async fn start(overrides: &[&str]) -> TestServer {
     let config = DecoderConfig::load(&layers).expect("test config is valid");
     let bound = kosmos_decoder::start(config).await.expect("decoder starts");
     let addr = bound.local_addr().expect("bound address");
+    let metrics_addr = bound.metrics_addr().expect("bound metrics address");
     let engine = bound.engine();
     let shutdown = Shutdown::new();
     let task = tokio::spawn(bound.serve(shutdown.clone()));
     TestServer {
         addr,
+        metrics_addr,
         engine,
         shutdown,
         task,

@@ -4,5 +4,7 @@
 mod batching;
 mod common;
 mod lifecycle;
+mod metrics;
+use kosmos_runtime::testing::metrics as metrics_catalogue;
 mod parity;
 mod validation;

@@ -12,10 +12,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use kosmos_processor::PixelValues;
+use kosmos_runtime::telemetry::span_context;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{BatchEncoder, ChunkOutput, EngineStats, WorkItem};
 use crate::config::Batching;
 use crate::error::RequestError;
+use crate::metrics::EncoderMetrics;
 
 /// How often an idle engine looks at the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -29,6 +32,7 @@ pub(super) struct Batcher<E> {
     /// An item taken from the queue that did not fit the previous batch.
     carry: Option<WorkItem>,
     next_batch_id: u64,
+    metrics: Option<Arc<EncoderMetrics>>,
 }
 
 impl<E: BatchEncoder> Batcher<E> {
@@ -47,7 +51,13 @@ impl<E: BatchEncoder> Batcher<E> {
             stopping,
             carry: None,
             next_batch_id: 0,
+            metrics: None,
         }
+    }
+
+    pub(super) fn with_metrics(mut self, metrics: Option<Arc<EncoderMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs batches until stopped (and idle) or until every handle is dropped.
@@ -117,13 +127,31 @@ impl<E: BatchEncoder> Batcher<E> {
         let started = Instant::now();
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
+        let batch_size: usize = batch.iter().map(|item| item.images.len()).sum();
+        // A root span of its own (a batch serves several traces), linked to the span of every request in it.
+        let batch_span = tracing::info_span!(
+            parent: None,
+            "encoder.batch",
+            batch.id = batch_id,
+            batch.size = batch_size,
+            batch.requests = batch.len(),
+        );
         for item in &mut batch {
             item.admission.release();
+            // Closes the item's `encoder.queue` span: its wait ends here.
+            item.queue_span = tracing::Span::none();
+            batch_span.add_link(span_context(&item.span));
+            if let Some(metrics) = &self.metrics {
+                metrics.queued(
+                    item.images.len(),
+                    started.saturating_duration_since(item.admitted_at),
+                );
+            }
         }
         let inputs: Vec<&PixelValues> = batch.iter().flat_map(|item| item.images.iter()).collect();
-        let batch_size = inputs.len();
         let encoder = &mut self.encoder;
-        let outcome = catch_unwind(AssertUnwindSafe(|| encoder.encode(&inputs)));
+        let outcome =
+            batch_span.in_scope(|| catch_unwind(AssertUnwindSafe(|| encoder.encode(&inputs))));
         let encode_time = started.elapsed();
         let result = match outcome {
             Ok(Ok(embeddings)) if embeddings.len() == batch_size => Ok(embeddings),
@@ -143,6 +171,9 @@ impl<E: BatchEncoder> Batcher<E> {
                 self.stats
                     .images_encoded
                     .fetch_add(batch_size as u64, Ordering::AcqRel);
+                if let Some(metrics) = &self.metrics {
+                    metrics.batch_executed(batch_size, encode_time);
+                }
                 tracing::debug!(
                     batch_id,
                     batch_size,
@@ -165,7 +196,9 @@ impl<E: BatchEncoder> Batcher<E> {
                 }
             }
             Err(err) => {
-                tracing::error!(batch_id, batch_size, %err, "engine batch failed");
+                batch_span.in_scope(
+                    || tracing::error!(batch_id, batch_size, %err, "engine batch failed"),
+                );
                 for item in batch {
                     let _ = item.reply.send(Err(err.clone()));
                 }

@@ -24,6 +24,7 @@ pub use vision::VisionEngine;
 
 use crate::config::Batching;
 use crate::error::{RequestError, StartError};
+use crate::metrics::EncoderMetrics;
 
 /// A model that turns a batch of preprocessed images into embeddings; runs on the engine thread only.
 pub trait BatchEncoder {
@@ -98,7 +99,10 @@ struct WorkItem {
     deadline: Option<Instant>,
     reply: oneshot::Sender<ChunkReply>,
     admission: Admission,
+    /// The span of the request the item belongs to: the batch span links to it.
     span: tracing::Span,
+    /// `encoder.queue`, a child of `span` from admission until the batch starts (closed when dropped).
+    queue_span: tracing::Span,
 }
 
 /// The request handlers' side of the engine. Cheap to clone.
@@ -148,6 +152,7 @@ impl EngineHandle {
                 queued: Arc::clone(&self.queued),
                 images: chunk.len(),
             };
+            let queue_span = tracing::info_span!("encoder.queue", images = chunk.len());
             items.push(WorkItem {
                 images: chunk,
                 admitted_at,
@@ -155,6 +160,7 @@ impl EngineHandle {
                 reply,
                 admission,
                 span: tracing::Span::current(),
+                queue_span,
             });
             receivers.push(receiver);
         }
@@ -189,6 +195,11 @@ impl EngineHandle {
     /// Images admitted and not yet running.
     pub fn queued_images(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// The counter behind [`EngineHandle::queued_images`], for a gauge that must not keep the queue open.
+    pub fn queued_counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.queued)
     }
 
     /// The batching settings.
@@ -231,6 +242,24 @@ where
     I: Send + 'static,
     L: FnOnce() -> Result<(E, I), StartError> + Send + 'static,
 {
+    start_with_metrics(settings, None, loader)
+}
+
+/// [`start`], recording batches and queue times in `metrics` and publishing the queue length there.
+pub fn start_with_metrics<E, I, L>(
+    settings: Batching,
+    metrics: Option<Arc<EncoderMetrics>>,
+    loader: L,
+) -> Result<(EngineHandle, EngineThread, Startup<I>), StartError>
+where
+    E: BatchEncoder,
+    I: Send + 'static,
+    L: FnOnce() -> Result<(E, I), StartError> + Send + 'static,
+{
+    let queued = Arc::new(AtomicUsize::new(0));
+    if let Some(metrics) = &metrics {
+        metrics.observe_queue(Arc::clone(&queued));
+    }
     let (sender, receiver) = sync_channel(settings.max_queued_images.get());
     let stats = Arc::new(EngineStats::default());
     let stopping = Arc::new(AtomicBool::new(false));
@@ -250,12 +279,13 @@ where
             // A dropped receiver means the server gave up on startup; the loop still ends once it is stopped.
             let _ = ready.send(Ok(info));
             batcher::Batcher::new(encoder, receiver, settings, batcher_stats, batcher_stopping)
+                .with_metrics(metrics)
                 .run();
         })
         .map_err(|err| StartError::Engine(format!("cannot spawn the engine thread: {err}")))?;
     let handle = EngineHandle {
         sender,
-        queued: Arc::new(AtomicUsize::new(0)),
+        queued,
         settings,
         stats,
     };

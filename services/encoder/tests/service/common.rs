@@ -171,6 +171,8 @@ pub struct TestServer {
     pub client: VisionEncoderClient<Channel>,
     /// A connected channel (for the health client).
     pub channel: Channel,
+    /// Where `/metrics` is served.
+    pub metrics_addr: std::net::SocketAddr,
     shutdown: Shutdown,
     task: JoinHandle<Result<(), StartError>>,
 }
@@ -184,8 +186,16 @@ impl TestServer {
         let config = kosmos_encoder::EncoderConfig::from_overrides(&all)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
+        // Every test server has its own metrics port (the default, 9090, would collide).
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics_addr = metrics_listener.local_addr()?;
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(kosmos_encoder::serve(listener, config, shutdown.clone()));
+        let task = tokio::spawn(kosmos_encoder::serve_with_metrics(
+            listener,
+            metrics_listener,
+            config,
+            shutdown.clone(),
+        ));
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect()
             .await?;
@@ -195,6 +205,7 @@ impl TestServer {
         let server = Self {
             client,
             channel,
+            metrics_addr,
             shutdown,
             task,
         };

@@ -40,7 +40,10 @@ async fn shutdown_lets_the_call_in_flight_finish() -> Result<()> {
 
 #[tokio::test]
 async fn a_missing_model_directory_fails_startup_naming_it() -> Result<()> {
-    let config = EncoderConfig::from_overrides(&["model=/nonexistent/kosmos-model"])?;
+    let config = EncoderConfig::from_overrides(&[
+        "model=/nonexistent/kosmos-model",
+        "metrics.listen=127.0.0.1:0",
+    ])?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     match kosmos_encoder::serve(listener, config, Shutdown::new()).await {
         Ok(()) => bail!("started without a model"),

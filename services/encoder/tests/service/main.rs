@@ -2,6 +2,7 @@
 //! client. One module per behaviour; one test binary keeps link time down.
 
 mod common;
+use kosmos_runtime::testing::metrics as metrics_catalogue;
 
 mod concurrent_calls;
 mod deadlines;
@@ -9,4 +10,5 @@ mod embeddings;
 mod health_and_shutdown;
 mod info;
 mod limits;
+mod metrics;
 mod queue_full;

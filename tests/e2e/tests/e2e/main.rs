@@ -4,13 +4,33 @@
 mod bad_input;
 mod cache;
 mod generate;
+mod metrics;
 mod resilience;
+mod scale_out;
 mod score;
 
 use kosmos_proto::v1 as pb;
 
 /// The fixture image used when any image will do.
 pub const IMAGE: &str = "a_gradient_48x32.png";
+
+/// A small PNG whose pixels (so whose bytes and cache key) differ with `seed`.
+pub fn distinct_png(seed: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(32, 32, |x, y| {
+        let v = seed
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(x * 7 + y * 13);
+        image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+    });
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .expect("encoding a PNG in memory");
+    bytes
+}
 
 /// A greedy request with the reference's n-gram ban.
 pub fn greedy_request(prompt: Vec<pb::Segment>, max_new_tokens: u32) -> pb::GenerateRequest {

@@ -186,6 +186,7 @@ async fn health_is_serving_once_both_pools_answer_and_readiness_drops_on_shutdow
                 cluster.encoder_addrs[0]
             ),
             "decoder.endpoints=[\"http://127.0.0.1:9\"]".into(),
+            "metrics.listen=\"127.0.0.1:0\"".into(),
         ],
         ..Default::default()
     })?;

@@ -1,0 +1,621 @@
+//! Renders every overlay with `kubectl kustomize` and runs the semantic checks; then mutates a copy of the rendered
+//! documents once per check and asserts that the check catches it (so that no check passes vacuously).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use kosmos_manifests::{Catalogue, Manifests, Profile};
+use serde_json::{Value, json};
+
+const PROD: Profile = Profile { gpu_pools: true };
+const DEV: Profile = Profile { gpu_pools: false };
+
+/// The rendered documents of an overlay, rendered once per test binary; `None` when kubectl is missing and
+/// KOSMOS_SKIP_KUBECTL=1.
+fn rendered(overlay: &str) -> Option<Vec<Value>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Vec<Value>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().expect("cache lock");
+    cache
+        .entry(overlay.to_string())
+        .or_insert_with(|| {
+            let yaml = kosmos_manifests::render(overlay).expect("render the overlay")?;
+            Some(kosmos_manifests::parse_documents(&yaml).expect("rendered YAML parses"))
+        })
+        .clone()
+}
+
+fn catalogue() -> Catalogue {
+    Catalogue::load(&kosmos_manifests::repo_root()).expect("docs/metrics.md")
+}
+
+fn manifests(docs: &[Value]) -> Manifests {
+    Manifests::from_documents(docs).expect("typed deserialisation")
+}
+
+fn object<'a>(docs: &'a mut [Value], kind: &str, name: &str) -> &'a mut Value {
+    docs.iter_mut()
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"].as_str().is_some_and(|n| {
+                    n == name || (kind == "ConfigMap" && n.starts_with(&format!("{name}-")))
+                })
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered overlay"))
+}
+
+fn remove(docs: &mut Vec<Value>, kind: &str, name: &str) {
+    let before = docs.len();
+    docs.retain(|d| !(d["kind"] == kind && d["metadata"]["name"] == name));
+    assert_eq!(docs.len() + 1, before, "{kind} {name} removed");
+}
+
+fn container<'a>(docs: &'a mut [Value], deployment: &str) -> &'a mut Value {
+    &mut object(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn trigger<'a>(docs: &'a mut [Value], scaled_object: &str, name: &str) -> &'a mut Value {
+    object(docs, "ScaledObject", scaled_object)["spec"]["triggers"]
+        .as_array_mut()
+        .expect("triggers")
+        .iter_mut()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no trigger {name}"))
+}
+
+fn gateway_config(docs: &mut [Value], from: &str, to: &str) {
+    let cm = object(docs, "ConfigMap", "kosmos-gateway-config");
+    let text = cm["data"]["config.toml"]
+        .as_str()
+        .expect("config.toml")
+        .to_string();
+    assert!(text.contains(from), "gateway config contains {from}");
+    cm["data"]["config.toml"] = Value::String(text.replace(from, to));
+}
+
+/// Runs `mutate` on a copy of `overlay` and asserts that `check` now reports a problem containing `expected`.
+fn assert_caught(
+    overlay: &str,
+    mutate: impl FnOnce(&mut Vec<Value>),
+    check: impl Fn(&Manifests) -> Vec<String>,
+    expected: &str,
+) {
+    let Some(mut docs) = rendered(overlay) else {
+        return;
+    };
+    let before = check(&manifests(&docs));
+    assert!(
+        before.is_empty(),
+        "the unmutated overlay already fails: {before:#?}"
+    );
+    mutate(&mut docs);
+    let problems = check(&manifests(&docs));
+    assert!(
+        problems.iter().any(|p| p.contains(expected)),
+        "expected a problem containing `{expected}`, got {problems:#?}"
+    );
+}
+
+fn assert_clean(overlay: &str, profile: Profile) {
+    let Some(docs) = rendered(overlay) else {
+        return;
+    };
+    let m = manifests(&docs);
+    assert_eq!(m.deployments.len(), 3, "three Deployments");
+    let problems = m.check_all(&catalogue(), profile);
+    assert!(problems.is_empty(), "{overlay}: {problems:#?}");
+}
+
+#[test]
+fn dev_passes_every_check() {
+    assert_clean("dev", DEV);
+}
+
+#[test]
+fn prod_passes_every_check() {
+    assert_clean("prod", PROD);
+    let Some(docs) = rendered("prod") else { return };
+    let m = manifests(&docs);
+    assert_eq!(m.scaled_objects.len(), 3, "a ScaledObject per Deployment");
+    assert_eq!(m.service_monitors.len(), 3, "a ServiceMonitor per service");
+    assert!(
+        !m.prometheus_rules.is_empty(),
+        "the rules of k8s/monitoring as a PrometheusRule"
+    );
+}
+
+#[test]
+fn prod_hpa_passes_every_check() {
+    assert_clean("prod-hpa", PROD);
+    let Some(docs) = rendered("prod-hpa") else {
+        return;
+    };
+    let m = manifests(&docs);
+    assert_eq!(m.hpas.len(), 3, "an HPA per Deployment");
+    assert!(m.scaled_objects.is_empty(), "no KEDA objects without KEDA");
+}
+
+#[test]
+fn a_wrongly_typed_field_fails_deserialisation() {
+    let Some(mut docs) = rendered("dev") else {
+        return;
+    };
+    object(&mut docs, "Deployment", "kosmos-decoder")["spec"]["replicas"] = json!("one");
+    let err = Manifests::from_documents(&docs).expect_err("replicas must be an integer");
+    assert!(format!("{err:#}").contains("kosmos-decoder"), "{err:#}");
+}
+
+// gpu-pools
+
+#[test]
+fn a_gpu_pool_without_a_pdb_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| remove(docs, "PodDisruptionBudget", "kosmos-decoder"),
+        Manifests::check_gpu_pools,
+        "kosmos-decoder has no PodDisruptionBudget",
+    );
+}
+
+#[test]
+fn a_gpu_pool_without_an_autoscaler_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| remove(docs, "ScaledObject", "kosmos-encoder"),
+        Manifests::check_gpu_pools,
+        "kosmos-encoder has no ScaledObject or HorizontalPodAutoscaler",
+    );
+    assert_caught(
+        "prod-hpa",
+        |docs| remove(docs, "HorizontalPodAutoscaler", "kosmos-decoder"),
+        Manifests::check_gpu_pools,
+        "kosmos-decoder has no ScaledObject or HorizontalPodAutoscaler",
+    );
+}
+
+// autoscaler-targets
+
+#[test]
+fn an_autoscaler_for_a_missing_deployment_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "ScaledObject", "kosmos-decoder")["spec"]["scaleTargetRef"]["name"] =
+                json!("kosmos-decodr")
+        },
+        Manifests::check_autoscaler_targets,
+        "targets Deployment `kosmos-decodr`, which does not exist",
+    );
+    assert_caught(
+        "prod-hpa",
+        |docs| {
+            object(docs, "HorizontalPodAutoscaler", "kosmos-encoder")["spec"]["scaleTargetRef"]["name"] =
+                json!("encoder")
+        },
+        Manifests::check_autoscaler_targets,
+        "targets Deployment `encoder`, which does not exist",
+    );
+}
+
+#[test]
+fn two_autoscalers_on_one_deployment_are_caught() {
+    let Some(hpa_docs) = rendered("prod-hpa") else {
+        return;
+    };
+    let hpa = hpa_docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "HorizontalPodAutoscaler" && d["metadata"]["name"] == "kosmos-decoder"
+        })
+        .expect("HPA")
+        .clone();
+    assert_caught(
+        "prod",
+        move |docs| docs.push(hpa),
+        Manifests::check_autoscaler_targets,
+        "has 2 autoscalers",
+    );
+}
+
+// probes
+
+#[test]
+fn a_probe_on_an_undeclared_port_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| container(docs, "kosmos-encoder")["readinessProbe"]["grpc"]["port"] = json!(50053),
+        Manifests::check_probes,
+        "readinessProbe port Int(50053) is not a container port",
+    );
+}
+
+#[test]
+fn a_probe_on_the_wrong_health_service_is_caught() {
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-gateway")["livenessProbe"]["grpc"]["service"] =
+                json!("readiness")
+        },
+        Manifests::check_probes,
+        "livenessProbe asks for gRPC health service `readiness`, expected ``",
+    );
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-decoder")["startupProbe"]["grpc"]
+                .as_object_mut()
+                .expect("grpc")
+                .remove("service");
+        },
+        Manifests::check_probes,
+        "startupProbe asks for gRPC health service ``, expected `readiness`",
+    );
+}
+
+// selectors
+
+#[test]
+fn a_service_selecting_no_pods_is_caught() {
+    assert_caught(
+        "dev",
+        |docs| {
+            object(docs, "Service", "kosmos-encoder")["spec"]["selector"]["app.kubernetes.io/name"] =
+                json!("encoder")
+        },
+        Manifests::check_selectors,
+        "Service kosmos-dev/kosmos-encoder selects",
+    );
+}
+
+#[test]
+fn a_service_port_targeting_an_undeclared_container_port_is_caught() {
+    assert_caught(
+        "dev",
+        |docs| {
+            object(docs, "Service", "kosmos-decoder")["spec"]["ports"][1]["targetPort"] =
+                json!("prometheus")
+        },
+        Manifests::check_selectors,
+        "targets String(\"prometheus\")",
+    );
+}
+
+#[test]
+fn a_pdb_selecting_no_pods_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "PodDisruptionBudget", "kosmos-gateway")["spec"]["selector"]["matchLabels"]
+                ["app.kubernetes.io/part-of"] = json!("other")
+        },
+        Manifests::check_selectors,
+        "PodDisruptionBudget kosmos/kosmos-gateway selects no Deployment's pods",
+    );
+}
+
+// resources
+
+#[test]
+fn a_container_without_limits_is_caught() {
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-gateway")["resources"]["limits"]
+                .as_object_mut()
+                .expect("limits")
+                .remove("cpu");
+        },
+        |m| m.check_resources(DEV),
+        "container gateway: no cpu limit",
+    );
+}
+
+#[test]
+fn a_gpu_pool_without_a_gpu_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            let resources = &mut container(docs, "kosmos-decoder")["resources"];
+            for side in ["limits", "requests"] {
+                resources[side]
+                    .as_object_mut()
+                    .expect(side)
+                    .remove("nvidia.com/gpu");
+            }
+        },
+        |m| m.check_resources(PROD),
+        "GPU pool without an nvidia.com/gpu limit",
+    );
+}
+
+// upstreams
+
+#[test]
+fn a_gateway_upstream_naming_no_service_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            gateway_config(
+                docs,
+                "dns = \"kosmos-encoder:50052\"",
+                "dns = \"kosmos-encoders:50052\"",
+            )
+        },
+        Manifests::check_gateway_upstreams,
+        "no Service `kosmos-encoders` in namespace `kosmos`",
+    );
+}
+
+#[test]
+fn a_gateway_upstream_on_the_wrong_port_or_namespace_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            gateway_config(
+                docs,
+                "dns = \"kosmos-decoder:50052\"",
+                "dns = \"kosmos-decoder:50053\"",
+            )
+        },
+        Manifests::check_gateway_upstreams,
+        "has no port 50053",
+    );
+    assert_caught(
+        "prod",
+        |docs| {
+            gateway_config(
+                docs,
+                "dns = \"kosmos-decoder:50052\"",
+                "dns = \"kosmos-decoder.kosmos-dev.svc.cluster.local:50052\"",
+            )
+        },
+        Manifests::check_gateway_upstreams,
+        "no Service `kosmos-decoder` in namespace `kosmos-dev`",
+    );
+}
+
+#[test]
+fn a_gateway_upstream_through_the_wrong_service_or_env_is_caught() {
+    // The encoder pool pointed at the decoder's Service.
+    assert_caught(
+        "dev",
+        |docs| {
+            gateway_config(
+                docs,
+                "dns = \"kosmos-encoder:50052\"",
+                "dns = \"kosmos-decoder:50052\"",
+            )
+        },
+        Manifests::check_gateway_upstreams,
+        "does not select the encoder pods",
+    );
+    // An environment override wins over the file, as in the services.
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-gateway")["env"]
+                .as_array_mut()
+                .expect("env")
+                .push(json!({"name": "KOSMOS_GATEWAY__DECODER__DNS", "value": "decoder:50052"}));
+        },
+        Manifests::check_gateway_upstreams,
+        "no Service `decoder`",
+    );
+}
+
+#[test]
+fn a_gateway_upstream_through_a_non_headless_service_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "Service", "kosmos-encoder")["spec"]
+                .as_object_mut()
+                .expect("spec")
+                .remove("clusterIP");
+        },
+        Manifests::check_gateway_upstreams,
+        "is not headless",
+    );
+}
+
+// shutdown
+
+#[test]
+fn a_grace_period_shorter_than_the_drain_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "Deployment", "kosmos-decoder")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] =
+                json!(60)
+        },
+        Manifests::check_shutdown,
+        "terminationGracePeriodSeconds 60 < preStop sleep 10 + drain timeout 120",
+    );
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-encoder")
+                .as_object_mut()
+                .expect("container")
+                .remove("lifecycle");
+        },
+        Manifests::check_shutdown,
+        "no preStop sleep",
+    );
+}
+
+// scaledobject-shape
+
+#[test]
+fn a_metric_type_inside_metadata_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            let t = trigger(docs, "kosmos-decoder", "decoder-ttft-p95");
+            let metric_type = t
+                .as_object_mut()
+                .expect("trigger")
+                .remove("metricType")
+                .expect("metricType");
+            t["metadata"]["metricType"] = metric_type;
+        },
+        Manifests::check_scaled_object_shape,
+        "`metricType` is inside `metadata`",
+    );
+}
+
+#[test]
+fn a_fallback_next_to_a_value_trigger_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "ScaledObject", "kosmos-decoder")["spec"]["fallback"] =
+                json!({"failureThreshold": 3, "replicas": 2})
+        },
+        Manifests::check_scaled_object_shape,
+        "a fallback needs every trigger",
+    );
+}
+
+// service-monitors
+
+#[test]
+fn a_service_monitor_with_a_wrong_job_or_port_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "ServiceMonitor", "kosmos-encoder")["spec"]["jobLabel"] =
+                json!("app.kubernetes.io/component")
+        },
+        Manifests::check_service_monitors,
+        "job would be `encoder`",
+    );
+    assert_caught(
+        "prod",
+        |docs| {
+            let spec = object(docs, "ServiceMonitor", "kosmos-decoder")["spec"]
+                .as_object_mut()
+                .expect("spec");
+            let job_label = spec.remove("jobLabel").expect("jobLabel");
+            spec.insert("jobLabl".into(), job_label);
+        },
+        Manifests::check_service_monitors,
+        "no jobLabel",
+    );
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "ServiceMonitor", "kosmos-gateway")["spec"]["endpoints"][0]["port"] =
+                json!("http-metrics")
+        },
+        Manifests::check_service_monitors,
+        "endpoint port `http-metrics` is not a port of Service kosmos-gateway",
+    );
+}
+
+// metric-names
+
+#[test]
+fn an_unknown_metric_in_an_autoscaler_query_is_caught() {
+    let catalogue = catalogue();
+    assert_caught(
+        "prod",
+        |docs| {
+            let t = trigger(docs, "kosmos-encoder", "encoder-images");
+            t["metadata"]["query"] = json!(
+                r#"sum(kosmos_gateway_pool_pending_image{job="kosmos-gateway",namespace="kosmos",pool="encoder"})"#
+            );
+        },
+        |m| m.check_metric_names(&catalogue),
+        "`kosmos_gateway_pool_pending_image` is not exported",
+    );
+}
+
+#[test]
+fn a_metric_read_from_the_wrong_job_is_caught() {
+    let catalogue = catalogue();
+    assert_caught(
+        "prod",
+        |docs| {
+            let t = trigger(docs, "kosmos-decoder", "decoder-ttft-p95");
+            let query = t["metadata"]["query"]
+                .as_str()
+                .expect("query")
+                .replace("kosmos-decoder", "kosmos-encoder");
+            t["metadata"]["query"] = json!(query);
+        },
+        |m| m.check_metric_names(&catalogue),
+        "`gen_ai_server_time_to_first_token_seconds_bucket` is not exported by job `kosmos-encoder`",
+    );
+}
+
+#[test]
+fn an_unknown_metric_in_an_hpa_or_a_relabeling_is_caught() {
+    let catalogue = catalogue();
+    assert_caught(
+        "prod-hpa",
+        |docs| {
+            object(docs, "HorizontalPodAutoscaler", "kosmos-decoder")["spec"]["metrics"][2]["external"]
+                ["metric"]["name"] = json!("gen_ai_server_time_to_first_token_p95")
+        },
+        |m| m.check_metric_names(&catalogue),
+        "`gen_ai_server_time_to_first_token_p95` is not exported",
+    );
+    assert_caught(
+        "prod",
+        |docs| {
+            let r = &mut object(docs, "ServiceMonitor", "kosmos-decoder")["spec"]["endpoints"][0]["metricRelabelings"]
+                [0];
+            let regex = r["regex"]
+                .as_str()
+                .expect("regex")
+                .replace("_count", "_total");
+            r["regex"] = json!(regex);
+        },
+        |m| m.check_metric_names(&catalogue),
+        "`rpc_server_call_duration_seconds_total` is not exported",
+    );
+}
+
+#[test]
+fn an_unknown_metric_in_an_alerting_rule_is_caught() {
+    let catalogue = catalogue();
+    assert_caught(
+        "prod",
+        |docs| {
+            let rule = docs
+                .iter_mut()
+                .find(|d| d["kind"] == "PrometheusRule")
+                .expect("a PrometheusRule")["spec"]["groups"][0]["rules"][0]
+                .as_object_mut()
+                .expect("a rule");
+            rule.insert(
+                "expr".into(),
+                json!("sum(kosmos_gateway_pool_queue_depth) > 1"),
+            );
+        },
+        |m| m.check_metric_names(&catalogue),
+        "`kosmos_gateway_pool_queue_depth` is not exported",
+    );
+}
+
+// query-namespaces
+
+#[test]
+fn a_query_reading_another_namespace_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            let t = trigger(docs, "kosmos-encoder", "encoder-calls");
+            let query = t["metadata"]["query"].as_str().expect("query").replacen(
+                "namespace=\"kosmos\"",
+                "namespace=\"kosmos-dev\"",
+                1,
+            );
+            t["metadata"]["query"] = json!(query);
+        },
+        Manifests::check_query_namespaces,
+        "query reads namespace=\"kosmos-dev\"",
+    );
+}
