@@ -108,17 +108,27 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn spawn(service: &'static str, otlp: SocketAddr, settings: &[String]) -> (&'static str, Child) {
+/// Starts `kosmos <service>` exporting spans to `otlp`; its JSON logs go to `log` (else to the test's stderr).
+fn spawn(
+    service: &'static str,
+    otlp: SocketAddr,
+    settings: &[String],
+    log: Option<&Path>,
+) -> (&'static str, Child) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kosmos"));
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+        None => Stdio::inherit(),
+    };
     command
         .arg(service)
         .arg("--log-json")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,kosmos_gateway=debug")
         .env_remove("OTEL_SERVICE_NAME")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
     for setting in settings {
         command.arg("--set").arg(setting);
     }
@@ -163,6 +173,10 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
     let model = repo().join("tests/fixtures/tiny");
     let model = model.display().to_string();
     let (encoder, decoder, gateway) = (free_port(), free_port(), free_port());
+    let gateway_log = std::env::temp_dir().join(format!(
+        "kosmos-trace-test-gateway-{}.log",
+        std::process::id()
+    ));
     let metrics = "metrics.listen=\"127.0.0.1:0\"".to_string();
     let quoted = |s: &str| format!("\"{s}\"");
     let processes = Processes(vec![
@@ -174,6 +188,7 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
                 format!("listen={}", quoted(&encoder.to_string())),
                 metrics.clone(),
             ],
+            None,
         ),
         spawn(
             "decoder",
@@ -183,6 +198,7 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
                 format!("listen={}", quoted(&decoder.to_string())),
                 metrics.clone(),
             ],
+            None,
         ),
         spawn(
             "gateway",
@@ -202,6 +218,7 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
                 "decoder.probe_interval_seconds=0.2".into(),
                 metrics,
             ],
+            Some(&gateway_log),
         ),
     ]);
 
@@ -294,6 +311,17 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
     };
     drop(processes);
     server.abort();
+
+    // The gateway's JSON log lines written while serving the request carry the request's trace id.
+    let log = std::fs::read_to_string(&gateway_log).expect("gateway log");
+    let _ = std::fs::remove_file(&gateway_log);
+    let finished: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "generation finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "gateway log:\n{log}");
+    assert_eq!(finished[0]["trace_id"], TRACE_ID, "{}", finished[0]);
 
     let trace: Vec<&Received> = spans.iter().filter(|s| s.trace_id == TRACE_ID).collect();
     let by_id: HashMap<&str, &Received> = trace.iter().map(|s| (s.span_id.as_str(), *s)).collect();
