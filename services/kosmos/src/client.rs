@@ -26,7 +26,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
+    /// A client of the gateway's public API.
+    pub(crate) async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
         let uri = if self.addr.contains("://") {
             self.addr.clone()
         } else {

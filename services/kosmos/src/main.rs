@@ -1,7 +1,8 @@
 //! `kosmos`: the whole system in one command (`kosmos serve`), each service on its own
-//! (`kosmos gateway|encoder|decoder --config FILE`), and small clients (`kosmos ask|caption|score`).
+//! (`kosmos gateway|encoder|decoder --config FILE`), and small clients (`kosmos ask|caption|score|eval`).
 
 mod client;
+mod eval;
 mod serve;
 mod services;
 
@@ -36,6 +37,9 @@ enum Command {
     Caption(client::CaptionArgs),
     /// Scores candidate continuations of a prompt about an image, best first.
     Score(client::ScoreArgs),
+    /// Runs a held-out set (e.g. the demo model's, models/demo/heldout) through a running gateway and prints the
+    /// accuracy table.
+    Eval(eval::EvalArgs),
 }
 
 #[tokio::main]
@@ -59,6 +63,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ask(args) => client::ask(args).await,
         Command::Caption(args) => client::caption(args).await,
         Command::Score(args) => client::score(args).await,
+        Command::Eval(args) => eval::run(args).await,
     }
 }
 

@@ -1,0 +1,453 @@
+//! `kosmos eval`: runs a held-out set (`set.jsonl` + its images, written by `tools/train/run.sh eval --dump`)
+//! against a running gateway through the public API and prints the accuracy table, plus how often the answers equal
+//! the PyTorch model's (each side with its own image preprocessing).
+//!
+//! Metrics (the same definitions as `tools/train/eval_torch.py`):
+//! * caption: greedy `An image of` → the multiset of (colour, shape) / (word) phrases equals the truth;
+//! * VQA: greedy `Question: … Answer:` → the answer word, lower-cased, trailing punctuation dropped, equals the truth;
+//! * classification: `Score` ranks the candidate labels (mean log-probability per token) → the best is the truth;
+//! * grounding: greedy with `grounding` on → for each true object, the first unused entity with its phrase has a
+//!   first box with IoU ≥ 0.5 against the true box.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Args;
+use kosmos_proto::v1 as pb;
+use serde::Deserialize;
+use tokio::task::JoinSet;
+
+use crate::client::Connection;
+
+/// Flags of `kosmos eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The held-out set: a directory with `set.jsonl` and the images it names.
+    #[arg(long, value_name = "DIR", default_value = "models/demo/heldout")]
+    set: PathBuf,
+    /// Evaluate only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Most tokens generated per answer.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: u32,
+    /// Write every item's answer and verdict here (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    details: Option<PathBuf>,
+}
+
+/// One line of `set.jsonl`.
+#[derive(Debug, Clone, Deserialize)]
+struct Item {
+    id: serde_json::Value,
+    image: String,
+    task: Task,
+    prompt: String,
+    #[serde(default)]
+    answer: Option<String>,
+    #[serde(default)]
+    candidates: Vec<String>,
+    #[serde(default)]
+    label: Option<usize>,
+    #[serde(default)]
+    objects: Vec<Object>,
+    #[serde(default)]
+    torch_output: Option<String>,
+    #[serde(default)]
+    torch_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Task {
+    Caption,
+    Vqa,
+    Classify,
+    Grounding,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Object {
+    phrase: String,
+    #[serde(rename = "box")]
+    bbox: [f32; 4],
+}
+
+/// What one item came to.
+#[derive(Debug)]
+struct Verdict {
+    task: Task,
+    correct: bool,
+    /// Grounding: (objects found with IoU ≥ 0.5, objects).
+    objects: (usize, usize),
+    /// Whether the generated ids equal PyTorch's (generation items that carry them).
+    agrees: Option<bool>,
+    answer: String,
+}
+
+/// Runs the set against the gateway and prints the table.
+pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let items = read_set(&args.set, args.limit)?;
+    anyhow::ensure!(
+        !items.is_empty(),
+        "{} holds no items",
+        args.set.join("set.jsonl").display()
+    );
+    let client = args.connection.client().await?;
+    let started = Instant::now();
+    let total = items.len();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let image = std::fs::read(args.set.join(&item.image))
+            .with_context(|| format!("cannot read {}", args.set.join(&item.image).display()))?;
+        let permit = semaphore.clone().acquire_owned().await?;
+        let mut client = client.clone();
+        let max_new_tokens = args.max_new_tokens;
+        tasks.spawn(async move {
+            let verdict = evaluate(&mut client, &item, image, max_new_tokens).await;
+            drop(permit);
+            (index, item, verdict)
+        });
+        progress(index + 1 - tasks.len(), total, started);
+    }
+    let mut verdicts = Vec::with_capacity(total);
+    while let Some(joined) = tasks.join_next().await {
+        let (index, item, verdict) = joined?;
+        let verdict =
+            verdict.with_context(|| format!("item {} ({:?}, id {})", index, item.task, item.id))?;
+        verdicts.push((index, item, verdict));
+        progress(verdicts.len(), total, started);
+    }
+    eprintln!();
+    verdicts.sort_by_key(|(index, _, _)| *index);
+    if let Some(path) = &args.details {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        for (_, item, verdict) in &verdicts {
+            let line = serde_json::json!({
+                "id": item.id, "task": format!("{:?}", item.task).to_lowercase(), "prompt": item.prompt,
+                "answer": verdict.answer, "correct": verdict.correct, "torch_output": item.torch_output,
+                "agrees_with_torch": verdict.agrees,
+            });
+            writeln!(out, "{line}")?;
+        }
+    }
+    print_table(&verdicts, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn read_set(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Item>> {
+    let path = dir.join("set.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the held-out set {}", path.display()))?;
+    let mut items = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: Item = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a held-out item", path.display(), number + 1))?;
+        items.push(item);
+        if limit.is_some_and(|limit| items.len() >= limit) {
+            break;
+        }
+    }
+    Ok(items)
+}
+
+fn progress(done: usize, total: usize, started: Instant) {
+    const WIDTH: usize = 30;
+    let filled = WIDTH * done / total.max(1);
+    eprint!(
+        "\r  [{}{}] {done}/{total} items, {:.1} s",
+        "=".repeat(filled),
+        " ".repeat(WIDTH - filled),
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stderr().flush();
+}
+
+fn image_segment(data: Vec<u8>) -> pb::Segment {
+    pb::Segment {
+        kind: Some(pb::segment::Kind::Image(pb::Image {
+            data,
+            mime_type: String::new(),
+        })),
+    }
+}
+
+fn text_segment(text: &str) -> pb::Segment {
+    pb::Segment {
+        kind: Some(pb::segment::Kind::Text(text.to_string())),
+    }
+}
+
+async fn evaluate(
+    client: &mut kosmos_proto::v1::kosmos_client::KosmosClient<tonic::transport::Channel>,
+    item: &Item,
+    image: Vec<u8>,
+    max_new_tokens: u32,
+) -> anyhow::Result<Verdict> {
+    if item.task == Task::Classify {
+        let label = item.label.context("a classify item has no `label`")?;
+        let response = client
+            .score(pb::ScoreRequest {
+                prompt: vec![image_segment(image), text_segment(&item.prompt)],
+                candidates: item.candidates.clone(),
+            })
+            .await?
+            .into_inner();
+        let best = response.best_index as usize;
+        return Ok(Verdict {
+            task: item.task,
+            correct: best == label,
+            objects: (0, 0),
+            agrees: None,
+            answer: item.candidates.get(best).cloned().unwrap_or_default(),
+        });
+    }
+    // `<grounding>` is the API's `grounding` flag, which puts the tag where Kosmos2Processor does.
+    let (grounding, prompt) = match item.prompt.strip_prefix("<grounding>") {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, item.prompt.as_str()),
+    };
+    let response = client
+        .generate(pb::GenerateRequest {
+            prompt: vec![image_segment(image), text_segment(prompt)],
+            params: Some(pb::GenerationParams {
+                max_new_tokens,
+                ..Default::default()
+            }),
+            grounding,
+        })
+        .await?
+        .into_inner();
+    let agrees = item.torch_ids.as_ref().map(|torch| {
+        let ours: Vec<u32> = response.tokens.iter().map(|token| token.id).collect();
+        without_eos(&ours) == without_eos(torch)
+    });
+    let (correct, objects) = match item.task {
+        Task::Caption => (
+            caption_attributes(&response.text) == truth_attributes(&item.objects),
+            (0, 0),
+        ),
+        Task::Vqa => {
+            let answer = response
+                .text
+                .trim()
+                .to_lowercase()
+                .trim_end_matches(['.', '?', '!'])
+                .to_string();
+            let truth = item
+                .answer
+                .as_deref()
+                .context("a vqa item has no `answer`")?;
+            (answer == truth.trim().to_lowercase(), (0, 0))
+        }
+        Task::Grounding => {
+            let found = grounded(&response.entities, &item.objects);
+            (found == item.objects.len(), (found, item.objects.len()))
+        }
+        Task::Classify => unreachable!("answered above"),
+    };
+    Ok(Verdict {
+        task: item.task,
+        correct,
+        objects,
+        agrees,
+        answer: if grounding {
+            response.clean_text
+        } else {
+            response.text
+        },
+    })
+}
+
+/// The ids without a final end-of-sequence (HF's `generate` keeps it; the API reports it as a special token).
+fn without_eos(ids: &[u32]) -> &[u32] {
+    const EOS: u32 = 2;
+    ids.strip_suffix(&[EOS]).unwrap_or(ids)
+}
+
+/// The (colour, shape) and (word) phrases of a caption, sorted: `a red circle` → (red, circle), `the word cat` →
+/// (word, cat).
+fn caption_attributes(text: &str) -> Vec<(String, String)> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i + 2 < words.len() {
+        match (words[i].as_str(), words[i + 1].as_str()) {
+            ("the", "word") => {
+                found.push(("word".to_string(), words[i + 2].clone()));
+                i += 3;
+            }
+            ("a" | "an", _) => {
+                found.push((words[i + 1].clone(), words[i + 2].clone()));
+                i += 3;
+            }
+            _ => i += 1,
+        }
+    }
+    found.sort();
+    found
+}
+
+fn truth_attributes(objects: &[Object]) -> Vec<(String, String)> {
+    let mut truth: Vec<_> = objects
+        .iter()
+        .flat_map(|object| caption_attributes(&object.phrase))
+        .collect();
+    truth.sort();
+    truth
+}
+
+fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let ix = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let iy = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = ix * iy;
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+/// True objects whose phrase has an entity (the first unused one with that phrase) whose first box overlaps the
+/// true box with IoU ≥ 0.5.
+fn grounded(entities: &[pb::Entity], objects: &[Object]) -> usize {
+    let mut used = vec![false; entities.len()];
+    let mut found = 0;
+    for object in objects {
+        let Some(index) = (0..entities.len()).find(|&j| {
+            !used[j]
+                && entities[j].phrase.trim() == object.phrase.trim()
+                && !entities[j].boxes.is_empty()
+        }) else {
+            continue;
+        };
+        used[index] = true;
+        let b = &entities[index].boxes[0];
+        if iou([b.x1, b.y1, b.x2, b.y2], object.bbox) >= 0.5 {
+            found += 1;
+        }
+    }
+    found
+}
+
+fn print_table(verdicts: &[(usize, Item, Verdict)], seconds: f64) {
+    #[derive(Default)]
+    struct Row {
+        correct: usize,
+        total: usize,
+    }
+    let mut rows: BTreeMap<&str, Row> = BTreeMap::new();
+    let mut add = |name: &'static str, correct: bool| {
+        let row = rows.entry(name).or_default();
+        row.correct += usize::from(correct);
+        row.total += 1;
+    };
+    let (mut agree, mut compared) = (0, 0);
+    let (mut objects_found, mut objects) = (0, 0);
+    for (_, _, verdict) in verdicts {
+        match verdict.task {
+            Task::Caption => add("caption", verdict.correct),
+            Task::Vqa => add("vqa", verdict.correct),
+            Task::Classify => add("classification (Score)", verdict.correct),
+            Task::Grounding => add("grounding (all objects of an image)", verdict.correct),
+        }
+        objects_found += verdict.objects.0;
+        objects += verdict.objects.1;
+        if let Some(agrees) = verdict.agrees {
+            compared += 1;
+            agree += usize::from(agrees);
+        }
+    }
+    println!("| metric | correct | total | accuracy |");
+    println!("|---|---:|---:|---:|");
+    let line = |name: &str, correct: usize, total: usize| {
+        let accuracy = if total == 0 {
+            0.0
+        } else {
+            100.0 * correct as f64 / total as f64
+        };
+        println!("| {name} | {correct} | {total} | {accuracy:.1}% |");
+    };
+    for (name, row) in &rows {
+        line(name, row.correct, row.total);
+    }
+    if objects > 0 {
+        line("grounding IoU@0.5 (objects)", objects_found, objects);
+    }
+    if compared > 0 {
+        line("same ids as PyTorch (own preprocessing)", agree, compared);
+    }
+    println!(
+        "\n{} items in {seconds:.1} s through the public API",
+        verdicts.len()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caption_phrases_are_read_as_the_reference_reads_them() {
+        assert_eq!(
+            caption_attributes(" a red circle and an orange star."),
+            vec![
+                ("orange".into(), "star".into()),
+                ("red".into(), "circle".into())
+            ]
+        );
+        assert_eq!(
+            caption_attributes(" the word cat."),
+            vec![("word".into(), "cat".into())]
+        );
+        assert!(caption_attributes(" nothing here").is_empty());
+    }
+
+    #[test]
+    fn grounding_needs_the_phrase_and_half_the_box() {
+        let entity = |phrase: &str, b: [f32; 4]| pb::Entity {
+            phrase: phrase.into(),
+            span: None,
+            boxes: vec![pb::Box {
+                x1: b[0],
+                y1: b[1],
+                x2: b[2],
+                y2: b[3],
+            }],
+        };
+        let truth = vec![Object {
+            phrase: "a red circle".into(),
+            bbox: [0.1, 0.1, 0.5, 0.5],
+        }];
+        assert_eq!(
+            grounded(&[entity("a red circle", [0.1, 0.1, 0.5, 0.5])], &truth),
+            1
+        );
+        assert_eq!(
+            grounded(&[entity("a red circle", [0.5, 0.5, 0.9, 0.9])], &truth),
+            0
+        );
+        assert_eq!(
+            grounded(&[entity("a blue circle", [0.1, 0.1, 0.5, 0.5])], &truth),
+            0
+        );
+        assert!((iou([0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]) - 0.5).abs() < 1e-6);
+    }
+}
