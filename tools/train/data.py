@@ -1,6 +1,7 @@
 """Procedural images and KOSMOS-format texts for the demo model (models/demo/).
 
-A scene is 1-3 coloured shapes (distinct shapes, distinct colours) on a light background, or one short rendered word.
+A scene is 1-3 coloured shapes (4 shapes, 5 colours; distinct within a scene) on a light background, or one short
+rendered word (4 words).
 Images are drawn at RENDER_SIZE x RENDER_SIZE pixels; the image processor squashes them to the model's image size.
 Every scene yields texts in the formats of MODEL_SPEC §1.2 / §2.6:
 
@@ -16,26 +17,26 @@ Everything is driven by a `random.Random(seed)`: training and held-out data use 
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 RENDER_SIZE = 128
 NUM_PATCHES_PER_SIDE = 32
 
-SHAPES = ["circle", "square", "triangle", "star", "cross"]
+# Few, visually distinct classes: at the model's 64-px input an object is only a few 8-px patches wide.
+SHAPES = ["circle", "square", "triangle", "cross"]
 COLORS = {
-    "red": (215, 35, 35),
-    "green": (40, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 205, 25),
-    "purple": (140, 50, 175),
-    "orange": (245, 135, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (150, 40, 180),
 }
 COLOR_NAMES = list(COLORS)
-WORDS = ["cat", "dog", "sun", "car", "hat", "box", "pen", "cup"]
+WORDS = ["cat", "dog", "sun", "box"]
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 CAPTION_PROMPT = "An image of"
@@ -45,7 +46,7 @@ CLASSIFY_COLOR_QUESTION = "what color is the shape?"
 
 WORD_SCENE_PROB = 0.15
 # Object sizes (box side, render pixels) by object count: fewer objects, more room.
-SIZE_RANGE = {1: (44, 88), 2: (36, 64), 3: (30, 54)}
+SIZE_RANGE = {1: (52, 96), 2: (44, 70), 3: (38, 56)}
 
 
 def article(word: str) -> str:
@@ -70,10 +71,38 @@ class Obj:
         return f"{article(self.color)} {self.color} {self.kind}"
 
 
+# Training-only auxiliary target: what covers each vision patch (background, a (shape, colour) pair, or a word).
+NUM_AUX_CLASSES = 1 + len(SHAPES) * len(COLORS) + len(WORDS)
+
+
+def aux_class(o: "Obj") -> int:
+    if o.kind == "word":
+        return 1 + len(SHAPES) * len(COLORS) + WORDS.index(o.word)
+    return 1 + SHAPES.index(o.kind) * len(COLORS) + COLOR_NAMES.index(o.color)
+
+
 @dataclass
 class Scene:
     objects: list[Obj]
     image: Image.Image = field(repr=False)
+    label_map: Image.Image | None = field(default=None, repr=False)  # "L" image of aux_class values
+
+    def patch_boxes(self, labels: np.ndarray) -> np.ndarray:
+        """[len(labels), 4] the normalised box of the object each patch label names (zeros for background)."""
+        boxes = {aux_class(o): o.box for o in self.objects}
+        return np.array([boxes.get(int(c), (0.0, 0.0, 0.0, 0.0)) for c in labels], dtype=np.float32)
+
+    def patch_labels(self, grid: int, min_cover: float = 0.2) -> np.ndarray:
+        """[grid * grid] aux class per patch (row-major): the object covering the most of the patch if it covers at
+        least `min_cover` of it, else background (0)."""
+        lab = np.asarray(self.label_map, dtype=np.int64)
+        cell = RENDER_SIZE // grid
+        blocks = lab.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+        counts = np.stack([(blocks == c).sum(1) for c in range(NUM_AUX_CLASSES)], axis=1)
+        counts[:, 0] = 0
+        best = counts.argmax(1)
+        best[counts.max(1) < min_cover * cell * cell] = 0
+        return best
 
     @property
     def is_word(self) -> bool:
@@ -88,15 +117,6 @@ def _shape_polygon(kind: str, x: float, y: float, s: float, rng: random.Random) 
         return [(x, y), (x + s, y), (x + s, y + s), (x, y + s)]
     if kind == "triangle":
         return [(x + s / 2, y), (x + s, y + s), (x, y + s)]
-    if kind == "star":
-        cx, cy, r_out = x + s / 2, y + s / 2, s / 2
-        r_in = r_out * 0.45
-        pts = []
-        for k in range(10):
-            ang = -math.pi / 2 + k * math.pi / 5
-            r = r_out if k % 2 == 0 else r_in
-            pts.append((cx + r * math.cos(ang), cy + r * math.sin(ang)))
-        return pts
     if kind == "cross":
         t = s / 3
         return [
@@ -160,13 +180,16 @@ def sample_shape_scene(rng: random.Random, count: int | None = None) -> Scene:
         if ok:
             break
     img = _background(rng)
+    label_map = Image.new("L", img.size, 0)
     objs = []
     for kind, color, (x, y, s) in zip(kinds, colors, placed):
         mask = _draw_mask(kind, x, y, s, rng)
         img.paste(Image.new("RGB", img.size, _jitter(COLORS[color], rng)), (0, 0), mask)
-        objs.append(Obj(kind=kind, color=color, box=_norm_box(mask.getbbox())))
+        o = Obj(kind=kind, color=color, box=_norm_box(mask.getbbox()))
+        label_map.paste(aux_class(o), (0, 0), mask)
+        objs.append(o)
     objs.sort(key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
-    return Scene(objects=objs, image=img)
+    return Scene(objects=objs, image=img, label_map=label_map)
 
 
 _FONT_CACHE: dict[int, ImageFont.FreeTypeFont] = {}
@@ -191,7 +214,11 @@ def sample_word_scene(rng: random.Random) -> Scene:
     d.text((x, y), word, font=font, fill=255)
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     img.paste(Image.new("RGB", img.size, ink), (0, 0), mask)
-    return Scene(objects=[Obj(kind="word", color="black", box=_norm_box(mask.getbbox()), word=word)], image=img)
+    o = Obj(kind="word", color="black", box=_norm_box(mask.getbbox()), word=word)
+    # The word's whole box (not just its ink) is its region: thin strokes cover little of a patch.
+    label_map = Image.new("L", img.size, 0)
+    ImageDraw.Draw(label_map).rectangle(mask.getbbox(), fill=aux_class(o))
+    return Scene(objects=[o], image=img, label_map=label_map)
 
 
 def sample_scene(rng: random.Random) -> Scene:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Held-out evaluation of the demo model with PyTorch / HF transformers, and the held-out set for the Rust evaluator.
 
-    tools/train/run.sh eval [--model models/demo] [--images 300] [--classify 200] [--dump tools/train/heldout]
+    tools/train/run.sh eval [--model models/demo] [--images 300] [--classify 200] [--dump models/demo/heldout]
 
 Held-out scenes come from data.py with --seed (default 20251126; training uses 1234 and its probe batch 777).
 Metrics:
@@ -12,6 +12,9 @@ Metrics:
                   counts when an entity with its phrase has a box with IoU >= 0.5 against the true (ink) box
 Greedy decoding: HF generate, do_sample=False, max_new_tokens 64, the model's generation_config (no_repeat_ngram_size
 from it unless --no-repeat-ngram-size is given). Prompts of equal token length are batched, so there is no padding.
+
+--dump DIR writes a subset of these items with the torch outputs as the held-out set for the Rust evaluator
+(set.jsonl, images/, pixels.safetensors, and a README.md describing the format): models/demo/heldout/.
 """
 
 from __future__ import annotations
@@ -109,13 +112,13 @@ def build_items(seed: int, n_images: int, n_classify: int) -> tuple[list, list[d
 
 @torch.no_grad()
 def generate(model, proc, images, items, ngram: int | None, log) -> None:
-    """Greedy continuation of every generation item, batched by prompt token length (no padding)."""
+    """Greedy continuation of every item (classification prompts too, for the held-out set), batched by prompt token
+    length (no padding)."""
     q = model.config.latent_query_num
     groups = defaultdict(list)
     for it in items:
-        if it["task"] != "classify":
-            n = len(proc(text=it["prompt"], images=images[it["image"]], num_image_tokens=q)["input_ids"])
-            groups[n].append(it)
+        n = len(proc(text=it["prompt"], images=images[it["image"]], num_image_tokens=q)["input_ids"])
+        groups[n].append(it)
     kw = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
     if ngram is not None:
         kw["no_repeat_ngram_size"] = ngram
@@ -135,6 +138,7 @@ def generate(model, proc, images, items, ngram: int | None, log) -> None:
                 if common.EOS_ID in new:
                     new = new[: new.index(common.EOS_ID) + 1]
                 it["output_ids"] = new
+                it["generated_text"] = proc.tokenizer.decode(new, skip_special_tokens=True)
                 text = proc.batch_decode([ids], skip_special_tokens=True)[0]
                 it["output_text"] = proc.post_process_generation(text, cleanup_and_extract=False)
             done += len(chunk)
@@ -227,58 +231,95 @@ def judge(items) -> dict:
     return out
 
 
-def dump(dir_: Path, images, items, seed: int, max_images: int, model, proc) -> None:
-    """The first `max_images` images with their items, the torch outputs, and the exact pixel values given to the
-    model (so that a Rust run can be compared with the same inputs as well as with its own preprocessing)."""
+def dump(dir_: Path, images, items, seed: int, n_images: int, n_classify: int, n_pixels: int, proc) -> None:
+    """The held-out set for the Rust evaluator (see HELDOUT_README): the first `n_images` caption/VQA/grounding scenes
+    and the first `n_classify` classification scenes with all their items and the torch outputs, plus the exact pixel
+    values of the first `n_pixels` images."""
+    from PIL import Image
     from safetensors.torch import save_file
 
-    dir_.mkdir(parents=True, exist_ok=True)
-    for old in dir_.glob("*.png"):
+    img_dir = dir_ / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for old in img_dir.glob("*.png"):
         old.unlink()
-    # Half from the caption/VQA/grounding stream, the rest from the one-object classification scenes.
-    gen_imgs = sorted({it["image"] for it in items if it["task"] != "classify"})
-    cls_imgs = sorted({it["image"] for it in items if it["task"] == "classify"})
-    n_cls = min(len(cls_imgs), max_images // 4)
-    chosen = gen_imgs[: max_images - n_cls] + cls_imgs[:n_cls]
+    gen_imgs = sorted({it["image"] for it in items if it["task"] != "classify"})[:n_images]
+    cls_imgs = sorted({it["image"] for it in items if it["task"] == "classify"})[:n_classify]
+    # The images with pixel values (the first n_pixels) cover every task: a quarter of them are classification scenes.
+    n_cls_px = min(len(cls_imgs), n_pixels // 4)
+    n_gen_px = n_pixels - n_cls_px
+    chosen = gen_imgs[:n_gen_px] + cls_imgs[:n_cls_px] + gen_imgs[n_gen_px:] + cls_imgs[n_cls_px:]
     index = {k: i for i, k in enumerate(chosen)}
-    out_items = []
     for k in chosen:
-        images[k].save(dir_ / f"{index[k]:03d}.png", optimize=True)
-    for it in items:
-        if it["image"] not in index:
-            continue
-        d = {key: v for key, v in it.items() if key not in ("image",)}
-        d = dict(id=f"{index[it['image']]:03d}-{len(out_items):03d}-{it['task']}", image=f"{index[it['image']]:03d}.png",
-                 image_index=index[it["image"]], **d)
-        out_items.append(d)
-    manifest = dict(
-        description="held-out set of the demo model (tools/train/data.py); regenerate with tools/train/run.sh eval",
-        seed=seed,
-        render_size=data.RENDER_SIZE,
-        num_patches_per_side=data.NUM_PATCHES_PER_SIDE,
-        prompt_format="Kosmos2Processor: <s><image> + latent_query_num placeholders + </image> + ' ' + prompt",
-        generation=dict(greedy=True, max_new_tokens=MAX_NEW_TOKENS,
-                        no_repeat_ngram_size=model.generation_config.no_repeat_ngram_size),
-        metrics=dict(
-            caption="multiset of (colour, shape) / ('word', w) phrases in the generated text == that of `objects`",
-            vqa="generated text after 'Answer:', stripped, lower-cased, trailing .?! removed == `expected`",
-            classify="argmax over `candidates` of the mean log-prob per token of ' ' + candidate after `prompt` "
-                     "(no </s>); `scores` holds the torch values",
-            grounding="per object: the first entity with the object's phrase (post_process_generation) has "
-                      "IoU >= 0.5 with `box` (normalised x1, y1, x2, y2)",
-        ),
-        fields=dict(output_ids="torch greedy new tokens (up to and including </s>)",
-                    output_text="torch decode (skip_special_tokens) after </image>",
-                    pixel_values="pixel_values.safetensors: tensor 'pixel_values' [images, 3, H, W] f32, row "
-                                 "image_index = the HF CLIPImageProcessor output for the PNG"),
-        items=out_items,
-    )
-    common.write_json(dir_ / "manifest.json", manifest)
-    from PIL import Image
+        images[k].save(img_dir / f"{index[k]:03d}.png", optimize=True)
+    lines = []
+    per_image = defaultdict(int)
+    for it in sorted((it for it in items if it["image"] in index), key=lambda it: index[it["image"]]):
+        i = index[it["image"]]
+        d = dict(id=f"{i:03d}-{per_image[i]}", image=f"images/{i:03d}.png", task=it["task"], prompt=it["prompt"])
+        per_image[i] += 1
+        if it["task"] in ("caption", "vqa"):
+            d["answer"] = it["expected"].strip()
+        if it["task"] == "vqa":
+            d["qtype"] = it["qtype"]
+        if it["task"] == "classify":
+            d["candidates"] = it["candidates"]
+            d["label"] = it["candidates"].index(it["label"])
+            d["torch_scores"] = [round(x, 6) for x in it["scores"]]
+        if it["task"] == "grounding":
+            d["objects"] = [dict(phrase=o["phrase"], box=o["box"]) for o in it["objects"]]
+        d["torch_output"] = it["generated_text"]
+        d["torch_ids"] = it["output_ids"]
+        if i < n_pixels:
+            d["pixel_row"] = i
+        lines.append(json.dumps(d, ensure_ascii=False))
+    (dir_ / "set.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    px_images = [Image.open(img_dir / f"{i:03d}.png").convert("RGB") for i in range(min(n_pixels, len(chosen)))]
+    pv = proc.image_processor(px_images, return_tensors="pt")["pixel_values"].contiguous()
+    rows = [[json.loads(line)["id"] for line in lines if json.loads(line).get("pixel_row") == r] for r in range(len(px_images))]
+    save_file({"pixel_values": pv}, str(dir_ / "pixels.safetensors"),
+              metadata={"images": json.dumps([f"images/{r:03d}.png" for r in range(len(px_images))]),
+                        "item_ids": json.dumps(rows)})
+    (dir_ / "README.md").write_text(HELDOUT_README.format(seed=seed, rows=len(px_images), items=len(lines),
+                                                          images=len(chosen), h=pv.shape[2], w=pv.shape[3]),
+                                    encoding="utf-8")
 
-    proc_images = [Image.open(dir_ / f"{i:03d}.png").convert("RGB") for i in range(len(chosen))]
-    pv = proc.image_processor(proc_images, return_tensors="pt")["pixel_values"]
-    save_file({"pixel_values": pv.contiguous()}, str(dir_ / "pixel_values.safetensors"))
+
+HELDOUT_README = """# Held-out set of the demo model
+
+Generated by `tools/train/run.sh eval --dump models/demo/heldout` (tools/train/eval_torch.py) from held-out seed
+{seed} (training uses seed 1234): {items} items on {images} images (`images/NNN.png`, 128x128 RGB, as rendered).
+
+## set.jsonl
+
+One item per line:
+
+| field | tasks | meaning |
+| --- | --- | --- |
+| `id` | all | `NNN-k`: image NNN, item k of that image |
+| `image` | all | PNG path relative to this folder |
+| `task` | all | `caption`, `vqa`, `classify` or `grounding` |
+| `prompt` | all | the text after the image, exactly as the model is prompted (`<s><image>` + latent_query_num image positions + `</image>` come before it, as Kosmos2Processor builds them) |
+| `answer` | caption, vqa | the expected text (caption: every phrase, in left-to-right order; vqa: one word) |
+| `qtype` | vqa | question type (color, shape, count, exists, classify_shape, classify_color, word) |
+| `candidates`, `label` | classify | candidate labels and the index of the right one; rank `" " + candidate` after the prompt by mean log-prob per token (no `</s>`) |
+| `torch_scores` | classify | PyTorch's mean log-prob per token of each candidate |
+| `objects` | grounding | `[{{"phrase", "box": [x1, y1, x2, y2]}}]`, the tight ink box normalised to [0, 1] |
+| `torch_ids` | all | PyTorch greedy new token ids (HF `generate`, do_sample=False, the shipped generation_config, max_new_tokens 64), up to and including `</s>` (id 2) |
+| `torch_output` | all | `tokenizer.decode(torch_ids, skip_special_tokens=True)`: the generated text only (tags such as `<phrase>` and `<patch_index_NNNN>` kept) |
+| `pixel_row` | items of the first {rows} images | row of `pixels.safetensors` holding this item's pixel values |
+
+The torch outputs were produced with HF's own image preprocessing (CLIPImageProcessor of preprocessor_config.json) of
+the PNG.
+
+## pixels.safetensors
+
+* tensor `pixel_values`: f32 [{rows}, 3, {h}, {w}], the CLIPImageProcessor output for `images/000.png` ... in order
+  (row r = `images/{{r:03d}}.png`), exactly what the PyTorch model was given.
+* metadata `images`: JSON list of the image paths of the rows; metadata `item_ids`: JSON list (per row) of the ids of
+  the items that use that row.
+
+With these pixels the Rust pipeline's greedy ids must equal `torch_ids` exactly.
+"""
 
 
 def main() -> None:
@@ -289,8 +330,11 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=200, help="one-object scenes for classification (2 items each)")
     ap.add_argument("--no-repeat-ngram-size", type=int, default=None, help="override the generation_config value")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dump", type=Path, default=None, help="write the held-out set (manifest + PNGs) here")
-    ap.add_argument("--dump-images", type=int, default=40)
+    ap.add_argument("--dump", type=Path, default=None,
+                    help="write the held-out set for the Rust evaluator here (set.jsonl, images/, pixels.safetensors)")
+    ap.add_argument("--dump-images", type=int, default=60, help="caption/VQA/grounding scenes in the dump (4 items each)")
+    ap.add_argument("--dump-classify", type=int, default=20, help="classification scenes in the dump (2 items each)")
+    ap.add_argument("--dump-pixels", type=int, default=24, help="images whose exact pixel values are dumped")
     ap.add_argument("--json", type=Path, default=None, help="write the metrics here")
     ap.add_argument("--show", type=int, default=0, help="print this many outputs per task")
     args = ap.parse_args()
@@ -320,11 +364,11 @@ def main() -> None:
         for it in items:
             if shown[it["task"]] < args.show and "output_text" in it:
                 shown[it["task"]] += 1
-                print(f"  [{it['task']}] {'OK ' if it['correct'] else 'BAD'} {it['output_text']!r}  expected {it['expected']!r}")
+                print(f"  [{it['task']}] {'OK ' if it['correct'] else 'BAD'} {it['output_text']!r}  expected {it.get('expected', it.get('label'))!r}")
     if args.json:
         args.json.write_text(json.dumps(dict(seed=args.seed, no_repeat_ngram_size=ngram, metrics=metrics), indent=2) + "\n")
     if args.dump:
-        dump(args.dump, images, items, args.seed, args.dump_images, model, proc)
+        dump(args.dump, images, items, args.seed, args.dump_images, args.dump_classify, args.dump_pixels, proc)
         log(f"wrote {args.dump}")
 
 

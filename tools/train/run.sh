@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Demo model: training and held-out evaluation, in the pinned reference environment (tools/reference/run.sh).
 #
-#   tools/train/run.sh train [ARGS...]   train and write models/demo/ (train.py --help; seeded, ~2 CPU cores)
+#   tools/train/run.sh train [ARGS...]   train and write models/demo/ (train.py --help; the defaults are the shipped
+#                                        model's recipe: seeded, 2500 steps, ~30 min on 2 idle CPU cores)
 #   tools/train/run.sh eval [ARGS...]    held-out metrics of models/demo/ with PyTorch (eval_torch.py --help),
-#                                        e.g. --dump tools/train/heldout to rewrite the held-out set for Rust
+#                                        e.g. --dump models/demo/heldout to rewrite the held-out set for Rust
 #
 # Both run under `nice -n 10` (the build machines are shared) unless NICE=0.
 set -euo pipefail
@@ -13,7 +14,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 NICE="${NICE:-10}"
 
 usage() {
-    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
