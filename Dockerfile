@@ -6,7 +6,7 @@
 #
 # Each image holds the `kosmos` command (`kosmos gateway|encoder|decoder|serve|ask|…`, the ENTRYPOINT) and the
 # per-service binaries kosmos-gateway, kosmos-encoder and kosmos-decoder, plus the repository's tiny demo model in
-# /usr/share/kosmos/models/default (so `docker run … serve --listen 0.0.0.0:50051` answers with no volume). Real
+# /usr/share/kosmos/models/demo (so `docker run … serve --listen 0.0.0.0:50051` answers with no volume). Real
 # models are mounted at /models/<name>. Both run as uid/gid 65532 and write nothing outside /tmp, so they work with
 # a read-only root filesystem and an emptyDir (or tmpfs) on /tmp. See k8s/README.md.
 
@@ -29,7 +29,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # the kubelet's own `sleep`, so nothing needs a shell.
 FROM gcr.io/distroless/cc-debian12:nonroot AS cpu
 COPY --from=build-cpu /out/ /usr/local/bin/
-COPY models/default /usr/share/kosmos/models/default
+COPY models/demo /usr/share/kosmos/models/demo
 ENV HOME=/tmp RUST_LOG=info
 WORKDIR /usr/share/kosmos
 USER 65532:65532
@@ -71,7 +71,7 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS cuda
 RUN groupadd --gid 65532 nonroot \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot
 COPY --from=build-cuda /out/ /usr/local/bin/
-COPY models/default /usr/share/kosmos/models/default
+COPY models/demo /usr/share/kosmos/models/demo
 # CUDA's JIT cache would go to ~/.nv: keep it on the writable /tmp.
 ENV HOME=/tmp CUDA_CACHE_PATH=/tmp/cuda-cache RUST_LOG=info \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -54,8 +54,9 @@ pub struct Generation {
     /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Never repeat an n-gram of this size (Kosmos-2's own setting is 3; 0: off).
-    #[arg(long, default_value_t = 3)]
+    /// Never repeat an n-gram of this size (0: off, as the demo model's generation_config.json; the released
+    /// Kosmos-2 checkpoints use 3).
+    #[arg(long, default_value_t = 0)]
     no_repeat_ngram_size: u32,
     /// Ground the phrases of the answer in the image and print the boxes.
     #[arg(long)]

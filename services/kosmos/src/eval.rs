@@ -3,7 +3,8 @@
 //! the PyTorch model's (each side with its own image preprocessing).
 //!
 //! Metrics (the same definitions as `tools/train/eval_torch.py`):
-//! * caption: greedy `An image of` → the multiset of (colour, shape) / (word) phrases equals the truth;
+//! * caption: greedy `An image of` → the multiset of (colour, shape) / (word) phrases equals the reference
+//!   caption's (every attribute right, in any order);
 //! * VQA: greedy `Question: … Answer:` → the answer word, lower-cased, trailing punctuation dropped, equals the truth;
 //! * classification: `Score` ranks the candidate labels (mean log-probability per token) → the best is the truth;
 //! * grounding: greedy with `grounding` on → for each true object, the first unused entity with its phrase has a
@@ -239,10 +240,19 @@ async fn evaluate(
         without_eos(&ours) == without_eos(torch)
     });
     let (correct, objects) = match item.task {
-        Task::Caption => (
-            caption_attributes(&response.text) == truth_attributes(&item.objects),
-            (0, 0),
-        ),
+        Task::Caption => {
+            // The truth is the reference caption's phrases (or the objects', when the set lists them).
+            let truth = if item.objects.is_empty() {
+                caption_attributes(
+                    item.answer
+                        .as_deref()
+                        .context("a caption item has no `answer`")?,
+                )
+            } else {
+                truth_attributes(&item.objects)
+            };
+            (caption_attributes(&response.text) == truth, (0, 0))
+        }
         Task::Vqa => {
             let answer = response
                 .text

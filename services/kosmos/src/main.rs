@@ -88,14 +88,14 @@ fn path_value(path: &std::path::Path) -> String {
     json_string(&path.display().to_string())
 }
 
-/// The model `kosmos serve` uses when `--model` is not given: `models/default` under the current directory,
+/// The model `kosmos serve` uses when `--model` is not given: `models/demo` under the current directory,
 /// else under the source checkout this binary was built from.
 fn default_model_dir() -> PathBuf {
-    let relative = PathBuf::from("models/default");
+    let relative = PathBuf::from("models/demo");
     if relative.join("config.json").is_file() {
         return relative;
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
 }
 
 #[cfg(test)]

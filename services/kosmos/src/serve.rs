@@ -18,7 +18,7 @@ use crate::{default_model_dir, json_string, path_value};
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Model directory in Hugging Face layout (config.json, model.safetensors, tokenizer.json,
-    /// preprocessor_config.json). Defaults to the model shipped in `models/default`.
+    /// preprocessor_config.json). Defaults to the model shipped in `models/demo`.
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// Address of the public API (kosmos.v1.Kosmos).

@@ -322,14 +322,6 @@ impl DirectModel {
         max_new_tokens: usize,
         no_repeat_ngram_size: usize,
     ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
-        let prompt_segments: Vec<Segment> = segments
-            .iter()
-            .map(|segment| match segment {
-                DirectSegment::Text(text) => Segment::Text(text.clone()),
-                DirectSegment::Image(_) => Segment::Image,
-            })
-            .collect();
-        let encoded = self.processor.encode_prompt(&prompt_segments, false)?;
         let mut pixels = Vec::new();
         let mut count = 0;
         let mut side = (0, 0);
@@ -343,14 +335,51 @@ impl DirectModel {
                 count += 1;
             }
         }
-        let image_embeds = if count == 0 {
+        let pixel_values = if count == 0 {
             None
         } else {
-            let pixel_values = Tensor::from_vec(pixels, (count, 3, side.0, side.1), &Device::Cpu)?;
-            // (images, latent queries, hidden) → (marked positions, hidden)
-            let embeds = self.model.vision.encode(&pixel_values)?;
-            let (images, queries, hidden) = embeds.dims3()?;
-            Some(embeds.reshape((images * queries, hidden))?)
+            Some(Tensor::from_vec(
+                pixels,
+                (count, 3, side.0, side.1),
+                &Device::Cpu,
+            )?)
+        };
+        self.greedy_with_pixels(
+            segments,
+            pixel_values,
+            false,
+            max_new_tokens,
+            no_repeat_ngram_size,
+        )
+    }
+
+    /// [`DirectModel::greedy`] with the images given as pixel values `(images, 3, height, width)` (e.g. the exact
+    /// values the reference was given); the image segments' bytes are not read. `grounding` prefixes the prompt
+    /// with `<grounding>` as Kosmos2Processor places it.
+    pub fn greedy_with_pixels(
+        &self,
+        segments: &[DirectSegment],
+        pixel_values: Option<Tensor>,
+        grounding: bool,
+        max_new_tokens: usize,
+        no_repeat_ngram_size: usize,
+    ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        let prompt_segments: Vec<Segment> = segments
+            .iter()
+            .map(|segment| match segment {
+                DirectSegment::Text(text) => Segment::Text(text.clone()),
+                DirectSegment::Image(_) => Segment::Image,
+            })
+            .collect();
+        let encoded = self.processor.encode_prompt(&prompt_segments, grounding)?;
+        let image_embeds = match pixel_values {
+            None => None,
+            Some(pixel_values) => {
+                // (images, latent queries, hidden) → (marked positions, hidden)
+                let embeds = self.model.vision.encode(&pixel_values)?;
+                let (images, queries, hidden) = embeds.dims3()?;
+                Some(embeds.reshape((images * queries, hidden))?)
+            }
         };
         let prompt = Prompt {
             ids: encoded.input_ids.clone(),

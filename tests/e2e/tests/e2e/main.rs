@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cache;
+mod demo;
 mod generate;
 mod metrics;
 mod resilience;
