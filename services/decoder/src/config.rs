@@ -63,7 +63,7 @@ pub struct RawConfig {
     /// Serving.
     pub server: RawServer,
     /// Prometheus metrics.
-    pub metrics: RawMetrics,
+    pub metrics: kosmos_runtime::config::RawMetrics,
 }
 
 impl Default for RawConfig {
@@ -77,23 +77,7 @@ impl Default for RawConfig {
             scheduler: RawScheduler::default(),
             limits: RawLimits::default(),
             server: RawServer::default(),
-            metrics: RawMetrics::default(),
-        }
-    }
-}
-
-/// `[metrics]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawMetrics {
-    /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
-    pub listen: String,
-}
-
-impl Default for RawMetrics {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9090".into(),
+            metrics: kosmos_runtime::config::RawMetrics::default(),
         }
     }
 }
@@ -239,12 +223,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
                 raw.listen
             ))
         })?;
-        let metrics_listen = raw.metrics.listen.trim().parse().map_err(|err| {
-            StartError::Config(format!(
-                "`metrics.listen` = `{}` is not an address: {err}",
-                raw.metrics.listen
-            ))
-        })?;
+        let metrics_listen = raw.metrics.listen_address().map_err(StartError::Config)?;
         if raw.model_dir.as_os_str().is_empty() {
             return Err(StartError::Config("`model_dir` is required".into()));
         }

@@ -17,14 +17,9 @@ use opentelemetry::metrics::{Counter, Histogram};
 
 /// The OpenTelemetry names of the decoder's instruments (Prometheus adds `_seconds` / `_total`).
 pub mod names {
-    /// Histogram (s), labels operation, model, error type: `gen_ai_server_request_duration_seconds`.
-    pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
-    /// Histogram (s): `gen_ai_server_time_to_first_token_seconds`.
-    pub const TIME_TO_FIRST_TOKEN: &str = "gen_ai.server.time_to_first_token";
-    /// Histogram (s): `gen_ai_server_time_per_output_token_seconds`.
-    pub const TIME_PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token";
-    /// Histogram (tokens), label token type: `gen_ai_server_token_usage`.
-    pub const TOKEN_USAGE: &str = "gen_ai.server.token.usage";
+    pub use kosmos_runtime::metrics::gen_ai::{
+        REQUEST_DURATION, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, TOKEN_USAGE,
+    };
     /// Gauge: `kosmos_decoder_num_requests_running`.
     pub const NUM_REQUESTS_RUNNING: &str = "kosmos.decoder.num_requests_running";
     /// Gauge: `kosmos_decoder_num_requests_waiting`.
@@ -43,24 +38,7 @@ pub mod names {
     pub const FINISHED_REQUESTS: &str = "kosmos.decoder.finished_requests";
 }
 
-/// `gen_ai_operation_name` of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// Generate.
-    TextCompletion,
-    /// Score.
-    Score,
-}
-
-impl Operation {
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::TextCompletion => "text_completion",
-            Self::Score => "score",
-        }
-    }
-}
+pub use kosmos_runtime::metrics::gen_ai::Operation;
 
 /// `finish_reason` of a request that left the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

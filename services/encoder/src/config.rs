@@ -69,7 +69,7 @@ pub struct RawConfig {
     /// Transport.
     pub grpc: RawGrpc,
     /// Prometheus metrics.
-    pub metrics: RawMetrics,
+    pub metrics: kosmos_runtime::config::RawMetrics,
 }
 
 /// `[limits]`.
@@ -119,22 +119,6 @@ pub struct RawGrpc {
     pub max_message_bytes: u64,
 }
 
-/// `[metrics]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawMetrics {
-    /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
-    pub listen: String,
-}
-
-impl Default for RawMetrics {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9090".into(),
-        }
-    }
-}
-
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
@@ -146,7 +130,7 @@ impl Default for RawConfig {
             batching: RawBatching::default(),
             preprocess: RawPreprocess::default(),
             grpc: RawGrpc::default(),
-            metrics: RawMetrics::default(),
+            metrics: kosmos_runtime::config::RawMetrics::default(),
         }
     }
 }
@@ -344,15 +328,10 @@ impl TryFrom<RawConfig> for EncoderConfig {
                     ),
                 )
             })?;
-        let metrics_listen = raw.metrics.listen.trim().parse().map_err(|err| {
-            invalid(
-                "metrics.listen",
-                format!(
-                    "`{}` is not an address (host:port): {err}",
-                    raw.metrics.listen
-                ),
-            )
-        })?;
+        let metrics_listen = raw
+            .metrics
+            .listen_address()
+            .map_err(|message| invalid("metrics.listen", message))?;
         Ok(Self {
             listen: raw.listen,
             model_dir: raw.model,

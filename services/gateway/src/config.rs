@@ -67,23 +67,7 @@ pub struct RawConfig {
     /// Serving.
     pub server: RawServer,
     /// The Prometheus endpoint.
-    pub metrics: RawMetrics,
-}
-
-/// The `[metrics]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawMetrics {
-    /// Address of the HTTP server answering `GET /metrics`.
-    pub listen: String,
-}
-
-impl Default for RawMetrics {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9090".into(),
-        }
-    }
+    pub metrics: kosmos_runtime::config::RawMetrics,
 }
 
 impl Default for RawConfig {
@@ -96,7 +80,7 @@ impl Default for RawConfig {
             limits: RawLimits::default(),
             cache: RawCache::default(),
             server: RawServer::default(),
-            metrics: RawMetrics::default(),
+            metrics: kosmos_runtime::config::RawMetrics::default(),
         }
     }
 }
@@ -543,12 +527,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
                 "`model_dir` must name the model directory (its tokenizer.json)",
             ));
         }
-        let metrics_listen: SocketAddr = raw.metrics.listen.parse().map_err(|err| {
-            config_error(format!(
-                "`metrics.listen` must be an ip:port address, got `{}`: {err}",
-                raw.metrics.listen
-            ))
-        })?;
+        let metrics_listen = raw.metrics.listen_address().map_err(config_error)?;
         let stream_buffer_messages = NonZeroUsize::new(raw.server.stream_buffer_messages)
             .ok_or_else(|| config_error("`server.stream_buffer_messages` must be >= 1"))?;
         Ok(Self {

@@ -17,14 +17,9 @@ use crate::state::{GatewayState, GatewayStats};
 
 /// The gateway's instrument names (OpenTelemetry names; the Prometheus names are in `docs/metrics.md`).
 pub mod names {
-    /// `gen_ai_server_request_duration_seconds`
-    pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
-    /// `gen_ai_server_time_to_first_token_seconds`
-    pub const TIME_TO_FIRST_TOKEN: &str = "gen_ai.server.time_to_first_token";
-    /// `gen_ai_server_time_per_output_token_seconds`
-    pub const TIME_PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token";
-    /// `gen_ai_server_token_usage`
-    pub const TOKEN_USAGE: &str = "gen_ai.server.token.usage";
+    pub use kosmos_runtime::metrics::gen_ai::{
+        REQUEST_DURATION, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, TOKEN_USAGE,
+    };
     /// `kosmos_gateway_requests_in_flight`
     pub const REQUESTS_IN_FLIGHT: &str = "kosmos.gateway.requests_in_flight";
     /// `kosmos_gateway_requests_rejected_total`
@@ -57,23 +52,7 @@ pub mod names {
     pub const CACHE_ENTRIES: &str = "kosmos.gateway.embedding_cache.entries";
 }
 
-/// `gen_ai.operation.name` of a public RPC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// Generate and GenerateStream.
-    TextCompletion,
-    /// Score.
-    Score,
-}
-
-impl Operation {
-    fn name(self) -> &'static str {
-        match self {
-            Self::TextCompletion => "text_completion",
-            Self::Score => "score",
-        }
-    }
-}
+pub use kosmos_runtime::metrics::gen_ai::Operation;
 
 /// What a finished request used and how long its stages took.
 #[derive(Debug, Clone, Copy)]

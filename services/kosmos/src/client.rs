@@ -120,15 +120,21 @@ pub struct ScoreArgs {
 
 fn image_segment(path: &Path) -> anyhow::Result<pb::Segment> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(pb::Segment {
+    Ok(image_bytes_segment(data))
+}
+
+/// An image segment (format detected from the bytes).
+pub(crate) fn image_bytes_segment(data: Vec<u8>) -> pb::Segment {
+    pb::Segment {
         kind: Some(pb::segment::Kind::Image(pb::Image {
             data,
             mime_type: String::new(),
         })),
-    })
+    }
 }
 
-fn text_segment(text: &str) -> pb::Segment {
+/// A text segment.
+pub(crate) fn text_segment(text: &str) -> pb::Segment {
     pb::Segment {
         kind: Some(pb::segment::Kind::Text(text.to_string())),
     }

@@ -22,7 +22,7 @@ use kosmos_proto::v1 as pb;
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use crate::client::Connection;
+use crate::client::{Connection, image_bytes_segment, text_segment};
 
 /// Flags of `kosmos eval`.
 #[derive(Debug, Args)]
@@ -180,21 +180,6 @@ fn progress(done: usize, total: usize, started: Instant) {
     let _ = std::io::stderr().flush();
 }
 
-fn image_segment(data: Vec<u8>) -> pb::Segment {
-    pb::Segment {
-        kind: Some(pb::segment::Kind::Image(pb::Image {
-            data,
-            mime_type: String::new(),
-        })),
-    }
-}
-
-fn text_segment(text: &str) -> pb::Segment {
-    pb::Segment {
-        kind: Some(pb::segment::Kind::Text(text.to_string())),
-    }
-}
-
 async fn evaluate(
     client: &mut kosmos_proto::v1::kosmos_client::KosmosClient<tonic::transport::Channel>,
     item: &Item,
@@ -205,7 +190,7 @@ async fn evaluate(
         let label = item.label.context("a classify item has no `label`")?;
         let response = client
             .score(pb::ScoreRequest {
-                prompt: vec![image_segment(image), text_segment(&item.prompt)],
+                prompt: vec![image_bytes_segment(image), text_segment(&item.prompt)],
                 candidates: item.candidates.clone(),
             })
             .await?
@@ -226,7 +211,7 @@ async fn evaluate(
     };
     let response = client
         .generate(pb::GenerateRequest {
-            prompt: vec![image_segment(image), text_segment(prompt)],
+            prompt: vec![image_bytes_segment(image), text_segment(prompt)],
             params: Some(pb::GenerationParams {
                 max_new_tokens,
                 ..Default::default()

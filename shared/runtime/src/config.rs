@@ -9,8 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Why a configuration could not be loaded.
@@ -243,5 +243,33 @@ mod tests {
         };
         let err = load::<Example>(&layers).expect_err("wrong type");
         assert!(err.to_string().contains("limits.max_images"), "{err}");
+    }
+}
+
+/// The `[metrics]` section every service shares: where `GET /metrics` is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+impl RawMetrics {
+    /// The validated address; the error names the key and the value.
+    pub fn listen_address(&self) -> Result<std::net::SocketAddr, String> {
+        self.listen.trim().parse().map_err(|err| {
+            format!(
+                "`metrics.listen` = `{}` is not an address (host:port): {err}",
+                self.listen
+            )
+        })
     }
 }

@@ -24,6 +24,38 @@ pub mod names {
     pub const RPC_SERVER_CALL_DURATION: &str = "rpc.server.call.duration";
 }
 
+/// The OpenTelemetry GenAI server metrics the gateway and the decoder both export (each with its own help texts:
+/// the gateway measures what callers see, the decoder its own share).
+pub mod gen_ai {
+    /// Histogram (s), `gen_ai_server_request_duration_seconds`.
+    pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
+    /// Histogram (s), `gen_ai_server_time_to_first_token_seconds`.
+    pub const TIME_TO_FIRST_TOKEN: &str = "gen_ai.server.time_to_first_token";
+    /// Histogram (s), `gen_ai_server_time_per_output_token_seconds`.
+    pub const TIME_PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token";
+    /// Histogram ({token}), `gen_ai_server_token_usage`.
+    pub const TOKEN_USAGE: &str = "gen_ai.server.token.usage";
+
+    /// `gen_ai_operation_name` of a request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Operation {
+        /// Generate and GenerateStream.
+        TextCompletion,
+        /// Score.
+        Score,
+    }
+
+    impl Operation {
+        /// The label value.
+        pub fn name(self) -> &'static str {
+            match self {
+                Self::TextCompletion => "text_completion",
+                Self::Score => "score",
+            }
+        }
+    }
+}
+
 /// Bucket boundaries (seconds) for request-scale latencies: time to first token, request duration, RPC calls.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,

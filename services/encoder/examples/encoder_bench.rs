@@ -2,7 +2,7 @@
 //! throughput per core. Ratios are measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p kosmos-encoder --example bench -- --model .ref-cache/bench-model
+//! cargo run --release -p kosmos-encoder --example encoder_bench -- --model .ref-cache/bench-model
 //! ```
 //!
 //! * baseline: `VisionEngine::encode` on one image at a time, on the calling thread;

@@ -3,7 +3,7 @@
 //! in one request against 8 separate requests. Every ratio is measured in the same run.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run -p kosmos-decoder --example bench -- --model-dir .ref-cache/bench-model
+//! RAYON_NUM_THREADS=2 cargo run -p kosmos-decoder --example decoder_bench -- --model-dir .ref-cache/bench-model
 //! ```
 
 use std::path::PathBuf;

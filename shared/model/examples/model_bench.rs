@@ -3,7 +3,7 @@
 //! batch 1 and 8 (32 greedy steps after the prefill). Median of 5 timed runs after 1 untimed.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run --release -p kosmos-model --example bench -- --model DIR --json OUT.json
+//! RAYON_NUM_THREADS=2 cargo run --release -p kosmos-model --example model_bench -- --model DIR --json OUT.json
 //! ```
 //! `tools/bench/model.sh` runs it and the PyTorch baseline in the same invocation and prints the ratios.
 
