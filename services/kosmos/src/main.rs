@@ -48,7 +48,7 @@ async fn main() -> std::process::ExitCode {
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             std::process::ExitCode::FAILURE
         }
     }
@@ -88,6 +88,23 @@ fn path_value(path: &std::path::Path) -> String {
     json_string(&path.display().to_string())
 }
 
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose text an outer message already quotes
+/// (many of our errors name their cause in their own message).
+fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// The model `kosmos serve` uses when `--model` is not given: `models/demo` under the current directory,
 /// else under the source checkout this binary was built from.
 fn default_model_dir() -> PathBuf {
@@ -118,5 +135,22 @@ mod tests {
     #[test]
     fn the_shipped_model_is_found() {
         assert!(default_model_dir().join("tokenizer.json").is_file());
+    }
+
+    #[test]
+    fn errors_name_each_cause_once() {
+        let bind = kosmos_runtime::metrics::BindError {
+            address: ([127, 0, 0, 1], 9465).into(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use"),
+        };
+        // BindError quotes its cause in its message and also reports it as its source.
+        let err = anyhow::Error::new(bind).context("encoder failed");
+        assert_eq!(
+            describe(&err),
+            "encoder failed: cannot listen for /metrics on 127.0.0.1:9465: Address already in use"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let chained = anyhow::Error::new(io).context("cannot read config.json");
+        assert_eq!(describe(&chained), "cannot read config.json: no such file");
     }
 }

@@ -40,10 +40,11 @@ pub struct ServeArgs {
 
 type ServiceTask = JoinHandle<anyhow::Result<()>>;
 
-/// Where each service serves `GET /metrics` unless `--<service>-set metrics.listen=…` says otherwise.
-const GATEWAY_METRICS: &str = "127.0.0.1:9090";
-const ENCODER_METRICS: &str = "127.0.0.1:9091";
-const DECODER_METRICS: &str = "127.0.0.1:9092";
+/// Where each service serves `GET /metrics` unless `--<service>-set metrics.listen=…` says otherwise (9464: the
+/// OpenTelemetry Prometheus exporter's usual port, clear of a local Prometheus on 9090).
+const GATEWAY_METRICS: &str = "127.0.0.1:9464";
+const ENCODER_METRICS: &str = "127.0.0.1:9465";
+const DECODER_METRICS: &str = "127.0.0.1:9466";
 
 /// Logs go to stderr below the progress lines: warnings only, unless `RUST_LOG` says otherwise. Spans of all
 /// three services are exported (as service `kosmos`) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
@@ -199,7 +200,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 failed = true;
-                eprintln!("{service} failed: {err:#}");
+                eprintln!("{service} failed: {}", crate::describe(&err));
             }
             Err(err) => {
                 failed = true;
