@@ -30,6 +30,8 @@ const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
 #[derive(Debug, Clone)]
 struct Received {
     service: String,
+    /// The resource's string attributes.
+    resource: HashMap<String, String>,
     name: String,
     trace_id: String,
     span_id: String,
@@ -54,21 +56,21 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
+            let resource: HashMap<String, String> = resource_spans
                 .resource
                 .iter()
                 .flat_map(|resource| &resource.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                .map(|value| match value {
-                    Value::StringValue(name) => name.clone(),
-                    other => format!("{other:?}"),
+                .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(value) => Some((kv.key.clone(), value.clone())),
+                    _ => None,
                 })
-                .unwrap_or_default();
+                .collect();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
                     received.push(Received {
                         service: service.clone(),
+                        resource: resource.clone(),
                         name: span.name,
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
@@ -126,6 +128,7 @@ fn spawn(
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("RUST_LOG", "info,kosmos_gateway=debug")
+        .env("POD_NAME", format!("kosmos-{service}-0"))
         .env_remove("OTEL_SERVICE_NAME")
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -332,6 +335,23 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
             .map(|s| s.name.as_str())
             .collect()
     };
+
+    // Each service names itself, its version and its pod.
+    for service in wanted {
+        let span = trace
+            .iter()
+            .find(|s| s.service == service)
+            .expect("a span of each service");
+        assert_eq!(
+            span.resource.get("service.version").map(String::as_str),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(
+            span.resource.get("k8s.pod.name"),
+            Some(&format!("{}-0", service)),
+            "{service}"
+        );
+    }
 
     // The gateway's server span continues the caller's span.
     let root = trace
