@@ -15,11 +15,11 @@ use tonic::Code;
 use tracing::Instrument as _;
 
 use crate::domain::{ValidParams, validate_params};
-use crate::encode::call_timeout;
+use crate::encode::{Embeddings, call_timeout};
 use crate::error::RequestError;
 use crate::metrics::{Operation, Outcome};
 use crate::pool::{CallGuard, Pool};
-use crate::prompt::{PrepareInput, decoder_segments, prepare};
+use crate::prompt::{PrepareInput, PreparedPrompt, decoder_segments, prepare};
 use crate::state::{GatewayState, within};
 use crate::text::{Detokenizer, StopFilter};
 use crate::upstream::ModelInfo;
@@ -74,37 +74,11 @@ pub async fn start(
         grounding: request.grounding,
         candidates: Vec::new(),
     };
-    let tokenize_started = Instant::now();
-    let prepared = within(
-        clock.deadline,
-        "tokenizing the prompt",
-        prepare(
-            state.tokenizer.clone(),
-            state.limits.clone(),
-            model.clone(),
-            input,
-        )
-        .instrument(tracing::info_span!("gateway.tokenize")),
-    )
-    .await?;
-    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+    let (prepared, tokenize_seconds) = tokenize(&state, &model, input, clock).await?;
     let prompt_len = prepared.encoded.len();
     let (max_new_tokens, capped_by_context) = max_new_tokens(&params, prompt_len, &model, &state)?;
 
-    let encode_started = Instant::now();
-    let embeddings = within(
-        clock.deadline,
-        "encoding the images",
-        state
-            .encoder
-            .embeddings(&prepared.images, &model, clock.deadline)
-            .instrument(tracing::info_span!(
-                "gateway.images",
-                images = prepared.images.len()
-            )),
-    )
-    .await?;
-    let encode_seconds = encode_started.elapsed().as_secs_f64();
+    let (embeddings, encode_seconds) = encode_images(&state, &prepared, &model, clock).await?;
 
     let decoder_request = dec::GenerateRequest {
         prompt: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
@@ -148,6 +122,54 @@ pub async fn start(
         last_token_at: None,
         done: false,
     })
+}
+
+/// Tokenizes a request's prompt and checks its images (on the blocking pool, span `gateway.tokenize`) within the
+/// caller's deadline; returns the prompt and the seconds it took.
+pub(crate) async fn tokenize(
+    state: &GatewayState,
+    model: &Arc<ModelInfo>,
+    input: PrepareInput,
+    clock: RequestClock,
+) -> Result<(PreparedPrompt, f64), RequestError> {
+    let started = Instant::now();
+    let prepared = within(
+        clock.deadline,
+        "tokenizing the prompt",
+        prepare(
+            state.tokenizer.clone(),
+            state.limits.clone(),
+            model.clone(),
+            input,
+        )
+        .instrument(tracing::info_span!("gateway.tokenize")),
+    )
+    .await?;
+    Ok((prepared, started.elapsed().as_secs_f64()))
+}
+
+/// The embeddings of a prompt's images (cache, then the encoder pool; span `gateway.images`) within the caller's
+/// deadline; returns them and the seconds it took.
+pub(crate) async fn encode_images(
+    state: &GatewayState,
+    prepared: &PreparedPrompt,
+    model: &ModelInfo,
+    clock: RequestClock,
+) -> Result<(Embeddings, f64), RequestError> {
+    let started = Instant::now();
+    let embeddings = within(
+        clock.deadline,
+        "encoding the images",
+        state
+            .encoder
+            .embeddings(&prepared.images, model, clock.deadline)
+            .instrument(tracing::info_span!(
+                "gateway.images",
+                images = prepared.images.len()
+            )),
+    )
+    .await?;
+    Ok((embeddings, started.elapsed().as_secs_f64()))
 }
 
 /// The caller's max_new_tokens, or the default reduced to what fits; and whether the context is what bounds it.

@@ -165,7 +165,7 @@ impl GatewayMetrics {
             if kind == "output" && outcome.operation == Operation::Score {
                 continue;
             }
-            let [operation, model] = self.labels(outcome.operation);
+            let [operation, model] = labels.clone();
             self.token_usage.record(
                 f64::from(tokens),
                 &[operation, model, KeyValue::new("gen_ai_token_type", kind)],

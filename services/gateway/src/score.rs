@@ -12,10 +12,10 @@ use tracing::Instrument as _;
 use crate::domain::validate_candidates;
 use crate::encode::call_timeout;
 use crate::error::RequestError;
-use crate::generate::{RequestClock, decoder_failure};
+use crate::generate::{RequestClock, decoder_failure, encode_images, tokenize};
 use crate::metrics::{Operation, Outcome};
 use crate::pool::Pool;
-use crate::prompt::{PrepareInput, decoder_segments, prepare};
+use crate::prompt::{PrepareInput, decoder_segments};
 use crate::state::{GatewayState, within};
 
 /// Serves one Score request.
@@ -26,40 +26,15 @@ pub async fn score(
 ) -> Result<pb::ScoreResponse, RequestError> {
     let _permit = state.admit()?;
     let model = state.model()?;
-    validate_candidates(&request.candidates, &state.limits)?;
-    let tokenize_started = Instant::now();
+    tracing::info_span!("gateway.validate")
+        .in_scope(|| validate_candidates(&request.candidates, &state.limits))?;
     let input = PrepareInput {
         segments: request.prompt,
         grounding: false,
         candidates: request.candidates.clone(),
     };
-    let prepared = within(
-        clock.deadline,
-        "tokenizing the prompt",
-        prepare(
-            state.tokenizer.clone(),
-            state.limits.clone(),
-            model.clone(),
-            input,
-        )
-        .instrument(tracing::info_span!("gateway.tokenize")),
-    )
-    .await?;
-    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
-    let encode_started = Instant::now();
-    let embeddings = within(
-        clock.deadline,
-        "encoding the images",
-        state
-            .encoder
-            .embeddings(&prepared.images, &model, clock.deadline)
-            .instrument(tracing::info_span!(
-                "gateway.images",
-                images = prepared.images.len()
-            )),
-    )
-    .await?;
-    let encode_seconds = encode_started.elapsed().as_secs_f64();
+    let (prepared, tokenize_seconds) = tokenize(&state, &model, input, clock).await?;
+    let (embeddings, encode_seconds) = encode_images(&state, &prepared, &model, clock).await?;
     let decoder_request = dec::ScoreRequest {
         context: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
         candidates: prepared

@@ -1,6 +1,7 @@
 //! The metrics catalogue, docs/metrics.md: the names the services export, by service.
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+use kosmos_runtime::testing::metrics::parse_catalogue;
 
 /// One row of the catalogue table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,27 +22,16 @@ pub struct Catalogue {
 }
 
 impl Catalogue {
-    /// Parses the markdown table of docs/metrics.md: column 1 the service, column 2 the name, column 3 the type.
+    /// Parses the markdown table of docs/metrics.md (with the parser the services' metrics tests use).
     pub fn parse(markdown: &str) -> anyhow::Result<Self> {
-        let mut metrics = Vec::new();
-        for line in markdown.lines() {
-            let line = line.trim();
-            if !line.starts_with('|') {
-                continue;
-            }
-            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
-            if cells.len() < 3 || cells[1] == "name" || cells[1].starts_with("---") {
-                continue;
-            }
-            metrics.push(Metric {
-                service: cells[0].to_string(),
-                name: cells[1].trim_matches('`').to_string(),
-                kind: cells[2].to_string(),
-            });
-        }
-        if metrics.is_empty() {
-            bail!("no metric table found");
-        }
+        let metrics = parse_catalogue(markdown)?
+            .into_iter()
+            .map(|row| Metric {
+                service: row.service,
+                name: row.name,
+                kind: row.kind,
+            })
+            .collect();
         Ok(Self { metrics })
     }
 

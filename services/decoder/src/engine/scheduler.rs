@@ -50,6 +50,14 @@ impl Command {
         }
     }
 
+    /// When the handler handed the request to the engine (the start of its admission wait).
+    fn submitted(&self) -> Instant {
+        match self {
+            Self::Generate(command) => command.submitted,
+            Self::Score(command) => command.submitted,
+        }
+    }
+
     fn operation(&self) -> Operation {
         match self {
             Self::Generate(_) => Operation::TextCompletion,
@@ -322,6 +330,9 @@ impl Scheduler {
             prefill_tokens += command.prefill_tokens();
             let model = self.model.model();
             let (operation, arrived) = (command.operation(), command.arrived());
+            if let Some(metrics) = &self.metrics {
+                metrics.admitted(command.submitted().elapsed());
+            }
             let failed = match command {
                 Command::Generate(command) => {
                     let super::GenerateCommand {
@@ -329,12 +340,9 @@ impl Scheduler {
                         events,
                         span,
                         queue_span,
-                        submitted,
+                        submitted: _,
                     } = *command;
                     drop(queue_span);
-                    if let Some(metrics) = &self.metrics {
-                        metrics.admitted(submitted.elapsed());
-                    }
                     match Sequence::new(model, job, events, span) {
                         Ok(sequence) => {
                             self.kv_reserved += sequence.kv_reserved;
@@ -354,12 +362,9 @@ impl Scheduler {
                         reply,
                         span,
                         queue_span,
-                        submitted,
+                        submitted: _,
                     } = *command;
                     drop(queue_span);
-                    if let Some(metrics) = &self.metrics {
-                        metrics.admitted(submitted.elapsed());
-                    }
                     match ScoreTask::new(model, job, reply, span) {
                         Ok(task) => {
                             self.kv_reserved += task.kv_reserved;
