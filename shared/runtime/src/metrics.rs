@@ -101,7 +101,6 @@ struct BuildInfo {
 /// One service's metrics: the meter its instruments come from and the registry `/metrics` renders.
 #[derive(Debug)]
 pub struct Registry {
-    service: &'static str,
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
     meter: Meter,
@@ -144,17 +143,11 @@ impl Registry {
             })
             .build();
         Ok(Self {
-            service,
             provider,
             registry,
             meter,
             build,
         })
-    }
-
-    /// The service this registry belongs to.
-    pub fn service(&self) -> &'static str {
-        self.service
     }
 
     /// The meter a service declares its instruments on.

@@ -22,20 +22,13 @@ use crate::telemetry::{TRACE_ID_FIELD, extract, trace_id};
 /// Traces and meters every call of a server.
 #[derive(Debug, Clone)]
 pub struct RpcLayer {
-    metrics: Option<RpcMetrics>,
+    metrics: RpcMetrics,
 }
 
 impl RpcLayer {
     /// Traces every call and records call durations in `metrics`.
     pub fn new(metrics: RpcMetrics) -> Self {
-        Self {
-            metrics: Some(metrics),
-        }
-    }
-
-    /// Traces every call, records nothing.
-    pub fn without_metrics() -> Self {
-        Self { metrics: None }
+        Self { metrics }
     }
 }
 
@@ -54,7 +47,7 @@ impl<S> tower::Layer<S> for RpcLayer {
 #[derive(Debug, Clone)]
 pub struct RpcService<S> {
     inner: S,
-    metrics: Option<RpcMetrics>,
+    metrics: RpcMetrics,
 }
 
 fn is_infrastructure(method: &str) -> bool {
@@ -121,14 +114,13 @@ struct Call {
     span: Span,
     method: String,
     started: Instant,
-    metrics: Option<RpcMetrics>,
+    metrics: RpcMetrics,
 }
 
 impl Call {
     fn finish(self, code: tonic::Code) {
-        if let Some(metrics) = &self.metrics {
-            metrics.record(&self.method, code, self.started.elapsed());
-        }
+        self.metrics
+            .record(&self.method, code, self.started.elapsed());
         self.span
             .record("rpc.response.status_code", code_name(code));
         if code != tonic::Code::Ok {

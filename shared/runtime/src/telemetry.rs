@@ -37,14 +37,6 @@ pub const TRACE_ID_FIELD: &str = "trace_id";
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
-    exporting: bool,
-}
-
-impl TelemetryGuard {
-    /// Whether spans are exported (an OTLP endpoint is configured and its exporter was created).
-    pub fn exporting(&self) -> bool {
-        self.exporting
-    }
 }
 
 impl Drop for TelemetryGuard {
@@ -120,10 +112,7 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
     if installed.is_err() {
         // Another subscriber (an earlier init in this process) owns the spans; this provider would get none.
         let _ = provider.shutdown();
-        return TelemetryGuard {
-            provider: None,
-            exporting: false,
-        };
+        return TelemetryGuard { provider: None };
     }
     if let Some(err) = &exporter_error {
         tracing::error!(%err, "cannot create the OTLP span exporter; traces are not exported");
@@ -135,7 +124,6 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
     }
     TelemetryGuard {
         provider: Some(provider),
-        exporting: exporting && exporter_error.is_none(),
     }
 }
 
