@@ -222,7 +222,48 @@ impl Cluster {
             "the gateway did not become ready (stats: {:?})",
             cluster.gateway.stats()
         );
+        cluster.wait_every_replica(Duration::from_secs(120)).await?;
         Ok(cluster)
+    }
+
+    /// Waits until every encoder has loaded its model (its `Info` answers; encoders load on their engine thread
+    /// after they start listening) and the gateway's probes count every replica of both pools healthy, so that
+    /// load spreads over all of them from the first request. The gateway is ready as soon as one replica per
+    /// pool answers.
+    async fn wait_every_replica(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pause = || tokio::time::sleep(Duration::from_millis(50));
+        for index in 0..self.encoder_addrs.len() {
+            let mut encoder = self.encoder(index).await?;
+            while encoder
+                .info(kosmos_proto::encoder::v1::InfoRequest {})
+                .await
+                .is_err()
+            {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "encoder {index} did not load its model"
+                );
+                pause().await;
+            }
+        }
+        let all_healthy = || {
+            let stats = self.gateway.stats();
+            stats.encoder.healthy_replicas as usize == self.encoder_addrs.len()
+                && stats.decoder.healthy_replicas as usize == self.decoder_addrs.len()
+        };
+        // Twice, a probe interval apart: a probe answered while an encoder was still loading may land late.
+        let mut settled = 0;
+        while settled < 2 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway does not count every replica healthy (stats: {:?})",
+                self.gateway.stats()
+            );
+            settled = if all_healthy() { settled + 1 } else { 0 };
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(())
     }
 
     /// A client of the public API.
