@@ -11,9 +11,11 @@
 //!   one packed step prefills the admitted prompts (each yields its first token) and decodes one token for every
 //!   running sequence; a sequence leaves the batch after its last token. The KV reservation never binds here (every
 //!   request's prompt + output fits the context), so it is not modelled;
-//! - a monolithic pod hosts both on one device: when it is free it runs an encoder batch if one is ready (the image
-//!   work of new requests comes first, as a monolithic engine encodes inside its step), otherwise a decoder step.
-//!   Its decoder steps therefore wait for its encoder batches: the interference a split deployment avoids.
+//! - a monolithic pod hosts both on one device and alternates, as a monolithic engine's iteration encodes the images
+//!   of new requests and then runs the decoder step: after an encoder batch, a decoder step if there are sequences;
+//!   after a decoder step, an encoder batch if one is ready. Its decoder steps therefore wait for its encoder
+//!   batches (TPOT) and its encoder batches for its decoder steps (TTFT): the interference a split deployment
+//!   avoids.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -95,6 +97,8 @@ pub struct Replica {
     pub busy: Option<Work>,
     /// A pending batch timer.
     pub timer_at: Option<f64>,
+    /// Whether the last work was an encoder batch (monolithic pods alternate).
+    pub last_was_encoder: bool,
 }
 
 impl Replica {
@@ -113,6 +117,7 @@ impl Replica {
             local_encodes: BTreeMap::new(),
             busy: None,
             timer_at: None,
+            last_was_encoder: false,
         }
     }
 
@@ -143,7 +148,10 @@ impl Replica {
         calibration: &Calibration,
     ) -> Result<(Work, f64), Option<f64>> {
         let encoder = &calibration.encoder;
+        let has_sequences = !(self.running.is_empty() && self.waiting.is_empty());
+        let decoder_turn = self.has_decoder() && has_sequences && self.last_was_encoder;
         if self.has_encoder()
+            && !decoder_turn
             && let Some(first) = self.encode_queue.front()
         {
             let deadline = first.admitted + encoder.max_queue_delay_seconds;
@@ -155,10 +163,12 @@ impl Replica {
                     .min(encoder.max_batch_images as usize);
                 let items: Vec<EncodeItem> = self.encode_queue.drain(..take).collect();
                 let mean = calibration.encoder_batch_seconds(items.len() as u32);
+                self.last_was_encoder = true;
                 return Ok((Work::EncoderBatch(items), mean));
             }
         }
-        if self.has_decoder() && !(self.running.is_empty() && self.waiting.is_empty()) {
+        if self.has_decoder() && has_sequences {
+            self.last_was_encoder = false;
             let seconds = self.admit_and_time_step(calibration);
             return Ok((Work::DecoderStep, seconds));
         }
