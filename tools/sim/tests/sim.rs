@@ -112,6 +112,7 @@ fn an_mmc_pool_waits_as_long_as_erlang_c_says() {
     let simulated = outcome.encode_wait_seconds / outcome.encode_calls as f64;
     let expected = erlang_c_mean_wait(arrival_rate, service_rate, servers);
     let relative = (simulated - expected).abs() / expected;
+    eprintln!("M/M/3 at rho 0.7: simulated mean wait {simulated:.4} s, Erlang C {expected:.4} s");
     assert!(
         relative < 0.03,
         "mean wait {simulated:.4} s, Erlang C {expected:.4} s ({:.1} % off)",
@@ -122,7 +123,7 @@ fn an_mmc_pool_waits_as_long_as_erlang_c_says() {
 fn small_comparison(seed: u64) -> String {
     let calibration = load_calibration("gpu-class-assumed.toml");
     let keda = load_keda();
-    let spec = TraceSpec::preset("shifting", 8.0, 1800.0).unwrap_or_else(|err| panic!("{err}"));
+    let spec = TraceSpec::preset("shifting", 4.0, 1200.0).unwrap_or_else(|err| panic!("{err}"));
     let requests = spec.generate(seed);
     let comparison = compare(&CompareParams {
         calibration: &calibration,
@@ -331,10 +332,11 @@ fn the_keda_scaled_objects_of_the_repository_are_read() {
 fn a_burst_scales_the_encoder_pool_out_after_start_up_and_back_in() {
     let calibration = load_calibration("cpu-2core.toml");
     let keda = load_keda();
-    // 40 images at t = 0..20 s on a CPU encoder (about 1.3 images/s per replica), then silence.
-    let requests: Vec<Request> = (0..40)
+    // 200 images at t = 0..20 s on a CPU encoder (about 1.3 images/s per replica), then silence: far above the
+    // 32 pending images per replica the ScaledObject targets.
+    let requests: Vec<Request> = (0..200)
         .map(|index| Request {
-            arrival: f64::from(index) * 0.5,
+            arrival: f64::from(index) * 0.1,
             images: 1,
             prompt_tokens: 4,
             output_tokens: 1,
