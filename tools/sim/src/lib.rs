@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod compare;
 pub mod error;
 pub mod keda;
+pub mod outcome;
 pub mod replica;
 pub mod trace;
 
