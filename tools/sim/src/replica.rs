@@ -212,3 +212,115 @@ impl Replica {
         calibration.decoder_step_seconds(rows, mean_context, prefill_tokens)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibration::{
+        DecoderCalibration, EncoderCalibration, EncoderPoint, ServiceDistribution, StepPoint,
+    };
+
+    fn calibration() -> Calibration {
+        Calibration {
+            name: "unit".to_owned(),
+            source: "test".to_owned(),
+            pod_startup_seconds: 0.0,
+            encoder: EncoderCalibration {
+                max_batch_images: 4,
+                max_queue_delay_seconds: 0.01,
+                max_queued_images: 64,
+                service: ServiceDistribution::Deterministic,
+                throughput: vec![EncoderPoint {
+                    batch: 1,
+                    images_per_second: 100.0,
+                }],
+            },
+            decoder: DecoderCalibration {
+                max_running_sequences: 2,
+                max_waiting_requests: 64,
+                max_prefill_tokens_per_step: 100,
+                prefill_tokens_per_second: 1000.0,
+                image_tokens: 64,
+                step: vec![StepPoint {
+                    batch: 1,
+                    context: 10,
+                    ms: 10.0,
+                }],
+            },
+        }
+    }
+
+    fn sequence(request: u32, prompt: u32) -> Sequence {
+        Sequence {
+            request,
+            arrived: 0.0,
+            prompt,
+            output: 8,
+            generated: 0,
+        }
+    }
+
+    fn image(request: u32) -> EncodeItem {
+        EncodeItem {
+            request,
+            admitted: 0.0,
+            sent: 0.0,
+        }
+    }
+
+    #[test]
+    fn an_encoder_batch_waits_for_the_delay_unless_it_is_full() {
+        let calibration = calibration();
+        let mut replica = Replica::new(0, PoolKind::Encoder, 0.0, PodState::Ready);
+        replica.encode_queue.extend([image(0), image(1)]);
+        // Not full, delay not over: a timer at admission + 10 ms.
+        assert!(
+            matches!(replica.next_work(0.005, &calibration), Err(Some(t)) if (t - 0.01).abs() < 1e-12)
+        );
+        replica.encode_queue.extend([image(2), image(3), image(4)]);
+        // Full (4 of 5 waiting): starts at once with 4 images, in admission order.
+        match replica.next_work(0.005, &calibration) {
+            Ok((Work::EncoderBatch(items), seconds)) => {
+                let requests: Vec<u32> = items.iter().map(|item| item.request).collect();
+                assert_eq!(requests, [0, 1, 2, 3]);
+                assert!((seconds - 0.04).abs() < 1e-12);
+            }
+            other => panic!("expected a batch, got {other:?}"),
+        }
+        assert_eq!(replica.encode_queue.len(), 1);
+    }
+
+    #[test]
+    fn admission_stops_at_the_first_prompt_over_the_prefill_budget() {
+        let calibration = calibration();
+        let mut replica = Replica::new(0, PoolKind::Decoder, 0.0, PodState::Ready);
+        // 150 tokens alone exceed the 100-token budget but run alone; the next waits for the next step.
+        replica.waiting.extend([sequence(0, 150), sequence(1, 10)]);
+        match replica.next_work(0.0, &calibration) {
+            Ok((Work::DecoderStep, seconds)) => assert!((seconds - 0.15).abs() < 1e-12),
+            other => panic!("expected a step, got {other:?}"),
+        }
+        assert_eq!(replica.running.len(), 1);
+        assert_eq!(replica.waiting.len(), 1);
+    }
+
+    #[test]
+    fn a_monolithic_pod_alternates_encoder_batches_and_decoder_steps() {
+        let calibration = calibration();
+        let mut replica = Replica::new(0, PoolKind::Monolith, 0.0, PodState::Ready);
+        replica.running.push(Sequence {
+            generated: 1,
+            ..sequence(0, 10)
+        });
+        replica.encode_queue.extend((1..=12).map(image));
+        let mut kinds = Vec::new();
+        for _ in 0..5 {
+            match replica.next_work(1.0, &calibration) {
+                Ok((Work::EncoderBatch(_), _)) => kinds.push("encode"),
+                Ok((Work::DecoderStep, _)) => kinds.push("step"),
+                Err(_) => kinds.push("idle"),
+            }
+        }
+        assert_eq!(kinds, ["encode", "step", "encode", "step", "encode"]);
+    }
+}
