@@ -60,10 +60,13 @@ async fn serve() -> (Server, String) {
             "kosmos serve was not ready within 3 minutes"
         );
         if let Ok(mut client) = KosmosClient::connect(address.clone()).await
-            && let Ok(info) = client.get_model_info(pb::GetModelInfoRequest::default()).await
+            && let Ok(info) = client
+                .get_model_info(pb::GetModelInfoRequest::default())
+                .await
         {
             let stats = info.into_inner().stats.unwrap_or_default();
-            let healthy = |pool: Option<pb::PoolStats>| pool.is_some_and(|p| p.healthy_replicas > 0);
+            let healthy =
+                |pool: Option<pb::PoolStats>| pool.is_some_and(|p| p.healthy_replicas > 0);
             if healthy(stats.encoder) && healthy(stats.decoder) {
                 return (server, address);
             }
@@ -90,7 +93,10 @@ async fn bench(address: &str, json: &Path, extra: &[&str]) -> (schema::Report, S
         String::from_utf8_lossy(&output.stderr)
     );
     let text = std::fs::read_to_string(json).expect("the JSON report");
-    (serde_json::from_str(&text).expect("the report parses into the typed schema"), stdout)
+    (
+        serde_json::from_str(&text).expect("the report parses into the typed schema"),
+        stdout,
+    )
 }
 
 /// numpy.percentile (linear interpolation), written again here so the check does not reuse the code it checks.
@@ -106,16 +112,26 @@ fn numpy_percentile(values: &[f64], q: f64) -> f64 {
 fn assert_stats_match(name: &str, stats: &schema::Stats, values: &[f64]) {
     assert_eq!(stats.count, values.len() as u64, "{name} count");
     if values.is_empty() {
-        assert!(stats.p50.is_none() && stats.max.is_none(), "{name} of nothing");
+        assert!(
+            stats.p50.is_none() && stats.max.is_none(),
+            "{name} of nothing"
+        );
         return;
     }
-    let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() <= 1e-9 * b.abs().max(1.0));
+    let close =
+        |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() <= 1e-9 * b.abs().max(1.0));
     for (q, value) in [(50.0, stats.p50), (90.0, stats.p90), (99.0, stats.p99)] {
-        assert!(close(value, numpy_percentile(values, q)), "{name} p{q}: {value:?}");
+        assert!(
+            close(value, numpy_percentile(values, q)),
+            "{name} p{q}: {value:?}"
+        );
     }
     let max = values.iter().copied().fold(f64::MIN, f64::max);
     let mean = values.iter().sum::<f64>() / values.len() as f64;
-    assert!(close(stats.max, max) && close(stats.mean, mean), "{name} max/mean");
+    assert!(
+        close(stats.max, max) && close(stats.mean, mean),
+        "{name} max/mean"
+    );
 }
 
 /// The summary is what the records say.
@@ -123,8 +139,13 @@ fn assert_consistent(run: &schema::Run) {
     let summary = &run.summary;
     assert_eq!(summary.requests, run.requests.len() as u64);
     let errors: u64 = summary.errors_by_code.values().sum();
-    assert_eq!(summary.successful + errors, summary.requests, "every request accounted for");
-    let ok: Vec<&schema::RequestRecord> = run.requests.iter().filter(|r| r.status == "OK").collect();
+    assert_eq!(
+        summary.successful + errors,
+        summary.requests,
+        "every request accounted for"
+    );
+    let ok: Vec<&schema::RequestRecord> =
+        run.requests.iter().filter(|r| r.status == "OK").collect();
     assert_eq!(ok.len() as u64, summary.successful);
     for record in &ok {
         if let Some(ttft) = record.ttft_ms {
@@ -143,7 +164,10 @@ fn assert_consistent(run: &schema::Run) {
     assert_stats_match("e2e", &summary.e2e_ms, &e2e);
     let tokens: u64 = ok.iter().map(|r| u64::from(r.output_tokens)).sum();
     assert_eq!(summary.total_output_tokens, tokens);
-    assert_eq!(summary.goodput_requests, run.requests.iter().filter(|r| r.good).count() as u64);
+    assert_eq!(
+        summary.goodput_requests,
+        run.requests.iter().filter(|r| r.good).count() as u64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,20 +179,52 @@ async fn bench_accounts_for_every_request_against_kosmos_serve() {
         &address,
         &scratch("closed.json"),
         &[
-            "--concurrency", "3", "--requests", "9", "--image-reuse", "0.5", "--image-pool", "2",
-            "--output-tokens", "4..12", "--prompt-words", "2..6", "--slo-ttft", "60000",
+            "--concurrency",
+            "3",
+            "--requests",
+            "9",
+            "--image-reuse",
+            "0.5",
+            "--image-pool",
+            "2",
+            "--output-tokens",
+            "4..12",
+            "--prompt-words",
+            "2..6",
+            "--slo-ttft",
+            "60000",
         ],
     )
     .await;
     let run = &report.runs[0];
     assert_eq!(run.summary.successful, 9, "{stdout}");
     assert_consistent(run);
-    assert!(run.requests.iter().all(|r| r.images == 1 && r.image_bytes > 0));
-    assert!(run.requests.iter().any(|r| r.reused_images) && run.requests.iter().any(|r| !r.reused_images));
-    assert!(run.requests.iter().all(|r| r.output_tokens >= 1 && r.output_tokens <= r.max_new_tokens));
-    assert!(run.requests.iter().all(|r| r.prompt_tokens.is_some_and(|t| t > 0)));
+    assert!(
+        run.requests
+            .iter()
+            .all(|r| r.images == 1 && r.image_bytes > 0)
+    );
+    assert!(
+        run.requests.iter().any(|r| r.reused_images)
+            && run.requests.iter().any(|r| !r.reused_images)
+    );
+    assert!(
+        run.requests
+            .iter()
+            .all(|r| r.output_tokens >= 1 && r.output_tokens <= r.max_new_tokens)
+    );
+    assert!(
+        run.requests
+            .iter()
+            .all(|r| r.prompt_tokens.is_some_and(|t| t > 0))
+    );
     assert!(report.config.images.starts_with("folder:"));
-    for row in ["| time to first token |", "| time per output token |", "| inter-token latency |", "| end-to-end |"] {
+    for row in [
+        "| time to first token |",
+        "| time per output token |",
+        "| inter-token latency |",
+        "| end-to-end |",
+    ] {
         assert!(stdout.contains(row), "no `{row}` in:\n{stdout}");
     }
 
@@ -178,8 +234,18 @@ async fn bench_accounts_for_every_request_against_kosmos_serve() {
         &address,
         &scratch("sweep.json"),
         &[
-            "--rate", "2,6", "--requests", "4", "--image-size", "96x64", "--images-per-request", "2",
-            "--output-tokens", "6", "--chart", chart.to_str().expect("utf-8 path"),
+            "--rate",
+            "2,6",
+            "--requests",
+            "4",
+            "--image-size",
+            "96x64",
+            "--images-per-request",
+            "2",
+            "--output-tokens",
+            "6",
+            "--chart",
+            chart.to_str().expect("utf-8 path"),
         ],
     )
     .await;
@@ -188,7 +254,11 @@ async fn bench_accounts_for_every_request_against_kosmos_serve() {
         assert_eq!(run.summary.successful, 4, "{stdout}");
         assert_consistent(run);
     }
-    assert!(std::fs::read_to_string(&chart).expect("the chart").starts_with("<svg"));
+    assert!(
+        std::fs::read_to_string(&chart)
+            .expect("the chart")
+            .starts_with("<svg")
+    );
 
     // Score.
     let (report, _) = bench(
@@ -204,7 +274,14 @@ async fn bench_accounts_for_every_request_against_kosmos_serve() {
     let (report, stdout) = bench(
         &address,
         &scratch("refused.json"),
-        &["--requests", "3", "--concurrency", "2", "--output-tokens", "100000"],
+        &[
+            "--requests",
+            "3",
+            "--concurrency",
+            "2",
+            "--output-tokens",
+            "100000",
+        ],
     )
     .await;
     let run = &report.runs[0];
@@ -215,5 +292,9 @@ async fn bench_accounts_for_every_request_against_kosmos_serve() {
         [("INVALID_ARGUMENT".to_string(), 3)].into_iter().collect(),
         "{stdout}"
     );
-    assert!(run.requests.iter().all(|r| r.error.as_deref().is_some_and(|e| e.contains("max_new_tokens"))));
+    assert!(run.requests.iter().all(|r| {
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("max_new_tokens"))
+    }));
 }

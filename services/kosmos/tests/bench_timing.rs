@@ -57,8 +57,9 @@ fn token_message(index: u32) -> pb::GenerateStreamResponse {
 
 #[tonic::async_trait]
 impl Kosmos for FakeGateway {
-    type GenerateStreamStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+    type GenerateStreamStream = Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>,
+    >;
 
     async fn generate(
         &self,
@@ -72,7 +73,9 @@ impl Kosmos for FakeGateway {
         _request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         if self.streams.fetch_add(1, Ordering::SeqCst) % 4 == 3 {
-            return Err(Status::resource_exhausted("the fake refuses every fourth stream"));
+            return Err(Status::resource_exhausted(
+                "the fake refuses every fourth stream",
+            ));
         }
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -89,7 +92,10 @@ impl Kosmos for FakeGateway {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn score(&self, request: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
+    async fn score(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
         tokio::time::sleep(SCORE_TIME).await;
         let scores = request
             .into_inner()
@@ -139,10 +145,22 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Runs `kosmos bench` (off the test's runtime, which serves the fake) and reads its JSON report.
-async fn bench(address: &str, json: &Path, extra: &[&str]) -> (schema::Report, serde_json::Value, String) {
+async fn bench(
+    address: &str,
+    json: &Path,
+    extra: &[&str],
+) -> (schema::Report, serde_json::Value, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kosmos"));
     command
-        .args(["bench", "--addr", address, "--images-per-request", "0", "--prompt-words", "3"])
+        .args([
+            "bench",
+            "--addr",
+            address,
+            "--images-per-request",
+            "0",
+            "--prompt-words",
+            "3",
+        ])
         .arg("--json")
         .arg(json)
         .args(extra);
@@ -157,7 +175,8 @@ async fn bench(address: &str, json: &Path, extra: &[&str]) -> (schema::Report, s
         String::from_utf8_lossy(&output.stderr)
     );
     let text = std::fs::read_to_string(json).expect("the JSON report");
-    let report: schema::Report = serde_json::from_str(&text).expect("the report parses into the typed schema");
+    let report: schema::Report =
+        serde_json::from_str(&text).expect("the report parses into the typed schema");
     let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     (report, value, stdout)
 }
@@ -182,7 +201,14 @@ async fn stream_timings_are_measured_right_and_refusals_are_counted_by_code() {
     let (report, _, stdout) = bench(
         &address,
         &scratch("stream.json"),
-        &["--concurrency", "2", "--requests", "12", "--output-tokens", "6"],
+        &[
+            "--concurrency",
+            "2",
+            "--requests",
+            "12",
+            "--output-tokens",
+            "6",
+        ],
     )
     .await;
     assert_eq!(report.runs.len(), 1);
@@ -194,23 +220,38 @@ async fn stream_timings_are_measured_right_and_refusals_are_counted_by_code() {
     assert_eq!(run.summary.successful, 9);
     assert_eq!(
         run.summary.errors_by_code,
-        [("RESOURCE_EXHAUSTED".to_string(), 3)].into_iter().collect()
+        [("RESOURCE_EXHAUSTED".to_string(), 3)]
+            .into_iter()
+            .collect()
     );
     assert!(stdout.contains("errors: RESOURCE_EXHAUSTED 3"), "{stdout}");
 
-    let ok: Vec<&schema::RequestRecord> = run.requests.iter().filter(|r| r.status == "OK").collect();
+    let ok: Vec<&schema::RequestRecord> =
+        run.requests.iter().filter(|r| r.status == "OK").collect();
     for record in &ok {
         assert_eq!(record.output_tokens, TOKENS);
         assert_eq!(record.finish_reason.as_deref(), Some("LENGTH"));
         assert_eq!(record.itl_ms.len(), TOKENS as usize - 1);
         let ttft = record.ttft_ms.expect("a TTFT");
-        assert!(ttft >= ms(FIRST_TOKEN), "TTFT {ttft} ms below the fake's {FIRST_TOKEN:?}");
+        assert!(
+            ttft >= ms(FIRST_TOKEN),
+            "TTFT {ttft} ms below the fake's {FIRST_TOKEN:?}"
+        );
         let streamed = ms(FIRST_TOKEN + TOKEN_GAP * (TOKENS - 1));
-        assert!(record.e2e_ms >= streamed, "e2e {} below {streamed}", record.e2e_ms);
+        assert!(
+            record.e2e_ms >= streamed,
+            "e2e {} below {streamed}",
+            record.e2e_ms
+        );
     }
     for record in run.requests.iter().filter(|r| r.status != "OK") {
         assert_eq!(record.status, "RESOURCE_EXHAUSTED");
-        assert!(record.error.as_deref().is_some_and(|e| e.contains("fourth")));
+        assert!(
+            record
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("fourth"))
+        );
         assert!(record.ttft_ms.is_none() && !record.good);
     }
     let mut ttft: Vec<f64> = ok.iter().filter_map(|r| r.ttft_ms).collect();
@@ -242,16 +283,32 @@ async fn score_latency_is_measured_and_slo_goodput_counts_it() {
     let (report, _, _) = bench(
         &address,
         &scratch("score.json"),
-        &["--mode", "score", "--concurrency", "2", "--requests", "6", "--slo-ttft", "10"],
+        &[
+            "--mode",
+            "score",
+            "--concurrency",
+            "2",
+            "--requests",
+            "6",
+            "--slo-ttft",
+            "10",
+        ],
     )
     .await;
     let run = &report.runs[0];
     assert_eq!((run.summary.requests, run.summary.successful), (6, 6));
     let mut e2e: Vec<f64> = run.requests.iter().map(|r| r.e2e_ms).collect();
-    assert!(e2e.iter().all(|latency| *latency >= ms(SCORE_TIME)), "{e2e:?}");
+    assert!(
+        e2e.iter().all(|latency| *latency >= ms(SCORE_TIME)),
+        "{e2e:?}"
+    );
     let middle = median(&mut e2e);
     assert!(middle <= ms(SCORE_TIME) + SLACK_MS, "median {middle:.1} ms");
-    assert!(run.requests.iter().all(|r| r.ttft_ms.is_none() && r.output_tokens == 0));
+    assert!(
+        run.requests
+            .iter()
+            .all(|r| r.ttft_ms.is_none() && r.output_tokens == 0)
+    );
     assert_eq!(report.config.mode, "score");
     // A 10 ms objective no 50 ms answer meets.
     assert_eq!(run.summary.goodput_requests, 0);
@@ -279,22 +336,39 @@ async fn a_rate_sweep_reports_each_rate_and_draws_the_chart() {
     )
     .await;
     assert_eq!(report.runs.len(), 2);
-    assert_eq!(report.runs[0].load, schema::Load::Poisson { rate: Some(20.0) });
+    assert_eq!(
+        report.runs[0].load,
+        schema::Load::Poisson { rate: Some(20.0) }
+    );
     assert_eq!(report.runs[1].load, schema::Load::Poisson { rate: None });
     // The fake's refusal counter runs across both runs: 16 streams, 4 refused.
     let total: u64 = report.runs.iter().map(|run| run.summary.requests).sum();
     let refused: u64 = report
         .runs
         .iter()
-        .map(|run| run.summary.errors_by_code.get("RESOURCE_EXHAUSTED").copied().unwrap_or(0))
+        .map(|run| {
+            run.summary
+                .errors_by_code
+                .get("RESOURCE_EXHAUSTED")
+                .copied()
+                .unwrap_or(0)
+        })
         .sum();
     assert_eq!((total, refused), (16, 4));
     // Open loop: at 20 req/s the sends spread over the seeded arrivals (7 gaps of 50 ms on average), at `inf`
     // they all go at once.
     let last_sent = |run: &schema::Run| run.requests.iter().map(|r| r.sent_ms).fold(0.0, f64::max);
-    assert!(last_sent(&report.runs[0]) >= 100.0, "{:?}", report.runs[0].requests);
+    assert!(
+        last_sent(&report.runs[0]) >= 100.0,
+        "{:?}",
+        report.runs[0].requests
+    );
     assert!(last_sent(&report.runs[1]) < last_sent(&report.runs[0]));
-    assert!(stdout.contains("### sweep") && stdout.contains("| rate 20 req/s |") && stdout.contains("| rate inf |"));
+    assert!(
+        stdout.contains("### sweep")
+            && stdout.contains("| rate 20 req/s |")
+            && stdout.contains("| rate inf |")
+    );
     let svg = std::fs::read_to_string(&chart).expect("the chart");
     assert!(svg.starts_with("<svg") && svg.contains("TTFT p50") && svg.contains("end-to-end p99"));
     assert_eq!(value["runs"][0]["load"]["kind"], "poisson");
@@ -318,7 +392,16 @@ async fn the_json_schema_keeps_its_field_names() {
     let (report, value, _) = bench(
         &address,
         &scratch("schema.json"),
-        &["--concurrency", "1", "--requests", "2", "--slo-ttft", "1000", "--slo-tpot", "100"],
+        &[
+            "--concurrency",
+            "1",
+            "--requests",
+            "2",
+            "--slo-ttft",
+            "1000",
+            "--slo-tpot",
+            "100",
+        ],
     )
     .await;
     assert_eq!(report.schema_version, schema::SCHEMA_VERSION);
@@ -326,7 +409,15 @@ async fn the_json_schema_keeps_its_field_names() {
     assert_eq!(report.tool, "kosmos bench");
     assert_eq!(
         keys(&value),
-        ["config", "kosmos_version", "runs", "schema_version", "started_at_unix_seconds", "target", "tool"]
+        [
+            "config",
+            "kosmos_version",
+            "runs",
+            "schema_version",
+            "started_at_unix_seconds",
+            "target",
+            "tool"
+        ]
     );
     assert_eq!(
         keys(&value["config"]),
@@ -372,7 +463,10 @@ async fn the_json_schema_keeps_its_field_names() {
             "ttft_ms"
         ]
     );
-    assert_eq!(keys(&run["summary"]["ttft_ms"]), ["count", "max", "mean", "p50", "p90", "p99"]);
+    assert_eq!(
+        keys(&run["summary"]["ttft_ms"]),
+        ["count", "max", "mean", "p50", "p90", "p99"]
+    );
     assert_eq!(
         keys(&run["requests"][0]),
         [

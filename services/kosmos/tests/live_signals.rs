@@ -116,7 +116,10 @@ fn http_get(address: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, 
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path_and_query} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path_and_query} HTTP/1.0\r\nHost: {address}\r\n\r\n"
+    )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let text = String::from_utf8_lossy(&response);
@@ -148,7 +151,10 @@ fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>
         if let Some(value) = check() {
             return value;
         }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -161,9 +167,10 @@ struct Prometheus {
 impl Prometheus {
     /// `data` of a successful API call; panics naming the query otherwise.
     fn api(&self, path: &str, what: &str) -> Value {
-        let (status, body) = http_get(self.address, path).unwrap_or_else(|err| panic!("{what}: {err}"));
-        let json: Value =
-            serde_json::from_str(&body).unwrap_or_else(|err| panic!("{what}: HTTP {status}, not JSON ({err}): {body}"));
+        let (status, body) =
+            http_get(self.address, path).unwrap_or_else(|err| panic!("{what}: {err}"));
+        let json: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("{what}: HTTP {status}, not JSON ({err}): {body}"));
         assert_eq!(json["status"], "success", "{what}: HTTP {status}: {body}");
         json["data"].clone()
     }
@@ -199,7 +206,13 @@ impl Prometheus {
             .as_array()
             .expect("a matrix")
             .iter()
-            .flat_map(|series| series["values"].as_array().expect("values").iter().map(sample))
+            .flat_map(|series| {
+                series["values"]
+                    .as_array()
+                    .expect("values")
+                    .iter()
+                    .map(sample)
+            })
             .collect()
     }
 
@@ -253,7 +266,8 @@ struct Query {
 }
 
 fn yaml_documents(path: &Path) -> Vec<Yaml> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|document| {
             serde::Deserialize::deserialize(document)
@@ -264,7 +278,9 @@ fn yaml_documents(path: &Path) -> Vec<Yaml> {
 }
 
 fn yaml_str<'a>(value: &'a Yaml, path: &[&str]) -> Option<&'a str> {
-    path.iter().try_fold(value, |node, key| node.get(*key))?.as_str()
+    path.iter()
+        .try_fold(value, |node, key| node.get(*key))?
+        .as_str()
 }
 
 /// The `prometheus` triggers of every ScaledObject: (ScaledObject, trigger name) → query.
@@ -274,18 +290,29 @@ fn keda_queries() -> BTreeMap<(String, String), String> {
         if yaml_str(&document, &["kind"]) != Some("ScaledObject") {
             continue;
         }
-        let name = yaml_str(&document, &["metadata", "name"]).expect("a name").to_string();
-        let triggers = document["spec"]["triggers"].as_sequence().expect("triggers");
+        let name = yaml_str(&document, &["metadata", "name"])
+            .expect("a name")
+            .to_string();
+        let triggers = document["spec"]["triggers"]
+            .as_sequence()
+            .expect("triggers");
         for trigger in triggers {
             if yaml_str(trigger, &["type"]) != Some("prometheus") {
                 continue;
             }
-            let trigger_name = yaml_str(trigger, &["name"]).expect("a trigger name").to_string();
-            let query = yaml_str(trigger, &["metadata", "query"]).expect("a query").to_string();
+            let trigger_name = yaml_str(trigger, &["name"])
+                .expect("a trigger name")
+                .to_string();
+            let query = yaml_str(trigger, &["metadata", "query"])
+                .expect("a query")
+                .to_string();
             queries.insert((name.clone(), trigger_name), query);
         }
     }
-    assert!(queries.len() >= 5, "expected the ScaledObjects' prometheus triggers, found {queries:?}");
+    assert!(
+        queries.len() >= 5,
+        "expected the ScaledObjects' prometheus triggers, found {queries:?}"
+    );
     queries
 }
 
@@ -293,21 +320,32 @@ fn keda_queries() -> BTreeMap<(String, String), String> {
 /// prometheus-adapter-values.yaml whose series (after its `name` rewrite) is the metric, its `metricsQuery` with
 /// the series, the HPA's selector plus the namespace as label matchers, grouped by namespace.
 fn hpa_queries() -> Vec<Query> {
-    let adapter = &yaml_documents(&repo().join("k8s/components/hpa/prometheus-adapter-values.yaml"))[0];
+    let adapter =
+        &yaml_documents(&repo().join("k8s/components/hpa/prometheus-adapter-values.yaml"))[0];
     let series_name = regex::Regex::new(r#"__name__\s*(=~|=)\s*"([^"]*)""#).expect("regex");
     // (metric name the HPA asks for, series name, metricsQuery template)
     let mut served = Vec::new();
-    for rule in adapter["rules"]["external"].as_sequence().expect("external rules") {
+    for rule in adapter["rules"]["external"]
+        .as_sequence()
+        .expect("external rules")
+    {
         let series_query = yaml_str(rule, &["seriesQuery"]).expect("seriesQuery");
-        let captures = series_name.captures(series_query).expect("a __name__ matcher");
+        let captures = series_name
+            .captures(series_query)
+            .expect("a __name__ matcher");
         let names: Vec<String> = if &captures[1] == "=~" {
             captures[2].split('|').map(String::from).collect()
         } else {
             vec![captures[2].to_string()]
         };
-        let template = yaml_str(rule, &["metricsQuery"]).expect("metricsQuery").to_string();
+        let template = yaml_str(rule, &["metricsQuery"])
+            .expect("metricsQuery")
+            .to_string();
         for series in names {
-            let exposed = match (yaml_str(rule, &["name", "matches"]), yaml_str(rule, &["name", "as"])) {
+            let exposed = match (
+                yaml_str(rule, &["name", "matches"]),
+                yaml_str(rule, &["name", "as"]),
+            ) {
                 (Some(matches), Some(replacement)) => regex::Regex::new(matches)
                     .expect("name.matches")
                     .replace(&series, replacement)
@@ -319,7 +357,9 @@ fn hpa_queries() -> Vec<Query> {
     }
     let mut queries = Vec::new();
     for document in yaml_documents(&repo().join("k8s/components/hpa/hpas.yaml")) {
-        let hpa = yaml_str(&document, &["metadata", "name"]).expect("a name").to_string();
+        let hpa = yaml_str(&document, &["metadata", "name"])
+            .expect("a name")
+            .to_string();
         for metric in document["spec"]["metrics"].as_sequence().expect("metrics") {
             if yaml_str(metric, &["type"]) != Some("External") {
                 continue;
@@ -330,7 +370,9 @@ fn hpa_queries() -> Vec<Query> {
                 .find(|(exposed, _, _)| exposed == name)
                 .unwrap_or_else(|| panic!("HPA {hpa}: no prometheus-adapter rule serves {name}"));
             let mut matchers = vec![format!("namespace=\"{NAMESPACE}\"")];
-            if let Some(labels) = metric["external"]["metric"]["selector"]["matchLabels"].as_mapping() {
+            if let Some(labels) =
+                metric["external"]["metric"]["selector"]["matchLabels"].as_mapping()
+            {
                 for (key, value) in labels {
                     matchers.push(format!(
                         "{}=\"{}\"",
@@ -348,7 +390,10 @@ fn hpa_queries() -> Vec<Query> {
             });
         }
     }
-    assert!(queries.len() >= 6, "expected the HPAs' External metrics, found {queries:?}");
+    assert!(
+        queries.len() >= 6,
+        "expected the HPAs' External metrics, found {queries:?}"
+    );
     queries
 }
 
@@ -356,19 +401,33 @@ fn hpa_queries() -> Vec<Query> {
 /// `$model` (multi-value, "All") as the regex of every value their `label_values` query finds, `$pool` once per
 /// pool (the rows repeat per pool), `$__rate_interval` 1m (4 scrape intervals would do; 1m spans the bursts).
 fn dashboard_queries(prometheus: &Prometheus) -> Vec<Query> {
-    let text = std::fs::read_to_string(repo().join("k8s/monitoring/dashboard.json")).expect("dashboard.json");
+    let text = std::fs::read_to_string(repo().join("k8s/monitoring/dashboard.json"))
+        .expect("dashboard.json");
     let dashboard: Value = serde_json::from_str(&text).expect("dashboard JSON");
     let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let label_values = regex::Regex::new(r"^\s*label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*(\w+)\s*\)\s*$").expect("regex");
-    for variable in dashboard["templating"]["list"].as_array().expect("variables") {
+    let label_values =
+        regex::Regex::new(r"^\s*label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*(\w+)\s*\)\s*$")
+            .expect("regex");
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
         if variable["type"] != "query" {
             continue;
         }
         let name = variable["name"].as_str().expect("name").to_string();
-        let query = variable["query"]["query"].as_str().or(variable["query"].as_str()).expect("query");
-        let captures = label_values.captures(query).unwrap_or_else(|| panic!("${name}: {query}"));
+        let query = variable["query"]["query"]
+            .as_str()
+            .or(variable["query"].as_str())
+            .expect("query");
+        let captures = label_values
+            .captures(query)
+            .unwrap_or_else(|| panic!("${name}: {query}"));
         let found = prometheus.label_values(&captures[1], &captures[2]);
-        assert!(!found.is_empty(), "dashboard variable ${name} ({query}) finds no value");
+        assert!(
+            !found.is_empty(),
+            "dashboard variable ${name} ({query}) finds no value"
+        );
         values.insert(name, found.into_iter().collect());
     }
     let pools = values.get("pool").cloned().expect("a pool variable");
@@ -393,10 +452,17 @@ fn dashboard_queries(prometheus: &Prometheus) -> Vec<Query> {
                 });
             }
         } else {
-            queries.push(Query { source: panel, expr: filled });
+            queries.push(Query {
+                source: panel,
+                expr: filled,
+            });
         }
     }
-    assert!(queries.len() >= 60, "expected the dashboard's targets, found {}", queries.len());
+    assert!(
+        queries.len() >= 60,
+        "expected the dashboard's targets, found {}",
+        queries.len()
+    );
     queries
 }
 
@@ -411,7 +477,9 @@ fn collect_exprs(node: &Value, title: &str, out: &mut Vec<(String, String)>) {
                 collect_exprs(value, title, out);
             }
         }
-        Value::Array(items) => items.iter().for_each(|item| collect_exprs(item, title, out)),
+        Value::Array(items) => items
+            .iter()
+            .for_each(|item| collect_exprs(item, title, out)),
         _ => {}
     }
 }
@@ -434,16 +502,18 @@ fn reads_a_series_not_exported_by_design(expr: &str) -> bool {
 /// it, the encoder cannot decode it and counts it in `kosmos_encoder_images_rejected_total{reason="decode"}`.
 fn send_an_undecodable_image(gateway: SocketAddr) -> tonic::Code {
     use kosmos_proto::v1 as pb;
-    let png = std::fs::read(repo().join("models/demo/heldout/images/000.png")).expect("a held-out image");
+    let png =
+        std::fs::read(repo().join("models/demo/heldout/images/000.png")).expect("a held-out image");
     let truncated = png[..png.len().min(120)].to_vec();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        let mut client = kosmos_proto::v1::kosmos_client::KosmosClient::connect(format!("http://{gateway}"))
-            .await
-            .expect("the gateway");
+        let mut client =
+            kosmos_proto::v1::kosmos_client::KosmosClient::connect(format!("http://{gateway}"))
+                .await
+                .expect("the gateway");
         let request = pb::GenerateRequest {
             prompt: vec![
                 pb::Segment {
@@ -471,7 +541,10 @@ fn send_an_undecodable_image(gateway: SocketAddr) -> tonic::Code {
 
 /// Runs `kosmos bench` against the gateway, (unix start, unix end).
 fn bench(gateway: SocketAddr, name: &str, args: &[&str]) -> (f64, f64) {
-    let json = std::env::temp_dir().join(format!("kosmos-live-signals-{}-{name}.json", std::process::id()));
+    let json = std::env::temp_dir().join(format!(
+        "kosmos-live-signals-{}-{name}.json",
+        std::process::id()
+    ));
     let started = now();
     let output = Command::new(env!("CARGO_BIN_EXE_kosmos"))
         .current_dir(repo())
@@ -487,7 +560,10 @@ fn bench(gateway: SocketAddr, name: &str, args: &[&str]) -> (f64, f64) {
         "kosmos bench ({name}) failed: {}\n{stdout}",
         String::from_utf8_lossy(&output.stderr)
     );
-    eprintln!("live_signals: {name} burst, {:.1} s:\n{stdout}", ended - started);
+    eprintln!(
+        "live_signals: {name} burst, {:.1} s:\n{stdout}",
+        ended - started
+    );
     (started, ended)
 }
 
@@ -510,9 +586,24 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
     std::fs::create_dir_all(&scratch).expect("scratch folder");
     let model = repo().join("models/demo").display().to_string();
     let (encoder, decoder, gateway) = (free_port(), free_port(), free_port());
-    let metrics = [("gateway", free_port()), ("encoder", free_port()), ("decoder", free_port())];
-    let metrics_of = |service: &str| metrics.iter().find(|(s, _)| *s == service).expect("service").1;
-    let metrics_listen = |service: &str| format!("metrics.listen={}", quoted(&metrics_of(service).to_string()));
+    let metrics = [
+        ("gateway", free_port()),
+        ("encoder", free_port()),
+        ("decoder", free_port()),
+    ];
+    let metrics_of = |service: &str| {
+        metrics
+            .iter()
+            .find(|(s, _)| *s == service)
+            .expect("service")
+            .1
+    };
+    let metrics_listen = |service: &str| {
+        format!(
+            "metrics.listen={}",
+            quoted(&metrics_of(service).to_string())
+        )
+    };
 
     let mut processes = Processes(vec![
         spawn_kosmos(
@@ -538,8 +629,14 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
             &[
                 format!("model_dir={}", quoted(&model)),
                 format!("listen={}", quoted(&gateway.to_string())),
-                format!("encoder.endpoints=[{}]", quoted(&format!("http://{encoder}"))),
-                format!("decoder.endpoints=[{}]", quoted(&format!("http://{decoder}"))),
+                format!(
+                    "encoder.endpoints=[{}]",
+                    quoted(&format!("http://{encoder}"))
+                ),
+                format!(
+                    "decoder.endpoints=[{}]",
+                    quoted(&format!("http://{decoder}"))
+                ),
                 "encoder.probe_interval_seconds=0.2".into(),
                 "decoder.probe_interval_seconds=0.2".into(),
                 metrics_listen("gateway"),
@@ -569,40 +666,68 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
     processes.0.push((
         "prometheus",
         Command::new(&prometheus_bin)
-            .arg(format!("--config.file={}", scratch.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", scratch.join("tsdb").display()))
+            .arg(format!(
+                "--config.file={}",
+                scratch.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                scratch.join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={prometheus_addr}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&prometheus_log).expect("log")))
+            .stderr(Stdio::from(
+                std::fs::File::create(&prometheus_log).expect("log"),
+            ))
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", prometheus_bin.display())),
     ));
-    let prometheus = Prometheus { address: prometheus_addr };
+    let prometheus = Prometheus {
+        address: prometheus_addr,
+    };
 
     // Everything up: Prometheus ready, the gateway seeing both pools, every target scraped.
     wait_for("Prometheus to be ready", Duration::from_secs(60), || {
         processes.assert_running();
         matches!(http_get(prometheus_addr, "/-/ready"), Ok((200, _))).then_some(())
     });
-    wait_for("the three services to be up and both pools ready", Duration::from_secs(180), || {
-        processes.assert_running();
-        let ready = prometheus.query_at(
-            "min by (pool) (kosmos_gateway_pool_ready_replicas{job=\"kosmos-gateway\"})",
-            now(),
-        );
-        let up = prometheus.query_at("up == 1", now());
-        (up.len() == 3 && ready.len() == 2 && ready.iter().all(|(_, v)| *v >= 1.0)).then_some(())
-    });
-    eprintln!("live_signals: cluster and Prometheus up after {:.1} s", test_started.elapsed().as_secs_f64());
+    wait_for(
+        "the three services to be up and both pools ready",
+        Duration::from_secs(180),
+        || {
+            processes.assert_running();
+            let ready = prometheus.query_at(
+                "min by (pool) (kosmos_gateway_pool_ready_replicas{job=\"kosmos-gateway\"})",
+                now(),
+            );
+            let up = prometheus.query_at("up == 1", now());
+            (up.len() == 3 && ready.len() == 2 && ready.iter().all(|(_, v)| *v >= 1.0))
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "live_signals: cluster and Prometheus up after {:.1} s",
+        test_started.elapsed().as_secs_f64()
+    );
 
     // Image-heavy: many large fresh images per request, one output token. Text-heavy: no image, long outputs.
     let images = bench(
         gateway,
         "image-heavy",
         &[
-            "--concurrency", "8", "--duration", "12", "--images-per-request", "4", "--image-size", "640x480",
-            "--output-tokens", "1", "--prompt-words", "3",
+            "--concurrency",
+            "8",
+            "--duration",
+            "12",
+            "--images-per-request",
+            "4",
+            "--image-size",
+            "640x480",
+            "--output-tokens",
+            "1",
+            "--prompt-words",
+            "3",
         ],
     );
     std::thread::sleep(Duration::from_secs(3 * SCRAPE_SECONDS));
@@ -610,14 +735,31 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
         gateway,
         "text-heavy",
         &[
-            "--concurrency", "12", "--duration", "12", "--images-per-request", "0", "--output-tokens", "48..64",
-            "--prompt-words", "8..16", "--temperature", "1",
+            "--concurrency",
+            "12",
+            "--duration",
+            "12",
+            "--images-per-request",
+            "0",
+            "--output-tokens",
+            "48..64",
+            "--prompt-words",
+            "8..16",
+            "--temperature",
+            "1",
         ],
     );
     // A few requests the gateway refuses, so the dashboard's error panels have a non-OK status to show.
-    bench(gateway, "refused", &["--requests", "2", "--output-tokens", "100000"]);
+    bench(
+        gateway,
+        "refused",
+        &["--requests", "2", "--output-tokens", "100000"],
+    );
     // And an image only the encoder can refuse, for the dashboard's rejected-images panels.
-    assert_eq!(send_an_undecodable_image(gateway), tonic::Code::InvalidArgument);
+    assert_eq!(
+        send_an_undecodable_image(gateway),
+        tonic::Code::InvalidArgument
+    );
     std::thread::sleep(Duration::from_secs(3 * SCRAPE_SECONDS));
 
     // The KEDA triggers over each burst (its first scrape interval skipped: the load is still ramping up).
@@ -635,8 +777,11 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
         assert!(!values.is_empty(), "no values of `{expr}` over the burst");
         values
     };
-    let (enc_img, enc_images_img, dec_img) =
-        (over(&encoder_calls, images), over(&encoder_images, images), over(&decoder_calls, images));
+    let (enc_img, enc_images_img, dec_img) = (
+        over(&encoder_calls, images),
+        over(&encoder_images, images),
+        over(&decoder_calls, images),
+    );
     let (enc_txt, dec_txt) = (over(&encoder_calls, text), over(&decoder_calls, text));
     eprintln!(
         "live_signals: image-heavy burst: encoder-calls mean {:.1} max {:.0}, encoder-images mean {:.1} max {:.0}, \
@@ -656,14 +801,27 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
         max(&dec_txt)
     );
     // The encoder's signal rises on images and the decoder's stays well below it; the other way round on text.
-    assert!(mean(&enc_img) >= 4.0, "encoder-calls did not rise on the image-heavy burst: {enc_img:?}");
-    assert!(mean(&enc_images_img) >= 4.0, "encoder-images did not rise: {enc_images_img:?}");
+    assert!(
+        mean(&enc_img) >= 4.0,
+        "encoder-calls did not rise on the image-heavy burst: {enc_img:?}"
+    );
+    assert!(
+        mean(&enc_images_img) >= 4.0,
+        "encoder-images did not rise: {enc_images_img:?}"
+    );
     assert!(
         mean(&dec_img) * 2.0 <= mean(&enc_img),
         "decoder-calls ({dec_img:?}) not low against encoder-calls ({enc_img:?}) on the image-heavy burst"
     );
-    assert!(mean(&dec_txt) >= 4.0, "decoder-calls did not rise on the text-heavy burst: {dec_txt:?}");
-    assert_eq!(max(&enc_txt), 0.0, "encoder-calls moved on a burst without images: {enc_txt:?}");
+    assert!(
+        mean(&dec_txt) >= 4.0,
+        "decoder-calls did not rise on the text-heavy burst: {dec_txt:?}"
+    );
+    assert_eq!(
+        max(&enc_txt),
+        0.0,
+        "encoder-calls moved on a burst without images: {enc_txt:?}"
+    );
 
     // Every query returns a value now (the rate windows span the bursts).
     let at = now();
@@ -685,7 +843,11 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
             continue;
         }
         if reads_a_series_not_exported_by_design(&query.expr) {
-            assert!(result.is_empty(), "{}: pending images of the decoder pool exist now", query.source);
+            assert!(
+                result.is_empty(),
+                "{}: pending images of the decoder pool exist now",
+                query.source
+            );
             continue;
         }
         // A series without recent traffic may read NaN (a quantile of no rate), as in Grafana; at least one must
@@ -699,7 +861,11 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
         queries.len(),
         external.len()
     );
-    assert!(empty.is_empty(), "queries without a value:\n{}", empty.join("\n"));
+    assert!(
+        empty.is_empty(),
+        "queries without a value:\n{}",
+        empty.join("\n")
+    );
 
     // The rules: every group of rules.yaml loaded, every rule evaluated without error, every recording rule
     // with a value.
@@ -715,16 +881,26 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
             )
         })
         .collect();
-    let loaded = wait_for("every rule to be evaluated", Duration::from_secs(30), || {
-        let data = prometheus.api("/api/v1/rules", "rules");
-        let groups = data["groups"].as_array().expect("groups").clone();
-        let evaluated = groups.iter().all(|group| {
-            group["rules"].as_array().is_some_and(|rules| {
-                rules.iter().all(|rule| rule["health"] != "unknown" && !rule["lastEvaluation"].as_str().unwrap_or("0001").starts_with("0001"))
-            })
-        });
-        evaluated.then_some(groups)
-    });
+    let loaded = wait_for(
+        "every rule to be evaluated",
+        Duration::from_secs(30),
+        || {
+            let data = prometheus.api("/api/v1/rules", "rules");
+            let groups = data["groups"].as_array().expect("groups").clone();
+            let evaluated = groups.iter().all(|group| {
+                group["rules"].as_array().is_some_and(|rules| {
+                    rules.iter().all(|rule| {
+                        rule["health"] != "unknown"
+                            && !rule["lastEvaluation"]
+                                .as_str()
+                                .unwrap_or("0001")
+                                .starts_with("0001")
+                    })
+                })
+            });
+            evaluated.then_some(groups)
+        },
+    );
     let mut loaded_groups: Vec<(String, usize)> = loaded
         .iter()
         .map(|group| {
@@ -737,7 +913,10 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
     loaded_groups.sort();
     let mut groups = groups;
     groups.sort();
-    assert_eq!(loaded_groups, groups, "Prometheus loaded other rule groups than rules.yaml has");
+    assert_eq!(
+        loaded_groups, groups,
+        "Prometheus loaded other rule groups than rules.yaml has"
+    );
     let mut recorded = 0;
     for group in &loaded {
         for rule in group["rules"].as_array().expect("rules") {

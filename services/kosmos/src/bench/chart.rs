@@ -18,7 +18,8 @@ struct Series {
 /// Writes the chart of `runs` to `path` (SVG).
 pub fn write_svg(path: &Path, runs: &[Run], title: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
-        path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("svg")),
+        path.extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("svg")),
         "--chart writes SVG: give a file name ending in .svg, got {}",
         path.display()
     );
@@ -36,7 +37,8 @@ pub fn write_svg(path: &Path, runs: &[Run], title: &str) -> anyhow::Result<()> {
         .max(1.0)
         * 1.15;
     let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
-    let draw_error = |err: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {err}", path.display());
+    let draw_error =
+        |err: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {err}", path.display());
     root.fill(&WHITE).map_err(|e| draw_error(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
@@ -57,9 +59,15 @@ pub fn write_svg(path: &Path, runs: &[Run], title: &str) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(line.points.clone(), colour.stroke_width(2)))
             .map_err(|e| draw_error(&e))?
             .label(line.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
         chart
-            .draw_series(line.points.iter().map(|point| Circle::new(*point, 4, colour.filled())))
+            .draw_series(
+                line.points
+                    .iter()
+                    .map(|point| Circle::new(*point, 4, colour.filled())),
+            )
             .map_err(|e| draw_error(&e))?;
     }
     // Each point of the last line is labelled with its offered load.
@@ -92,10 +100,18 @@ fn series(runs: &[Run]) -> Vec<Series> {
             .collect(),
     };
     [
-        line("TTFT p50", RGBColor(31, 119, 180), &|run| run.summary.ttft_ms.p50),
-        line("TTFT p99", RGBColor(174, 199, 232), &|run| run.summary.ttft_ms.p99),
-        line("end-to-end p50", RGBColor(214, 39, 40), &|run| run.summary.e2e_ms.p50),
-        line("end-to-end p99", RGBColor(255, 152, 150), &|run| run.summary.e2e_ms.p99),
+        line("TTFT p50", RGBColor(31, 119, 180), &|run| {
+            run.summary.ttft_ms.p50
+        }),
+        line("TTFT p99", RGBColor(174, 199, 232), &|run| {
+            run.summary.ttft_ms.p99
+        }),
+        line("end-to-end p50", RGBColor(214, 39, 40), &|run| {
+            run.summary.e2e_ms.p50
+        }),
+        line("end-to-end p99", RGBColor(255, 152, 150), &|run| {
+            run.summary.e2e_ms.p99
+        }),
     ]
     .into_iter()
     .filter(|series| !series.points.is_empty())

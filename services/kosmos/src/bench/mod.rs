@@ -54,7 +54,9 @@ impl FromStr for Rate {
         }
         match text.parse::<f64>() {
             Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(Self(Some(rate))),
-            _ => Err(format!("a rate is a positive number of requests/s or `inf`, got `{text}`")),
+            _ => Err(format!(
+                "a rate is a positive number of requests/s or `inf`, got `{text}`"
+            )),
         }
     }
 }
@@ -80,7 +82,9 @@ impl FromStr for Length {
             }
         };
         if min > max {
-            return Err(format!("the range `{text}` is empty (its minimum exceeds its maximum)"));
+            return Err(format!(
+                "the range `{text}` is empty (its minimum exceeds its maximum)"
+            ));
         }
         Ok(Self(LengthRange { min, max }))
     }
@@ -97,14 +101,18 @@ impl FromStr for ImageSize {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let parsed = text
-            .split_once(['x', 'X'])
-            .and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?)));
+        let parsed = text.split_once(['x', 'X']).and_then(|(w, h)| {
+            Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?))
+        });
         match parsed {
-            Some((width, height)) if width >= 8 && height >= 8 && width <= 8192 && height <= 8192 => {
+            Some((width, height))
+                if width >= 8 && height >= 8 && width <= 8192 && height <= 8192 =>
+            {
                 Ok(Self { width, height })
             }
-            _ => Err(format!("an image size is WIDTHxHEIGHT, each in 8..=8192 pixels, got `{text}`")),
+            _ => Err(format!(
+                "an image size is WIDTHxHEIGHT, each in 8..=8192 pixels, got `{text}`"
+            )),
         }
     }
 }
@@ -119,7 +127,12 @@ pub struct BenchArgs {
     mode: BenchMode,
     /// Open loop: Poisson arrivals at this many requests/s (`inf`: all at once); a comma list (`1,2,4`) runs a
     /// sweep, one run per rate.
-    #[arg(long, value_delimiter = ',', value_name = "REQ/S", conflicts_with = "concurrency")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "REQ/S",
+        conflicts_with = "concurrency"
+    )]
     rate: Vec<Rate>,
     /// Closed loop: this many clients, each sending its next request when the previous one completes (the
     /// default, with 1, when no --rate is given).
@@ -197,7 +210,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency.unwrap_or(1),
         }]
     } else {
-        args.rate.iter().map(|rate| Load::Poisson { rate: rate.0 }).collect()
+        args.rate
+            .iter()
+            .map(|rate| Load::Poisson { rate: rate.0 })
+            .collect()
     };
     let bound = match (args.requests, args.duration) {
         (Some(count), _) => Bound::Requests(count),
@@ -243,7 +259,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         image_pool: args.image_pool,
         prompt_words: args.prompt_words.0,
         output_tokens: args.output_tokens.0,
-        score_candidates: if mode == Mode::Score { args.score_candidates } else { 0 },
+        score_candidates: if mode == Mode::Score {
+            args.score_candidates
+        } else {
+            0
+        },
     };
     anyhow::ensure!(
         spec.images_per_request > 0 || spec.prompt_words.min > 0,
@@ -259,7 +279,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let info = client
         .get_model_info(pb::GetModelInfoRequest::default())
         .await
-        .map_err(|status| anyhow::anyhow!("GetModelInfo: {:?}: {}", status.code(), status.message()))?
+        .map_err(|status| {
+            anyhow::anyhow!("GetModelInfo: {:?}: {}", status.code(), status.message())
+        })?
         .into_inner();
     let target = args.connection.uri();
     eprintln!(
@@ -311,7 +333,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             run: number as u32,
         };
         let progress = progress_bar(&report::describe_load(load));
-        let (records, duration) = runner::run(client.clone(), workload.clone(), &params, &progress).await?;
+        let (records, duration) =
+            runner::run(client.clone(), workload.clone(), &params, &progress).await?;
         progress.finish_and_clear();
         let summary = stats::summarize(&records, duration);
         debug_assert_eq!(
@@ -340,14 +363,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.chart {
         let title = format!(
             "kosmos bench · {} · {}",
-            report.config.mode,
-            report.config.images
+            report.config.mode, report.config.images
         );
         chart::write_svg(path, &report.runs, &title)?;
         eprintln!("wrote {}", path.display());
@@ -364,8 +387,10 @@ fn progress_bar(load: &str) -> ProgressBar {
     }
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} requests")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} requests",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(load.to_string());
     bar
@@ -377,9 +402,18 @@ mod tests {
 
     #[test]
     fn lengths_are_fixed_or_ranges() {
-        assert_eq!("48".parse::<Length>().unwrap().0, LengthRange { min: 48, max: 48 });
-        assert_eq!("48..64".parse::<Length>().unwrap().0, LengthRange { min: 48, max: 64 });
-        assert_eq!("1..=3".parse::<Length>().unwrap().0, LengthRange { min: 1, max: 3 });
+        assert_eq!(
+            "48".parse::<Length>().unwrap().0,
+            LengthRange { min: 48, max: 48 }
+        );
+        assert_eq!(
+            "48..64".parse::<Length>().unwrap().0,
+            LengthRange { min: 48, max: 64 }
+        );
+        assert_eq!(
+            "1..=3".parse::<Length>().unwrap().0,
+            LengthRange { min: 1, max: 3 }
+        );
         assert!("64..48".parse::<Length>().is_err());
         assert!("many".parse::<Length>().is_err());
     }

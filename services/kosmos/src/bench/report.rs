@@ -106,7 +106,10 @@ pub fn sweep_table(runs: &[Run]) -> String {
         out,
         "| load | OK | errors | req/s | output tok/s | goodput req/s | TTFT p50 | TTFT p99 | TPOT p50 | ITL p99 | E2E p50 | E2E p99 |"
     );
-    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for run in runs {
         let s = &run.summary;
         let _ = writeln!(
@@ -136,9 +139,18 @@ mod tests {
 
     #[test]
     fn loads_read_plainly() {
-        assert_eq!(describe_load(&Load::Poisson { rate: Some(2.5) }), "rate 2.5 req/s");
-        assert_eq!(describe_load(&Load::Poisson { rate: Some(4.0) }), "rate 4 req/s");
+        assert_eq!(
+            describe_load(&Load::Poisson { rate: Some(2.5) }),
+            "rate 2.5 req/s"
+        );
+        assert_eq!(
+            describe_load(&Load::Poisson { rate: Some(4.0) }),
+            "rate 4 req/s"
+        );
         assert_eq!(describe_load(&Load::Poisson { rate: None }), "rate inf");
-        assert_eq!(describe_load(&Load::Concurrency { concurrency: 3 }), "concurrency 3");
+        assert_eq!(
+            describe_load(&Load::Concurrency { concurrency: 3 }),
+            "concurrency 3"
+        );
     }
 }

@@ -89,7 +89,9 @@ pub fn arrivals(seed: u64, rate: Option<f64>, bound: Bound) -> anyhow::Result<Ve
     match (rate, bound) {
         (None, Bound::Requests(count)) => offsets.resize(count as usize, Duration::ZERO),
         (None, Bound::Duration(_)) => {
-            anyhow::bail!("--rate inf sends every request at once: bound it with --requests, not --duration")
+            anyhow::bail!(
+                "--rate inf sends every request at once: bound it with --requests, not --duration"
+            )
         }
         (Some(rate), bound) => loop {
             let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
@@ -159,8 +161,12 @@ async fn closed_loop(
     let started = Instant::now();
     let mut clients = JoinSet::new();
     for _ in 0..concurrency {
-        let (client, workload, prepared, next) =
-            (client.clone(), workload.clone(), prepared.clone(), next.clone());
+        let (client, workload, prepared, next) = (
+            client.clone(),
+            workload.clone(),
+            prepared.clone(),
+            next.clone(),
+        );
         let params = params.clone();
         let progress = progress.clone();
         clients.spawn(async move {
@@ -177,7 +183,8 @@ async fn closed_loop(
                         tokio::task::spawn_blocking(move || workload.request(run, index)).await??
                     }
                 };
-                records.push(execute(client.clone(), request, &params, started, Duration::ZERO).await);
+                records
+                    .push(execute(client.clone(), request, &params, started, Duration::ZERO).await);
                 progress.inc(1);
             }
             anyhow::Ok(records)
@@ -190,10 +197,18 @@ async fn closed_loop(
     Ok(records)
 }
 
-async fn prepare_all(workload: &Arc<Workload>, run: u32, count: u64) -> anyhow::Result<Vec<PreparedRequest>> {
+async fn prepare_all(
+    workload: &Arc<Workload>,
+    run: u32,
+    count: u64,
+) -> anyhow::Result<Vec<PreparedRequest>> {
     let workload = workload.clone();
-    tokio::task::spawn_blocking(move || (0..count).map(|index| workload.request(run, index)).collect())
-        .await?
+    tokio::task::spawn_blocking(move || {
+        (0..count)
+            .map(|index| workload.request(run, index))
+            .collect()
+    })
+    .await?
 }
 
 /// What one call produced, before it becomes a record.
@@ -217,7 +232,9 @@ async fn execute(
     let sent = Instant::now();
     let call = async {
         match params.mode {
-            Mode::GenerateStream => generate_stream(&mut client, &request, params.temperature, sent).await,
+            Mode::GenerateStream => {
+                generate_stream(&mut client, &request, params.temperature, sent).await
+            }
             Mode::Score => score(&mut client, &request).await,
         }
     };
@@ -316,7 +333,10 @@ async fn generate_stream(
     Ok(observed)
 }
 
-async fn score(client: &mut KosmosClient<Channel>, request: &PreparedRequest) -> Result<Observed, tonic::Status> {
+async fn score(
+    client: &mut KosmosClient<Channel>,
+    request: &PreparedRequest,
+) -> Result<Observed, tonic::Status> {
     let response = client
         .score(pb::ScoreRequest {
             prompt: request.prompt.clone(),
@@ -388,14 +408,27 @@ mod tests {
     fn a_duration_bounds_the_arrivals_and_inf_sends_all_at_once() {
         let within = arrivals(1, Some(10.0), Bound::Duration(Duration::from_secs(5))).unwrap();
         assert!(within.iter().all(|offset| *offset < Duration::from_secs(5)));
-        assert!((25..=80).contains(&within.len()), "{} arrivals", within.len());
-        assert_eq!(arrivals(1, None, Bound::Requests(3)).unwrap(), vec![Duration::ZERO; 3]);
+        assert!(
+            (25..=80).contains(&within.len()),
+            "{} arrivals",
+            within.len()
+        );
+        assert_eq!(
+            arrivals(1, None, Bound::Requests(3)).unwrap(),
+            vec![Duration::ZERO; 3]
+        );
         assert!(arrivals(1, None, Bound::Duration(Duration::from_secs(1))).is_err());
     }
 
     #[test]
     fn code_names_match_the_grpc_spelling() {
-        assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
-        assert_eq!(code_name(tonic::Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
     }
 }

@@ -110,7 +110,12 @@ pub fn summarize(records: &[RequestRecord], duration_seconds: f64) -> Summary {
 mod tests {
     use super::*;
 
-    fn record(status: &str, ttft_ms: Option<f64>, tpot_ms: Option<f64>, e2e_ms: f64) -> RequestRecord {
+    fn record(
+        status: &str,
+        ttft_ms: Option<f64>,
+        tpot_ms: Option<f64>,
+        e2e_ms: f64,
+    ) -> RequestRecord {
         RequestRecord {
             index: 0,
             sent_ms: 0.0,
@@ -151,7 +156,10 @@ mod tests {
         assert_eq!(empty.count, 0);
         assert!(empty.mean.is_none() && empty.p50.is_none() && empty.max.is_none());
         let some = stats(vec![3.0, 1.0, 2.0]);
-        assert_eq!((some.mean, some.p50, some.max), (Some(2.0), Some(2.0), Some(3.0)));
+        assert_eq!(
+            (some.mean, some.p50, some.max),
+            (Some(2.0), Some(2.0), Some(3.0))
+        );
     }
 
     #[test]
@@ -163,8 +171,14 @@ mod tests {
         assert!(slo.met_by(&record("OK", Some(100.0), Some(10.0), 130.0)));
         assert!(!slo.met_by(&record("OK", Some(101.0), Some(5.0), 130.0)));
         assert!(!slo.met_by(&record("OK", Some(50.0), Some(11.0), 130.0)));
-        assert!(slo.met_by(&record("OK", Some(50.0), None, 50.0)), "one token has no TPOT");
-        assert!(!slo.met_by(&record("OK", None, None, 150.0)), "Score: e2e against the TTFT objective");
+        assert!(
+            slo.met_by(&record("OK", Some(50.0), None, 50.0)),
+            "one token has no TPOT"
+        );
+        assert!(
+            !slo.met_by(&record("OK", None, None, 150.0)),
+            "Score: e2e against the TTFT objective"
+        );
         assert!(!slo.met_by(&record("UNAVAILABLE", Some(1.0), Some(1.0), 2.0)));
         assert!(Slo::default().met_by(&record("OK", Some(1e9), Some(1e9), 1e9)));
     }

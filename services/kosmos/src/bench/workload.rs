@@ -18,9 +18,10 @@ use crate::client::{image_bytes_segment, text_segment};
 /// Words prompts and Score candidates are made of: the demo model's little world (shapes, colours, words)
 /// and common English, so the tokenizer sees ordinary text.
 const WORDS: &[&str] = &[
-    "a", "an", "the", "image", "of", "picture", "with", "and", "red", "green", "blue", "yellow", "purple", "orange",
-    "circle", "square", "triangle", "cross", "star", "word", "shows", "on", "left", "right", "top", "bottom", "big",
-    "small", "two", "three", "what", "color", "is", "where", "question", "answer",
+    "a", "an", "the", "image", "of", "picture", "with", "and", "red", "green", "blue", "yellow",
+    "purple", "orange", "circle", "square", "triangle", "cross", "star", "word", "shows", "on",
+    "left", "right", "top", "bottom", "big", "small", "two", "three", "what", "color", "is",
+    "where", "question", "answer",
 ];
 
 /// Where images come from.
@@ -140,7 +141,9 @@ impl Workload {
         let mut image_bytes = 0u64;
         for slot in 0..spec.images_per_request {
             let data = if reused_images {
-                self.pool[rng.random_range(0..self.pool.len())].as_ref().clone()
+                self.pool[rng.random_range(0..self.pool.len())]
+                    .as_ref()
+                    .clone()
             } else {
                 self.fresh_image(run, index, slot)?
             };
@@ -275,7 +278,10 @@ fn read_folder(dir: &Path) -> anyhow::Result<Vec<RgbImage>> {
             path.extension()
                 .and_then(|ext| ext.to_str())
                 .is_some_and(|ext| {
-                    matches!(ext.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "webp")
+                    matches!(
+                        ext.to_ascii_lowercase().as_str(),
+                        "png" | "jpg" | "jpeg" | "webp"
+                    )
                 })
         })
         .collect();
@@ -335,7 +341,10 @@ mod tests {
         for index in 0..8 {
             let (x, y) = (a.request(0, index).unwrap(), b.request(0, index).unwrap());
             assert_eq!(x.prompt, y.prompt);
-            assert_eq!((x.max_new_tokens, x.prompt_words), (y.max_new_tokens, y.prompt_words));
+            assert_eq!(
+                (x.max_new_tokens, x.prompt_words),
+                (y.max_new_tokens, y.prompt_words)
+            );
             assert!((4..=9).contains(&x.max_new_tokens) && (2..=5).contains(&x.prompt_words));
             assert_eq!(x.images, 2);
         }
@@ -348,13 +357,19 @@ mod tests {
         for run in 0..2 {
             for index in 0..6 {
                 for data in image_data(&workload.request(run, index).unwrap()) {
-                    assert!(seen.insert(data), "run {run} request {index} repeats an image");
+                    assert!(
+                        seen.insert(data),
+                        "run {run} request {index} repeats an image"
+                    );
                 }
             }
         }
         let reusing = Workload::new(spec(1.0)).unwrap();
-        let pool: std::collections::HashSet<Vec<u8>> =
-            reusing.pool.iter().map(|data| data.as_ref().clone()).collect();
+        let pool: std::collections::HashSet<Vec<u8>> = reusing
+            .pool
+            .iter()
+            .map(|data| data.as_ref().clone())
+            .collect();
         for index in 0..6 {
             let request = reusing.request(1, index).unwrap();
             assert!(request.reused_images);
