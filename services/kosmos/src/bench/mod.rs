@@ -403,15 +403,15 @@ mod tests {
     #[test]
     fn lengths_are_fixed_or_ranges() {
         assert_eq!(
-            "48".parse::<Length>().unwrap().0,
+            "48".parse::<Length>().expect("a test value").0,
             LengthRange { min: 48, max: 48 }
         );
         assert_eq!(
-            "48..64".parse::<Length>().unwrap().0,
+            "48..64".parse::<Length>().expect("a test value").0,
             LengthRange { min: 48, max: 64 }
         );
         assert_eq!(
-            "1..=3".parse::<Length>().unwrap().0,
+            "1..=3".parse::<Length>().expect("a test value").0,
             LengthRange { min: 1, max: 3 }
         );
         assert!("64..48".parse::<Length>().is_err());
@@ -420,11 +420,14 @@ mod tests {
 
     #[test]
     fn rates_and_sizes_parse() {
-        assert_eq!("2.5".parse::<Rate>().unwrap(), Rate(Some(2.5)));
-        assert_eq!("inf".parse::<Rate>().unwrap(), Rate(None));
+        assert_eq!(
+            "2.5".parse::<Rate>().expect("a test value"),
+            Rate(Some(2.5))
+        );
+        assert_eq!("inf".parse::<Rate>().expect("a test value"), Rate(None));
         assert!("0".parse::<Rate>().is_err() && "-1".parse::<Rate>().is_err());
         assert_eq!(
-            "640x480".parse::<ImageSize>().unwrap(),
+            "640x480".parse::<ImageSize>().expect("a test value"),
             ImageSize {
                 width: 640,
                 height: 480

@@ -393,9 +393,15 @@ mod tests {
 
     #[test]
     fn poisson_arrivals_are_seeded_and_average_the_rate() {
-        let a = arrivals(3, Some(50.0), Bound::Requests(2000)).unwrap();
-        assert_eq!(a, arrivals(3, Some(50.0), Bound::Requests(2000)).unwrap());
-        assert_ne!(a, arrivals(4, Some(50.0), Bound::Requests(2000)).unwrap());
+        let a = arrivals(3, Some(50.0), Bound::Requests(2000)).expect("a test value");
+        assert_eq!(
+            a,
+            arrivals(3, Some(50.0), Bound::Requests(2000)).expect("a test value")
+        );
+        assert_ne!(
+            a,
+            arrivals(4, Some(50.0), Bound::Requests(2000)).expect("a test value")
+        );
         assert_eq!(a.len(), 2000);
         assert_eq!(a[0], Duration::ZERO);
         assert!(a.windows(2).all(|pair| pair[0] <= pair[1]));
@@ -406,7 +412,8 @@ mod tests {
 
     #[test]
     fn a_duration_bounds_the_arrivals_and_inf_sends_all_at_once() {
-        let within = arrivals(1, Some(10.0), Bound::Duration(Duration::from_secs(5))).unwrap();
+        let within =
+            arrivals(1, Some(10.0), Bound::Duration(Duration::from_secs(5))).expect("a test value");
         assert!(within.iter().all(|offset| *offset < Duration::from_secs(5)));
         assert!(
             (25..=80).contains(&within.len()),
@@ -414,7 +421,7 @@ mod tests {
             within.len()
         );
         assert_eq!(
-            arrivals(1, None, Bound::Requests(3)).unwrap(),
+            arrivals(1, None, Bound::Requests(3)).expect("a test value"),
             vec![Duration::ZERO; 3]
         );
         assert!(arrivals(1, None, Bound::Duration(Duration::from_secs(1))).is_err());

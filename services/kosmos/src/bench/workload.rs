@@ -336,10 +336,13 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_requests() {
-        let a = Workload::new(spec(0.5)).unwrap();
-        let b = Workload::new(spec(0.5)).unwrap();
+        let a = Workload::new(spec(0.5)).expect("a test value");
+        let b = Workload::new(spec(0.5)).expect("a test value");
         for index in 0..8 {
-            let (x, y) = (a.request(0, index).unwrap(), b.request(0, index).unwrap());
+            let (x, y) = (
+                a.request(0, index).expect("a test value"),
+                b.request(0, index).expect("a test value"),
+            );
             assert_eq!(x.prompt, y.prompt);
             assert_eq!(
                 (x.max_new_tokens, x.prompt_words),
@@ -352,11 +355,11 @@ mod tests {
 
     #[test]
     fn fresh_images_are_never_sent_twice_and_pool_images_come_from_the_pool() {
-        let workload = Workload::new(spec(0.0)).unwrap();
+        let workload = Workload::new(spec(0.0)).expect("a test value");
         let mut seen = std::collections::HashSet::new();
         for run in 0..2 {
             for index in 0..6 {
-                for data in image_data(&workload.request(run, index).unwrap()) {
+                for data in image_data(&workload.request(run, index).expect("a test value")) {
                     assert!(
                         seen.insert(data),
                         "run {run} request {index} repeats an image"
@@ -364,14 +367,14 @@ mod tests {
                 }
             }
         }
-        let reusing = Workload::new(spec(1.0)).unwrap();
+        let reusing = Workload::new(spec(1.0)).expect("a test value");
         let pool: std::collections::HashSet<Vec<u8>> = reusing
             .pool
             .iter()
             .map(|data| data.as_ref().clone())
             .collect();
         for index in 0..6 {
-            let request = reusing.request(1, index).unwrap();
+            let request = reusing.request(1, index).expect("a test value");
             assert!(request.reused_images);
             assert!(image_data(&request).iter().all(|data| pool.contains(data)));
         }
@@ -379,9 +382,9 @@ mod tests {
 
     #[test]
     fn generated_images_have_the_size_asked_for() {
-        let workload = Workload::new(spec(0.0)).unwrap();
-        let data = image_data(&workload.request(0, 0).unwrap()).remove(0);
-        let image = image::load_from_memory(&data).unwrap();
+        let workload = Workload::new(spec(0.0)).expect("a test value");
+        let data = image_data(&workload.request(0, 0).expect("a test value")).remove(0);
+        let image = image::load_from_memory(&data).expect("a test value");
         assert_eq!((image.width(), image.height()), (32, 24));
     }
 }
