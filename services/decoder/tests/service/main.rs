@@ -5,6 +5,6 @@ mod batching;
 mod common;
 mod lifecycle;
 mod metrics;
-use kosmos_runtime::testing::metrics as metrics_catalogue;
+use kosmos_testkit::metrics as metrics_catalogue;
 mod parity;
 mod validation;

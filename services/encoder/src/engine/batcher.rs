@@ -296,7 +296,7 @@ mod tests {
             delay: Duration::from_millis(model_ms),
         };
         let (handle, thread, _startup) =
-            start(settings, move || Ok((encoder, ()))).expect("engine starts");
+            start(settings, None, move || Ok((encoder, ()))).expect("engine starts");
         (handle, thread, batches)
     }
 
