@@ -119,9 +119,9 @@ pub struct RawPreprocess {
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
-            model_dir: PathBuf::new(),
-            device: "cpu".into(),
             dtype: "f32".into(),
+            device: "cpu".into(),
+            model_dir: PathBuf::new(),
             limits: RawLimits::default(),
             batching: RawBatching::default(),
             preprocess: RawPreprocess::default(),
