@@ -33,7 +33,7 @@ COPY models/demo /usr/share/kosmos/models/demo
 ENV HOME=/tmp RUST_LOG=info
 WORKDIR /usr/share/kosmos
 USER 65532:65532
-EXPOSE 50051 50052 9090
+EXPOSE 50051 50052 50053 9090
 ENTRYPOINT ["/usr/local/bin/kosmos"]
 CMD ["--help"]
 
@@ -77,6 +77,6 @@ ENV HOME=/tmp CUDA_CACHE_PATH=/tmp/cuda-cache RUST_LOG=info \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /usr/share/kosmos
 USER 65532:65532
-EXPOSE 50051 50052 9090
+EXPOSE 50051 50052 50053 9090
 ENTRYPOINT ["/usr/local/bin/kosmos"]
 CMD ["--help"]

@@ -2,7 +2,6 @@
 //! `kosmos_runtime::config`) validated into [`DecoderConfig`].
 //!
 //! ```toml
-//! listen = "0.0.0.0:50052"
 //! model_dir = "/models/kosmos-2"
 //! device = "cpu"            # cpu, cuda, cuda:N
 //! dtype = "f32"             # f32, f16, bf16
@@ -19,27 +18,31 @@
 //! stalled_poll_seconds = 0.002
 //!
 //! [limits]
-//! max_message_bytes = 67108864
 //! max_score_candidates = 64
 //! max_candidate_tokens = 256
 //!
-//! [server]
+//! [server]                  # shared by every service (kosmos_runtime::config)
+//! listen = "0.0.0.0:50053"
 //! drain_timeout_seconds = 30.0
 //! log_json = false
+//!
+//! [grpc]
+//! max_message_bytes = 67108864
+//! keepalive_interval_seconds = 0.0   # 0: no keepalive pings
 //!
 //! [metrics]
 //! listen = "0.0.0.0:9090"   # GET /metrics (Prometheus text); port 0: any free port
 //! ```
 
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kosmos_runtime::config::{Layers, seconds};
+use kosmos_runtime::config::{
+    ConfigError, Layers, RawGrpc, RawMetrics, RawServer, ServerSettings, invalid, required_path,
+    seconds,
+};
 use serde::{Deserialize, Serialize};
-
-use crate::error::StartError;
 
 /// The prefix of the decoder's environment variables.
 pub const ENV_PREFIX: &str = "KOSMOS_DECODER";
@@ -48,8 +51,6 @@ pub const ENV_PREFIX: &str = "KOSMOS_DECODER";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    /// gRPC listen address.
-    pub listen: String,
     /// The model directory (Hugging Face layout); only its text half is loaded.
     pub model_dir: PathBuf,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -62,24 +63,26 @@ pub struct RawConfig {
     pub scheduler: RawScheduler,
     /// Request limits.
     pub limits: RawLimits,
-    /// Serving.
+    /// Serving (shared section).
     pub server: RawServer,
-    /// Prometheus metrics.
-    pub metrics: kosmos_runtime::config::RawMetrics,
+    /// Transport (shared section).
+    pub grpc: RawGrpc,
+    /// Prometheus metrics (shared section).
+    pub metrics: RawMetrics,
 }
 
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:50052".into(),
             model_dir: PathBuf::new(),
             device: "cpu".into(),
             dtype: "f32".into(),
             image_placeholder_first_id: 4,
             scheduler: RawScheduler::default(),
             limits: RawLimits::default(),
-            server: RawServer::default(),
-            metrics: kosmos_runtime::config::RawMetrics::default(),
+            server: RawServer::on_port(50053),
+            grpc: RawGrpc::default(),
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -126,8 +129,6 @@ impl Default for RawScheduler {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
-    /// Largest gRPC message accepted or sent (requests with many image embeddings exceed tonic's 4 MiB default).
-    pub max_message_bytes: usize,
     /// Most candidates in one `Score`.
     pub max_score_candidates: usize,
     /// Most tokens in one candidate.
@@ -137,29 +138,8 @@ pub struct RawLimits {
 impl Default for RawLimits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 64 << 20,
             max_score_candidates: 64,
             max_candidate_tokens: 256,
-        }
-    }
-}
-
-/// `[server]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawServer {
-    /// How long in-flight calls may take to finish after shutdown begins.
-    #[serde(rename = "drain_timeout_seconds", with = "seconds")]
-    pub drain_timeout: Duration,
-    /// Log JSON lines instead of text.
-    pub log_json: bool,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(30),
-            log_json: false,
         }
     }
 }
@@ -167,8 +147,6 @@ impl Default for RawServer {
 /// Limits checked on every request at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestLimits {
-    /// Largest gRPC message, both directions.
-    pub max_message_bytes: NonZeroUsize,
     /// Most candidates in one `Score`.
     pub max_score_candidates: NonZeroUsize,
     /// Most tokens in one candidate.
@@ -199,8 +177,6 @@ pub struct SchedulerConfig {
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
-    /// gRPC listen address (port 0: any free port).
-    pub listen: SocketAddr,
     /// The model directory.
     pub model_dir: PathBuf,
     /// Device name as configured.
@@ -213,51 +189,34 @@ pub struct DecoderConfig {
     pub scheduler: SchedulerConfig,
     /// Request limits.
     pub limits: RequestLimits,
-    /// How long in-flight calls may take to finish after shutdown begins.
-    pub drain_timeout: Duration,
-    /// Log JSON lines.
-    pub log_json: bool,
-    /// Address the `/metrics` HTTP server binds (`metrics.listen`; port 0: any free port).
-    pub metrics_listen: SocketAddr,
+    /// `[server]`, `[grpc]` and `[metrics]`.
+    pub server: ServerSettings,
 }
 
-fn positive(key: &str, value: usize) -> Result<NonZeroUsize, StartError> {
-    NonZeroUsize::new(value).ok_or_else(|| StartError::Config(format!("`{key}` must be > 0")))
+fn positive(key: &str, value: usize) -> Result<NonZeroUsize, ConfigError> {
+    kosmos_runtime::config::positive(key, value as u64)
 }
 
 impl TryFrom<RawConfig> for DecoderConfig {
-    type Error = StartError;
+    type Error = ConfigError;
 
-    fn try_from(raw: RawConfig) -> Result<Self, StartError> {
-        let listen = raw.listen.parse().map_err(|err| {
-            StartError::Config(format!(
-                "`listen` = `{}` is not an address: {err}",
-                raw.listen
-            ))
-        })?;
-        let metrics_listen = raw.metrics.listen_address().map_err(StartError::Config)?;
-        if raw.model_dir.as_os_str().is_empty() {
-            return Err(StartError::Config("`model_dir` is required".into()));
-        }
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
+        let model_dir = required_path("model_dir", &raw.model_dir)?;
         let dtype = kosmos_model::parse_dtype(&raw.dtype)
-            .map_err(|err| StartError::Config(format!("`dtype`: {err}")))?;
+            .map_err(|err| invalid("dtype", err.to_string()))?;
         let scheduler = &raw.scheduler;
         if scheduler.stalled_poll.is_zero() || scheduler.stalled_poll > Duration::from_secs(1) {
-            return Err(StartError::Config(format!(
-                "`scheduler.stalled_poll_seconds` must be in (0, 1], got {}",
-                scheduler.stalled_poll.as_secs_f64()
-            )));
-        }
-        let max_message_bytes = positive("limits.max_message_bytes", raw.limits.max_message_bytes)?;
-        if max_message_bytes.get() > u32::MAX as usize {
-            return Err(StartError::Config(format!(
-                "`limits.max_message_bytes` must be <= {}, got {max_message_bytes}",
-                u32::MAX
-            )));
+            return Err(invalid(
+                "scheduler.stalled_poll_seconds",
+                format!(
+                    "must be in (0, 1], got {}",
+                    scheduler.stalled_poll.as_secs_f64()
+                ),
+            ));
         }
         Ok(Self {
-            listen,
-            model_dir: raw.model_dir,
+            model_dir,
             device: raw.device,
             dtype,
             image_placeholder_first_id: raw.image_placeholder_first_id,
@@ -284,7 +243,6 @@ impl TryFrom<RawConfig> for DecoderConfig {
                 stalled_poll: scheduler.stalled_poll,
             },
             limits: RequestLimits {
-                max_message_bytes,
                 max_score_candidates: positive(
                     "limits.max_score_candidates",
                     raw.limits.max_score_candidates,
@@ -294,22 +252,20 @@ impl TryFrom<RawConfig> for DecoderConfig {
                     raw.limits.max_candidate_tokens,
                 )?,
             },
-            drain_timeout: raw.server.drain_timeout,
-            log_json: raw.server.log_json,
-            metrics_listen,
+            server,
         })
     }
 }
 
 impl DecoderConfig {
     /// Loads and validates the configuration from its layers.
-    pub fn load(layers: &Layers) -> Result<Self, StartError> {
+    pub fn load(layers: &Layers) -> Result<Self, ConfigError> {
         let raw: RawConfig = kosmos_runtime::config::load(layers)?;
         Self::try_from(raw)
     }
 
     /// A configuration for `model_dir` with every other key at its default (tests, tools).
-    pub fn for_model(model_dir: impl Into<PathBuf>) -> Result<Self, StartError> {
+    pub fn for_model(model_dir: impl Into<PathBuf>) -> Result<Self, ConfigError> {
         Self::try_from(RawConfig {
             model_dir: model_dir.into(),
             ..RawConfig::default()
@@ -340,9 +296,14 @@ mod tests {
         assert_eq!(config.scheduler.stalled_poll, Duration::from_millis(10));
         assert_eq!(config.scheduler.kv_token_budget, None);
         assert_eq!(config.model_dir, PathBuf::from("/m"));
+        let ports = (
+            config.server.listen.port(),
+            config.server.metrics_listen.port(),
+        );
         assert_eq!(
-            config.metrics_listen,
-            SocketAddr::from(([0, 0, 0, 0], 9090))
+            ports,
+            (50053, 9090),
+            "the decoder's own gRPC port, the shared metrics port"
         );
 
         let bad_metrics = Layers {

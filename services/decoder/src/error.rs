@@ -67,21 +67,14 @@ impl RequestError {
     }
 }
 
-impl From<RequestError> for tonic::Status {
-    fn from(error: RequestError) -> Self {
-        tonic::Status::new(error.code(), error.to_string())
-    }
-}
+kosmos_runtime::status_from!(RequestError);
 
 /// Why the service could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The configuration could not be loaded.
+    /// The configuration is invalid or could not be loaded (the error names the key).
     #[error(transparent)]
-    ConfigLoad(#[from] kosmos_runtime::config::ConfigError),
+    Config(#[from] kosmos_runtime::config::ConfigError),
     /// The model could not be loaded.
     #[error("cannot load the model from {dir}: {source}")]
     Model {
@@ -91,30 +84,17 @@ pub enum StartError {
         #[source]
         source: kosmos_model::ModelError,
     },
+    /// The KV cache could not be allocated (its size is `scheduler.kv_token_budget` / `scheduler.kv_block_size`).
+    #[error(
+        "cannot allocate the KV cache (`scheduler.kv_token_budget` / `scheduler.kv_block_size`): {0}"
+    )]
+    KvCache(#[source] kosmos_model::ModelError),
     /// The engine thread could not be started.
     #[error("cannot start the engine thread: {0}")]
     EngineThread(#[source] std::io::Error),
-    /// The listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The metrics address could not be bound.
+    /// Binding or serving failed.
     #[error(transparent)]
-    MetricsBind(#[from] kosmos_runtime::metrics::BindError),
-    /// The metrics registry could not be created.
-    #[error("metrics: {0}")]
-    Metrics(String),
-    /// The reflection service could not be built.
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(String),
-    /// The server failed.
-    #[error("grpc server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] kosmos_runtime::ServeError),
     /// A blocking task panicked or was cancelled.
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -21,4 +21,4 @@ pub use config::DecoderConfig;
 pub use engine::EngineHandle;
 pub use error::{RequestError, StartError};
 pub use kosmos_runtime::Shutdown;
-pub use server::{BoundDecoder, run, start, start_with_metrics};
+pub use server::{Decoder, bind, run};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kosmos_runtime::metrics::{
-    LATENCY_BUCKETS, RATIO_BUCKETS, Registry, STAGE_BUCKETS, TOKEN_BUCKETS, code_name, histogram,
+    LATENCY_BUCKETS, RATIO_BUCKETS, Registry, STAGE_BUCKETS, code_name, histogram,
 };
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
@@ -149,35 +149,16 @@ impl DecoderMetrics {
     /// Declares every instrument of the decoder on `registry`; `model` is `gen_ai_request_model`.
     pub fn new(registry: Arc<Registry>, model: impl Into<String>) -> Self {
         let meter = registry.meter();
+        let gen_ai = kosmos_runtime::metrics::gen_ai::Histograms::new(
+            meter,
+            "Time from a request's arrival at the decoder to its last token or score.",
+            "Time from a request's arrival at the decoder to its first token (queue + prefill).",
+        );
         Self {
-            request_duration: histogram(
-                meter,
-                names::REQUEST_DURATION,
-                "Time from a request's arrival at the decoder to its last token or score.",
-                "s",
-                LATENCY_BUCKETS,
-            ),
-            time_to_first_token: histogram(
-                meter,
-                names::TIME_TO_FIRST_TOKEN,
-                "Time from a request's arrival at the decoder to its first token (queue + prefill).",
-                "s",
-                LATENCY_BUCKETS,
-            ),
-            time_per_output_token: histogram(
-                meter,
-                names::TIME_PER_OUTPUT_TOKEN,
-                "Mean time per generated token after the first, per request.",
-                "s",
-                STAGE_BUCKETS,
-            ),
-            token_usage: histogram(
-                meter,
-                names::TOKEN_USAGE,
-                "Tokens per request by type: input (text prompt), image (image positions), output (generated).",
-                "{token}",
-                TOKEN_BUCKETS,
-            ),
+            request_duration: gen_ai.request_duration,
+            time_to_first_token: gen_ai.time_to_first_token,
+            time_per_output_token: gen_ai.time_per_output_token,
+            token_usage: gen_ai.token_usage,
             batch_occupancy: histogram(
                 meter,
                 names::BATCH_OCCUPANCY,

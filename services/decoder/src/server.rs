@@ -1,16 +1,16 @@
-//! Starting and serving: load the text half, start the engine, bind, serve the decoder with health and reflection
-//! until shutdown, then drain.
+//! Starting and serving: load the text half, start the engine, bind, then serve through the runtime's one
+//! lifecycle ([`kosmos_runtime::service`]): health and reflection, readiness following the engine, drain on
+//! shutdown.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kosmos_model::{ModelFiles, TextHalf, parse_device};
 use kosmos_proto::decoder::v1::decoder_server::DecoderServer;
-use kosmos_runtime::Shutdown;
+use kosmos_runtime::config::invalid;
 use kosmos_runtime::grpc::Health;
-use kosmos_runtime::metrics::{Registry, RpcMetrics, model_name};
-use kosmos_runtime::rpc::RpcLayer;
-use tokio::net::TcpListener;
+use kosmos_runtime::metrics::{Registry, model_name};
+use kosmos_runtime::service::{BoxError, Watcher, watcher};
+use kosmos_runtime::{Bound, Service, Shutdown};
 
 use crate::config::{DecoderConfig, SchedulerConfig};
 use crate::engine::{EngineHandle, EngineSettings, ModelInfo};
@@ -32,10 +32,14 @@ pub fn load_model(config: &DecoderConfig) -> Result<(TextHalf, ModelInfo), Start
     let num_image_tokens = files.config.latent_query_num;
     let last_placeholder = config.image_placeholder_first_id as usize + num_image_tokens;
     if last_placeholder > text_config.vocab_size {
-        return Err(StartError::Config(format!(
-            "`image_placeholder_first_id` ({}) + {num_image_tokens} image tokens must fit the vocabulary ({})",
-            config.image_placeholder_first_id, text_config.vocab_size
-        )));
+        return Err(invalid(
+            "image_placeholder_first_id",
+            format!(
+                "{} + {num_image_tokens} image tokens must fit the vocabulary ({})",
+                config.image_placeholder_first_id, text_config.vocab_size
+            ),
+        )
+        .into());
     }
     let info = ModelInfo {
         fingerprint,
@@ -64,15 +68,19 @@ pub fn engine_settings(
             .max_running_sequences
             .checked_mul(
                 std::num::NonZeroUsize::new(context_length)
-                    .ok_or_else(|| StartError::Config("the model's context length is 0".into()))?,
+                    .ok_or_else(|| invalid("model_dir", "the model's context length is 0"))?,
             )
-            .ok_or_else(|| StartError::Config("`scheduler.kv_token_budget` overflows".into()))?,
+            .ok_or_else(|| invalid("scheduler.kv_token_budget", "overflows"))?,
     };
     if budget.get() < context_length {
-        return Err(StartError::Config(format!(
-            "`scheduler.kv_token_budget` ({budget}) must be >= the model's context length ({context_length}), or a \
-             full-length request could never run"
-        )));
+        return Err(invalid(
+            "scheduler.kv_token_budget",
+            format!(
+                "({budget}) must be >= the model's context length ({context_length}), or a full-length request \
+                 could never run"
+            ),
+        )
+        .into());
     }
     Ok(EngineSettings {
         max_running_sequences: config.max_running_sequences,
@@ -86,31 +94,19 @@ pub fn engine_settings(
     })
 }
 
-/// A decoder with its model loaded, its engine running and its ports bound (gRPC and `/metrics`), not yet
-/// serving.
-#[derive(Debug)]
-pub struct BoundDecoder {
-    config: DecoderConfig,
-    engine: EngineHandle,
-    listener: TcpListener,
-    metrics_listener: TcpListener,
-    metrics: Arc<DecoderMetrics>,
-}
+kosmos_runtime::service_main!(
+    Decoder,
+    "decoder",
+    DecoderConfig,
+    EngineHandle,
+    StartError,
+    bind
+);
 
-/// Loads the model (on a blocking thread), starts the engine and binds `config.listen` and
-/// `config.metrics_listen`.
-pub async fn start(config: DecoderConfig) -> Result<BoundDecoder, StartError> {
-    let metrics_listener = kosmos_runtime::metrics::bind(config.metrics_listen).await?;
-    start_with_metrics(config, metrics_listener).await
-}
-
-/// [`start`] with `/metrics` on an already bound `metrics_listener` (`config.metrics_listen` is ignored).
-pub async fn start_with_metrics(
-    config: DecoderConfig,
-    metrics_listener: TcpListener,
-) -> Result<BoundDecoder, StartError> {
-    let registry =
-        Arc::new(Registry::new("decoder").map_err(|err| StartError::Metrics(err.to_string()))?);
+/// Loads the model (on a blocking thread), starts the engine and binds `server.listen` and `metrics.listen`;
+/// returns the bound service and a handle on the engine (in-process callers, tests, benchmarks).
+pub async fn bind(config: DecoderConfig) -> Result<(Bound, EngineHandle), StartError> {
+    let registry = Arc::new(Registry::new("decoder").map_err(kosmos_runtime::ServeError::from)?);
     let model = model_name(&config.model_dir);
     let metrics = Arc::new(DecoderMetrics::new(Arc::clone(&registry), model.clone()));
     let load_config = config.clone();
@@ -127,102 +123,29 @@ pub async fn start_with_metrics(
     registry.set_model(&model, &info.fingerprint);
     let engine =
         EngineHandle::start_with_metrics(text, info, settings, Some(Arc::clone(&metrics)))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    Ok(BoundDecoder {
-        config,
-        engine,
-        listener,
-        metrics_listener,
-        metrics,
-    })
+    let max_message_bytes = config.server.max_message_bytes.get();
+    let service = DecoderService::new(engine.clone(), config.limits.clone()).with_metrics(metrics);
+    let decoder = DecoderServer::new(service)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let bound = Service::new("decoder", config.server.clone(), registry)?
+        .add_service(decoder)
+        .watch(follow_engine(engine.clone()))
+        .bind()
+        .await?;
+    Ok((bound, engine))
 }
 
 /// Starts the decoder and serves it until `shutdown` trips, then drains in-flight calls.
 pub async fn run(config: DecoderConfig, shutdown: Shutdown) -> Result<(), StartError> {
-    start(config).await?.serve(shutdown).await
+    Ok(bind(config).await?.0.serve(shutdown).await?)
 }
 
-impl BoundDecoder {
-    /// The bound address (the real port when configured with port 0).
-    pub fn local_addr(&self) -> Result<SocketAddr, StartError> {
-        self.listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: self.config.listen,
-                source,
-            })
-    }
-
-    /// The bound `/metrics` address (the real port when configured with port 0).
-    pub fn metrics_addr(&self) -> Result<SocketAddr, StartError> {
-        self.metrics_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: self.config.metrics_listen,
-                source,
-            })
-    }
-
-    /// A handle on the engine (in-process callers, tests, benchmarks).
-    pub fn engine(&self) -> EngineHandle {
-        self.engine.clone()
-    }
-
-    /// Serves until `shutdown` trips. Readiness turns SERVING once the engine loop runs, NOT_SERVING when shutdown
-    /// begins (before draining) or the engine stops; in-flight calls then get `drain_timeout` to finish.
-    pub async fn serve(self, shutdown: Shutdown) -> Result<(), StartError> {
-        let Self {
-            config,
-            engine,
-            listener,
-            metrics_listener,
-            metrics,
-        } = self;
-        let registry = Arc::clone(metrics.registry());
-        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "decoder metrics on /metrics");
-        let metrics_server = tokio::spawn(kosmos_runtime::metrics::serve(
-            metrics_listener,
-            Arc::clone(&registry),
-            shutdown.clone(),
-        ));
-        let (health, health_service) = Health::new().await;
-        let (reflection_v1, reflection_v1alpha) = kosmos_runtime::grpc::reflection()
-            .map_err(|err| StartError::Reflection(err.to_string()))?;
-        let watcher = tokio::spawn(watch_health(engine.clone(), health, shutdown.clone()));
-        let max_message_bytes = config.limits.max_message_bytes.get();
-        let service = DecoderService::new(engine, config.limits.clone()).with_metrics(metrics);
-        let decoder = DecoderServer::new(service)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        let router = tonic::transport::Server::builder()
-            .layer(RpcLayer::new(RpcMetrics::new(&registry)))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(decoder);
-        tracing::info!(addr = ?listener.local_addr().ok(), "decoder serving");
-        let result = kosmos_runtime::grpc::serve_with_drain(
-            router,
-            listener,
-            shutdown.clone(),
-            config.drain_timeout,
-        )
-        .await
-        .map_err(StartError::from);
-        watcher.abort();
-        // The metrics server stops with `shutdown`; after a server error it is stopped here.
-        metrics_server.abort();
-        if let Ok(Err(err)) = metrics_server.await {
-            tracing::warn!(%err, "the metrics server failed");
-        }
-        tracing::info!("decoder stopped serving");
-        result
-    }
+fn follow_engine(engine: EngineHandle) -> Watcher {
+    watcher(move |health, shutdown| async move {
+        watch_health(engine, health, shutdown).await;
+        Ok::<(), BoxError>(())
+    })
 }
 
 /// Readiness follows the engine: SERVING once its loop runs, NOT_SERVING on shutdown or when it stops.

@@ -4,7 +4,7 @@
 
 #[path = "service/common.rs"]
 mod common;
-use kosmos_runtime::testing::traces;
+use kosmos_testkit::traces;
 
 use std::collections::HashSet;
 

@@ -166,7 +166,7 @@ fn engine_throughput(
         max_queued_images: NonZeroUsize::new(args.images.max(1)).context("images")?,
     };
     let (files, device_name, dtype_name) = (files.clone(), args.device.clone(), args.dtype.clone());
-    let (handle, thread, startup) = engine::start(settings, move || {
+    let (handle, thread, startup) = engine::start(settings, None, move || {
         let load = || -> Result<VisionEngine, kosmos_model::ModelError> {
             let device = parse_device(&device_name)?;
             let dtype = parse_dtype(&dtype_name)?;

@@ -2,8 +2,7 @@
 //! merged by [`kosmos_runtime::config`], then validated into [`EncoderConfig`].
 //!
 //! ```toml
-//! listen = "0.0.0.0:50052"
-//! model = "/models/kosmos-2"
+//! model_dir = "/models/kosmos-2"
 //! device = "cpu"            # cpu | cuda | cuda:N
 //! dtype = "f32"             # f32 | f16 | bf16 (weights and compute)
 //!
@@ -17,30 +16,36 @@
 //!
 //! [batching]
 //! max_batch_images = 16
-//! max_queue_delay = 0.005   # seconds
+//! max_queue_delay_seconds = 0.005
 //! max_queued_images = 256
 //!
 //! [preprocess]
 //! workers = 0               # 0: one per core
 //!
+//! [server]                  # shared by every service (kosmos_runtime::config)
+//! listen = "0.0.0.0:50052"
+//! drain_timeout_seconds = 30.0
+//! log_json = false
+//!
 //! [grpc]
 //! max_message_bytes = 67108864
+//! keepalive_interval_seconds = 0.0   # 0: no keepalive pings
 //!
 //! [metrics]
 //! listen = "0.0.0.0:9090"   # GET /metrics (Prometheus text); port 0: any free port
 //! ```
 
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use kosmos_model::DType;
 use kosmos_processor::AcceptedFormat;
-use kosmos_runtime::config::{Layers, seconds};
+use kosmos_runtime::config::{
+    ConfigError, Layers, RawGrpc, RawMetrics, RawServer, ServerSettings, invalid, positive,
+    required_path, seconds,
+};
 use serde::{Deserialize, Serialize};
-
-use crate::error::ConfigError;
 
 /// The prefix of the environment variables that configure the encoder (`KOSMOS_ENCODER__LIMITS__MAX_WIDTH=4096`).
 pub const ENV_PREFIX: &str = "KOSMOS_ENCODER";
@@ -52,10 +57,8 @@ const MAX_QUEUED_IMAGES: usize = 1 << 16;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    /// Address the gRPC server binds.
-    pub listen: SocketAddr,
     /// Model directory in Hugging Face layout (`config.json`, `model.safetensors`, `preprocessor_config.json`).
-    pub model: PathBuf,
+    pub model_dir: PathBuf,
     /// Device the vision half runs on.
     pub device: String,
     /// Dtype of the weights and of the computation.
@@ -66,10 +69,12 @@ pub struct RawConfig {
     pub batching: RawBatching,
     /// Decoding and preprocessing.
     pub preprocess: RawPreprocess,
-    /// Transport.
+    /// Serving (shared section).
+    pub server: RawServer,
+    /// Transport (shared section).
     pub grpc: RawGrpc,
-    /// Prometheus metrics.
-    pub metrics: kosmos_runtime::config::RawMetrics,
+    /// Prometheus metrics (shared section).
+    pub metrics: RawMetrics,
 }
 
 /// `[limits]`.
@@ -97,7 +102,7 @@ pub struct RawBatching {
     /// Most images per engine batch.
     pub max_batch_images: u32,
     /// Longest time the first image of a batch waits for more, in seconds.
-    #[serde(with = "seconds")]
+    #[serde(rename = "max_queue_delay_seconds", with = "seconds")]
     pub max_queue_delay: Duration,
     /// Most images admitted and not yet running; beyond it Encode answers RESOURCE_EXHAUSTED.
     pub max_queued_images: u32,
@@ -111,26 +116,18 @@ pub struct RawPreprocess {
     pub workers: usize,
 }
 
-/// `[grpc]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawGrpc {
-    /// Largest request and response message, in bytes (tonic's default of 4 MiB is too small for images).
-    pub max_message_bytes: u64,
-}
-
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 50052)),
-            model: PathBuf::new(),
-            device: "cpu".into(),
             dtype: "f32".into(),
+            device: "cpu".into(),
+            model_dir: PathBuf::new(),
             limits: RawLimits::default(),
             batching: RawBatching::default(),
             preprocess: RawPreprocess::default(),
+            server: RawServer::on_port(50052),
             grpc: RawGrpc::default(),
-            metrics: kosmos_runtime::config::RawMetrics::default(),
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -158,19 +155,9 @@ impl Default for RawBatching {
     }
 }
 
-impl Default for RawGrpc {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
 /// The validated configuration of the encoder service.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
-    /// Address the gRPC server binds.
-    pub listen: SocketAddr,
     /// Model directory.
     pub model_dir: PathBuf,
     /// Device name (`cpu`, `cuda`, `cuda:N`), resolved when the model loads.
@@ -183,10 +170,8 @@ pub struct EncoderConfig {
     pub batching: Batching,
     /// Images decoded and preprocessed at the same time.
     pub preprocess_workers: NonZeroUsize,
-    /// Largest request and response message, in bytes.
-    pub max_message_bytes: usize,
-    /// Address the `/metrics` HTTP server binds (`metrics.listen`).
-    pub metrics_listen: SocketAddr,
+    /// `[server]`, `[grpc]` and `[metrics]`.
+    pub server: ServerSettings,
 }
 
 /// Limits enforced on every request, each named in the error that reports a violation.
@@ -217,25 +202,6 @@ pub struct Batching {
     pub max_queued_images: NonZeroUsize,
 }
 
-/// The MIME type of an accepted format.
-pub fn mime_type(format: AcceptedFormat) -> &'static str {
-    match format {
-        AcceptedFormat::Jpeg => "image/jpeg",
-        AcceptedFormat::Png => "image/png",
-        AcceptedFormat::WebP => "image/webp",
-    }
-}
-
-/// The format a MIME type or short name (`image/png`, `png`, `jpg`) stands for.
-pub fn parse_format(name: &str) -> Option<AcceptedFormat> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "image/jpeg" | "image/jpg" | "jpeg" | "jpg" => Some(AcceptedFormat::Jpeg),
-        "image/png" | "png" => Some(AcceptedFormat::Png),
-        "image/webp" | "webp" => Some(AcceptedFormat::WebP),
-        _ => None,
-    }
-}
-
 impl EncoderConfig {
     /// Merges the layers over the defaults and validates the result.
     pub fn load(layers: &Layers) -> Result<Self, ConfigError> {
@@ -253,40 +219,21 @@ impl EncoderConfig {
     }
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
-}
-
-fn non_zero(key: &'static str, value: u64) -> Result<NonZeroUsize, ConfigError> {
-    usize::try_from(value)
-        .ok()
-        .and_then(NonZeroUsize::new)
-        .ok_or_else(|| invalid(key, format!("must be at least 1, got {value}")))
-}
-
 impl TryFrom<RawConfig> for EncoderConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        if raw.model.as_os_str().is_empty() {
-            return Err(invalid(
-                "model",
-                "a model directory is required (--model, KOSMOS_ENCODER__MODEL or `model` in the file)",
-            ));
-        }
+        let model_dir = required_path("model_dir", &raw.model_dir)?;
         let dtype = kosmos_model::parse_dtype(&raw.dtype)
             .map_err(|_| invalid("dtype", format!("`{}` is not f32, f16 or bf16", raw.dtype)))?;
         let limits = validate_limits(&raw.limits)?;
         let batching = Batching {
-            max_batch_images: non_zero(
+            max_batch_images: positive(
                 "batching.max_batch_images",
                 raw.batching.max_batch_images.into(),
             )?,
             max_queue_delay: raw.batching.max_queue_delay,
-            max_queued_images: non_zero(
+            max_queued_images: positive(
                 "batching.max_queued_images",
                 raw.batching.max_queued_images.into(),
             )?,
@@ -315,52 +262,27 @@ impl TryFrom<RawConfig> for EncoderConfig {
             Some(workers) => workers,
             None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
         };
-        let max_message_bytes = usize::try_from(raw.grpc.max_message_bytes)
-            .ok()
-            .filter(|&bytes| bytes >= 1024)
-            .ok_or_else(|| {
-                invalid(
-                    "grpc.max_message_bytes",
-                    format!(
-                        "must be between 1024 and {}, got {}",
-                        usize::MAX,
-                        raw.grpc.max_message_bytes
-                    ),
-                )
-            })?;
-        let metrics_listen = raw
-            .metrics
-            .listen_address()
-            .map_err(|message| invalid("metrics.listen", message))?;
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
         Ok(Self {
-            listen: raw.listen,
-            model_dir: raw.model,
+            model_dir,
             device: raw.device,
             dtype,
             limits,
             batching,
             preprocess_workers,
-            max_message_bytes,
-            metrics_listen,
+            server,
         })
     }
 }
 
 fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
-    let positive = |key: &'static str, value: u64| {
-        if value == 0 {
-            Err(invalid(key, "must be at least 1, got 0"))
-        } else {
-            Ok(value)
-        }
-    };
     positive("limits.max_image_bytes", raw.max_image_bytes)?;
     positive("limits.max_width", raw.max_width.into())?;
     positive("limits.max_height", raw.max_height.into())?;
     positive("limits.max_pixels", raw.max_pixels)?;
     let mut formats = Vec::with_capacity(raw.formats.len());
     for name in &raw.formats {
-        let format = parse_format(name).ok_or_else(|| {
+        let format = AcceptedFormat::from_name(name).ok_or_else(|| {
             invalid(
                 "limits.formats",
                 format!("`{name}` is not one of image/jpeg, image/png, image/webp"),
@@ -378,7 +300,7 @@ fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
         max_width: raw.max_width,
         max_height: raw.max_height,
         max_pixels: raw.max_pixels,
-        max_images_per_request: non_zero(
+        max_images_per_request: positive(
             "limits.max_images_per_request",
             raw.max_images_per_request.into(),
         )?,
@@ -392,30 +314,28 @@ mod tests {
 
     #[test]
     fn defaults_with_a_model_are_valid() {
-        let config = EncoderConfig::from_overrides(&["model=/m"]).expect("valid");
+        let config = EncoderConfig::from_overrides(&["model_dir=/m"]).expect("valid");
         assert_eq!(config.batching.max_batch_images.get(), 16);
         assert_eq!(config.batching.max_queue_delay, Duration::from_millis(5));
         assert_eq!(config.limits.formats.len(), 3);
         assert_eq!(config.dtype, DType::F32);
-        assert_eq!(
-            config.metrics_listen,
-            SocketAddr::from(([0, 0, 0, 0], 9090))
-        );
+        assert_eq!(config.server.listen.port(), 50052);
+        assert_eq!(config.server.metrics_listen.port(), 9090);
     }
 
     #[test]
     fn a_missing_model_directory_is_named() {
         let err = EncoderConfig::from_overrides::<&str>(&[]).expect_err("no model");
-        assert!(err.to_string().contains("`model`"), "{err}");
+        assert!(err.to_string().contains("`model_dir`"), "{err}");
     }
 
     #[test]
     fn environment_and_overrides_layer_over_the_defaults() {
         let layers = Layers {
             env: vec![
-                ("KOSMOS_ENCODER__MODEL".into(), "/env".into()),
+                ("KOSMOS_ENCODER__MODEL_DIR".into(), "/env".into()),
                 (
-                    "KOSMOS_ENCODER__BATCHING__MAX_QUEUE_DELAY".into(),
+                    "KOSMOS_ENCODER__BATCHING__MAX_QUEUE_DELAY_SECONDS".into(),
                     "0.05".into(),
                 ),
             ],
@@ -433,22 +353,22 @@ mod tests {
     fn bad_values_name_their_key() {
         for (overrides, key) in [
             (
-                vec!["model=/m", "limits.formats=[\"gif\"]"],
+                vec!["model_dir=/m", "limits.formats=[\"gif\"]"],
                 "limits.formats",
             ),
             (
-                vec!["model=/m", "batching.max_batch_images=0"],
+                vec!["model_dir=/m", "batching.max_batch_images=0"],
                 "batching.max_batch_images",
             ),
-            (vec!["model=/m", "dtype=f64"], "dtype"),
+            (vec!["model_dir=/m", "dtype=f64"], "dtype"),
             (
-                vec!["model=/m", "metrics.listen=\"nowhere\""],
+                vec!["model_dir=/m", "metrics.listen=\"nowhere\""],
                 "metrics.listen",
             ),
-            (vec!["model=/m", "metrics.port=9"], "port"),
-            (vec!["model=/m", "limits.max_widht=3"], "max_widht"),
+            (vec!["model_dir=/m", "metrics.port=9"], "port"),
+            (vec!["model_dir=/m", "limits.max_widht=3"], "max_widht"),
             (
-                vec!["model=/m", "batching.max_queued_images=2"],
+                vec!["model_dir=/m", "batching.max_queued_images=2"],
                 "batching.max_queued_images",
             ),
         ] {

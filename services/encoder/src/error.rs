@@ -209,27 +209,10 @@ impl RequestError {
     }
 }
 
-impl From<RequestError> for tonic::Status {
-    fn from(error: RequestError) -> Self {
-        tonic::Status::new(error.code(), error.to_string())
-    }
-}
+kosmos_runtime::status_from!(RequestError);
 
-/// Why the configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A layer could not be read or a key is unknown or mistyped.
-    #[error(transparent)]
-    Load(#[from] kosmos_runtime::config::ConfigError),
-    /// A value is out of range.
-    #[error("config key `{key}`: {message}")]
-    Invalid {
-        /// Dotted path of the key.
-        key: &'static str,
-        /// What is wrong with it.
-        message: String,
-    },
-}
+/// Why the configuration is unusable (the runtime's: every error names its key).
+pub use kosmos_runtime::config::ConfigError;
 
 /// Why the service could not start, or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -237,21 +220,6 @@ pub enum StartError {
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {address}: {source}")]
-    Bind {
-        /// The address.
-        address: std::net::SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The metrics address could not be bound.
-    #[error(transparent)]
-    MetricsBind(#[from] kosmos_runtime::metrics::BindError),
-    /// The metrics registry could not be created, or the `/metrics` server failed.
-    #[error("metrics: {0}")]
-    Metrics(String),
     /// The model directory could not be loaded.
     #[error("cannot load the model from {dir}: {source}")]
     Model {
@@ -270,15 +238,9 @@ pub enum StartError {
     /// The engine thread could not be started or died while loading.
     #[error("engine thread: {0}")]
     Engine(String),
-    /// The reflection service could not be built.
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(String),
-    /// The gRPC server failed.
-    #[error("grpc server: {0}")]
-    Serve(#[from] tonic::transport::Error),
-    /// The task running the gRPC server panicked or was cancelled.
-    #[error("grpc server task: {0}")]
-    ServerTask(String),
+    /// Binding or serving failed.
+    #[error(transparent)]
+    Serve(#[from] kosmos_runtime::ServeError),
 }
 
 #[cfg(test)]

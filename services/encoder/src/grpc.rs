@@ -16,7 +16,7 @@ use kosmos_proto::tensor::v1::{DType, Tensor};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::config::{Limits, mime_type};
+use crate::config::Limits;
 use crate::engine::{ChunkOutput, EngineHandle};
 use crate::error::RequestError;
 use crate::images::{CheckedImage, Preprocessor, check_image};
@@ -208,7 +208,7 @@ impl EncoderService {
                 formats: limits
                     .formats
                     .iter()
-                    .map(|&format| mime_type(format).to_string())
+                    .map(|format| format.mime_type().to_string())
                     .collect(),
             }),
             batching: Some(EncoderBatching {

@@ -11,7 +11,7 @@ use kosmos_processor::{
 };
 use tokio::sync::Semaphore;
 
-use crate::config::{Limits, mime_type, parse_format};
+use crate::config::Limits;
 use crate::error::{ImageRejection, RequestError};
 use crate::metrics::EncoderMetrics;
 
@@ -59,7 +59,7 @@ pub fn check_image(
     let detected = sniff_format(&bytes).map_err(|err| rejected(index, err.into()))?;
     let declared = declared_mime_type.trim();
     if !declared.is_empty() {
-        let declared_format = parse_format(declared).ok_or_else(|| {
+        let declared_format = AcceptedFormat::from_name(declared).ok_or_else(|| {
             rejected(
                 index,
                 ImageRejection::UnknownMimeType {
@@ -72,17 +72,17 @@ pub fn check_image(
                 index,
                 ImageRejection::MimeTypeMismatch {
                     declared: declared.to_string(),
-                    detected: mime_type(detected),
+                    detected: detected.mime_type(),
                 },
             ));
         }
     }
     if !limits.formats.contains(&detected) {
-        let accepted: Vec<&str> = limits.formats.iter().map(|&f| mime_type(f)).collect();
+        let accepted: Vec<&str> = limits.formats.iter().map(|f| f.mime_type()).collect();
         return Err(rejected(
             index,
             ImageRejection::FormatNotAccepted {
-                format: mime_type(detected),
+                format: detected.mime_type(),
                 accepted: accepted.join(", "),
             },
         ));

@@ -6,8 +6,8 @@
 //! * [`engine`]: the engine thread that owns the model, its bounded queue and the dynamic batching;
 //! * [`grpc`]: `kosmos.encoder.v1.VisionEncoder` and the proto conversions;
 //! * [`metrics`]: every instrument of the encoder (Prometheus text on `metrics.listen`, see `docs/metrics.md`);
-//! * [`run`] / [`serve`] / [`serve_with_metrics`]: the server with health (`readiness`), reflection, `/metrics`
-//!   and graceful shutdown.
+//! * [`bind`] / [`run`] / [`Encoder`]: the service through the runtime's one lifecycle (health with `readiness`,
+//!   reflection, `/metrics`, drain on shutdown).
 //!
 //! A call's path: `grpc` parses the request (count, dtype, each image's size, format and MIME type), `images`
 //! decodes and preprocesses the images in parallel, `engine` admits them whole or answers RESOURCE_EXHAUSTED,
@@ -23,4 +23,4 @@ mod server;
 
 pub use config::{ENV_PREFIX, EncoderConfig};
 pub use error::{ConfigError, ImageRejection, RequestError, StartError};
-pub use server::{run, serve, serve_with_metrics};
+pub use server::{Encoder, bind, run};

@@ -1,86 +1,44 @@
 //! Wiring: the model loads on the engine thread while the gRPC server (health, reflection, the encoder) already
 //! answers; readiness turns SERVING once the engine takes work and NOT_SERVING when shutdown begins; shutdown
-//! stops admitting, lets the calls in flight finish, then stops the engine.
+//! stops admitting, lets the calls in flight finish, then stops the engine. The lifecycle itself is the runtime's
+//! ([`kosmos_runtime::service`]).
 
 use std::sync::Arc;
 
 use kosmos_model::{DType, ModelFiles, Tensor, VisionHalf, parse_device};
 use kosmos_processor::{ImageProcessorConfig, ResizeTarget};
 use kosmos_proto::encoder::v1::vision_encoder_server::VisionEncoderServer;
-use kosmos_runtime::Shutdown;
-use kosmos_runtime::grpc::{Health, reflection};
-use kosmos_runtime::metrics::{Registry, RpcMetrics, model_name};
-use kosmos_runtime::rpc::RpcLayer;
-use tokio::net::TcpListener;
-use tonic::transport::Server;
+use kosmos_runtime::metrics::{Registry, model_name};
+use kosmos_runtime::service::{BoxError, Watcher, watcher};
+use kosmos_runtime::{Bound, Service, Shutdown};
 
 use crate::config::EncoderConfig;
-use crate::engine::{self, VisionEngine};
+use crate::engine::{self, EngineThread, Startup, VisionEngine};
 use crate::error::StartError;
 use crate::grpc::{EncoderService, ModelSummary, ServiceState};
 use crate::images::Preprocessor;
 use crate::metrics::EncoderMetrics;
 
-/// Binds `config.listen` and `config.metrics_listen` and serves until `shutdown` trips and the calls in flight
-/// have finished.
-pub async fn run(config: EncoderConfig, shutdown: Shutdown) -> Result<(), StartError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            address: config.listen,
-            source,
-        })?;
-    serve(listener, config, shutdown).await
+kosmos_runtime::service_main!(
+    Encoder,
+    "encoder",
+    EncoderConfig,
+    (),
+    StartError,
+    bind_service
+);
+
+/// [`bind`] as the runtime's [`ServiceMain`](kosmos_runtime::cli::ServiceMain) binds (the encoder has no handle).
+async fn bind_service(config: EncoderConfig) -> Result<(Bound, ()), StartError> {
+    Ok((bind(config).await?, ()))
 }
 
-/// Serves on an already bound `listener` (`config.listen` is ignored) until `shutdown` trips and the calls in
-/// flight have finished; binds `config.metrics_listen` for `/metrics`. Tests bind `127.0.0.1:0`, read
-/// `local_addr()`, then spawn this.
-///
-/// Returns an error when the model cannot be loaded; Encode and Info answer UNAVAILABLE until it is.
-pub async fn serve(
-    listener: TcpListener,
-    config: EncoderConfig,
-    shutdown: Shutdown,
-) -> Result<(), StartError> {
-    let metrics_listener = kosmos_runtime::metrics::bind(config.metrics_listen).await?;
-    serve_with_metrics(listener, metrics_listener, config, shutdown).await
-}
-
-/// [`serve`] with `/metrics` served on an already bound `metrics_listener` (`config.metrics_listen` is ignored)
-/// until `shutdown` trips.
-pub async fn serve_with_metrics(
-    listener: TcpListener,
-    metrics_listener: TcpListener,
-    config: EncoderConfig,
-    shutdown: Shutdown,
-) -> Result<(), StartError> {
-    let registry =
-        Arc::new(Registry::new("encoder").map_err(|err| StartError::Metrics(err.to_string()))?);
+/// Checks the model directory, starts loading the model on the engine thread and binds `server.listen` and
+/// `metrics.listen`. Encode and Info answer UNAVAILABLE until the model is loaded; a model that fails to load
+/// stops the service with that error.
+pub async fn bind(config: EncoderConfig) -> Result<Bound, StartError> {
+    let registry = Arc::new(Registry::new("encoder").map_err(kosmos_runtime::ServeError::from)?);
     let metrics = Arc::new(EncoderMetrics::new(Arc::clone(&registry)));
-    let metrics_address = metrics_listener.local_addr().ok();
-    let metrics_server = tokio::spawn(kosmos_runtime::metrics::serve(
-        metrics_listener,
-        Arc::clone(&registry),
-        shutdown.clone(),
-    ));
-    tracing::info!(address = ?metrics_address, "encoder metrics on /metrics");
-    let result = serve_grpc(listener, config, shutdown.clone(), &registry, metrics).await;
-    // The metrics server stops with `shutdown`; on an early error it is stopped here.
-    metrics_server.abort();
-    if let Ok(Err(err)) = metrics_server.await {
-        tracing::warn!(%err, "the metrics server failed");
-    }
-    result
-}
-
-async fn serve_grpc(
-    listener: TcpListener,
-    config: EncoderConfig,
-    shutdown: Shutdown,
-    registry: &Arc<Registry>,
-    metrics: Arc<EncoderMetrics>,
-) -> Result<(), StartError> {
     let model_dir = config.model_dir.clone();
     let files = ModelFiles::open(&model_dir).map_err(|source| StartError::Model {
         dir: model_dir.clone(),
@@ -100,7 +58,7 @@ async fn serve_grpc(
     );
     let (device, dtype) = (config.device.clone(), config.dtype);
     let (engine, engine_thread, startup) =
-        engine::start_with_metrics(config.batching, Some(Arc::clone(&metrics)), move || {
+        engine::start(config.batching, Some(Arc::clone(&metrics)), move || {
             load_model(&files, device, dtype)
         })?;
     let state = Arc::new(ServiceState::new(
@@ -109,68 +67,59 @@ async fn serve_grpc(
         engine,
         metrics,
     ));
-
-    let (health, health_service) = Health::new().await;
-    let (reflection_v1, reflection_v1alpha) =
-        reflection().map_err(|err| StartError::Reflection(err.to_string()))?;
+    let max_message_bytes = config.server.max_message_bytes.get();
     // Explicit limits both ways: tonic's 4 MiB default is below a request of a few photos.
     let encoder_service = VisionEncoderServer::new(EncoderService::new(Arc::clone(&state)))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    let router = Server::builder()
-        .layer(RpcLayer::new(RpcMetrics::new(registry)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(encoder_service);
-    let address = listener.local_addr().ok();
-    let stop_serving = Shutdown::new();
-    let mut server = tokio::spawn(kosmos_runtime::grpc::serve(
-        router,
-        listener,
-        stop_serving.clone(),
-    ));
-    tracing::info!(?address, model = %model_dir.display(), "encoder listening, loading the model");
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    tracing::info!(model = %model_dir.display(), "encoder loading the model");
+    let draining = Arc::clone(&state);
+    let watcher = ready_once_loaded(startup, state, Arc::clone(&registry), model_dir);
+    let service = Service::new("encoder", config.server.clone(), registry)?
+        .add_service(encoder_service)
+        .watch(watcher)
+        .on_drain(move || draining.begin_draining())
+        .on_stop(stop_engine(engine_thread));
+    Ok(service.bind().await?)
+}
 
-    let loaded = tokio::select! {
-        loaded = startup => Some(loaded),
-        () = shutdown.wait() => None,
-    };
-    let mut server_result = None;
-    let outcome = match loaded {
-        Some(Ok(Ok(model))) => {
-            tracing::info!(fingerprint = %model.fingerprint, device = %model.device, "encoder ready");
-            registry.set_model(&model_name(&model_dir), &model.fingerprint);
-            state.set_ready(model);
-            health.set_ready().await;
-            tokio::select! {
-                () = shutdown.wait() => {}
-                result = &mut server => server_result = Some(result),
+/// Binds and serves until `shutdown` trips and the calls in flight have finished.
+pub async fn run(config: EncoderConfig, shutdown: Shutdown) -> Result<(), StartError> {
+    Ok(bind(config).await?.serve(shutdown).await?)
+}
+
+/// Readiness: SERVING once the engine thread has loaded the model; a failed load stops the service.
+fn ready_once_loaded(
+    startup: Startup<ModelSummary>,
+    state: Arc<ServiceState>,
+    registry: Arc<Registry>,
+    model_dir: std::path::PathBuf,
+) -> Watcher {
+    watcher(move |health, shutdown| async move {
+        let loaded = tokio::select! {
+            loaded = startup => loaded,
+            () = shutdown.wait() => return Ok(()),
+        };
+        match loaded {
+            Ok(Ok(model)) => {
+                tracing::info!(fingerprint = %model.fingerprint, device = %model.device, "encoder ready");
+                registry.set_model(&model_name(&model_dir), &model.fingerprint);
+                state.set_ready(model);
+                health.set_ready().await;
+                Ok(())
             }
-            Ok(())
+            Ok(Err(err)) => Err(BoxError::from(err)),
+            Err(_) => Err(BoxError::from(StartError::Engine(
+                "the engine thread ended while loading the model".into(),
+            ))),
         }
-        Some(Ok(Err(err))) => Err(err),
-        Some(Err(_)) => Err(StartError::Engine(
-            "the engine thread ended while loading the model".into(),
-        )),
-        None => Ok(()),
-    };
+    })
+}
 
-    tracing::info!("encoder shutting down: refusing new calls, finishing the ones in flight");
-    health.set_not_ready().await;
-    state.begin_draining();
-    stop_serving.trigger();
-    let served = match server_result {
-        Some(result) => result,
-        None => server.await,
-    };
-    // The handlers are gone with the server; stopping the engine now loses nothing.
-    drop(state);
+/// Once the server has drained no handler can submit work: the engine finishes what is queued and stops.
+async fn stop_engine(engine_thread: EngineThread) {
     engine_thread.stop().await;
-    tracing::info!("encoder stopped");
-    outcome?;
-    served.map_err(|err| StartError::ServerTask(err.to_string()))??;
-    Ok(())
+    tracing::info!("encoder engine stopped");
 }
 
 /// Loads the vision half and the fingerprint on the engine thread, and runs one image through it so that the

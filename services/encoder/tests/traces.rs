@@ -5,7 +5,7 @@
 #[allow(dead_code)]
 #[path = "service/common.rs"]
 mod common;
-use kosmos_runtime::testing::traces;
+use kosmos_testkit::traces;
 
 use std::collections::HashSet;
 
@@ -19,7 +19,7 @@ use traces::{collect, ids, links, trace_of, traceparent};
 async fn encode_spans_nest_under_the_call_and_each_batch_links_to_its_requests() -> Result<()> {
     let collected = collect();
     // A long batching delay, so that both calls ride in one batch.
-    let server = TestServer::start(&["batching.max_queue_delay=0.5"]).await?;
+    let server = TestServer::start(&["batching.max_queue_delay_seconds=0.5"]).await?;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut first = tonic::Request::new(request(vec![png(40, 30, 1)?], DType::DtypeUnspecified));
     first

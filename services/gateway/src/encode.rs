@@ -1,5 +1,5 @@
 //! Image embeddings for a request: the cache first, then the encoder pool for the misses, one `Encode` per
-//! distinct image, all concurrently, each retried on another replica when one fails.
+//! distinct image, all concurrently, each through the pool's call policy ([`crate::call`]).
 //!
 //! Repeated images within a request are encoded once (deduplicated by content hash). Encoded embeddings are
 //! checked (fingerprint, shape, byte length) before they are cached or forwarded, so a misbehaving replica costs a
@@ -12,10 +12,10 @@ use std::time::Instant;
 use kosmos_proto::encoder::v1 as enc;
 use kosmos_proto::tensor::v1::{DType, Tensor};
 use tokio::task::JoinSet;
-use tonic::Code;
 use tracing::Instrument as _;
 
 use crate::cache::{CacheKey, ContentHash, EmbeddingCache};
+use crate::call::CallContext;
 use crate::domain::ValidImage;
 use crate::error::RequestError;
 use crate::pool::Pool;
@@ -89,7 +89,7 @@ impl ImageEncoder {
             );
             calls.spawn(
                 async move {
-                    let result = this.encode_with_retries(&image, &model, deadline).await;
+                    let result = this.encode_one(&image, &model, deadline).await;
                     (image.hash, result)
                 }
                 .instrument(span),
@@ -120,109 +120,45 @@ impl ImageEncoder {
         Ok(Embeddings { tensors, cached })
     }
 
-    async fn encode_with_retries(
+    /// One image through the pool's call policy; an answer that is not one usable embedding counts as the
+    /// replica's failure and is retried on another.
+    async fn encode_one(
         &self,
         image: &ValidImage,
         model: &ModelInfo,
         deadline: Option<Instant>,
     ) -> Result<Arc<Tensor>, RequestError> {
-        let max_attempts = self.pool.config().max_attempts.get();
-        let mut tried = Vec::new();
-        let mut last_error = String::from("no replica");
-        for attempt in 0..max_attempts {
-            let Some(replica) = self.pool.pick(&tried) else {
-                break;
-            };
-            tried.push(replica.clone());
-            let timeout = call_timeout(deadline, self.pool.config().call_timeout)
-                .ok_or(RequestError::DeadlineExceeded("encoding the images"))?;
-            let mut guard = self.pool.begin_with_images(replica.clone(), attempt, 1);
-            let mut client =
-                enc::vision_encoder_client::VisionEncoderClient::new(replica.channel())
-                    .max_decoding_message_size(self.max_message_bytes)
-                    .max_encoding_message_size(self.max_message_bytes);
-            let mut request = tonic::Request::new(enc::EncodeRequest {
-                images: vec![enc::Image {
-                    data: image.data.as_ref().clone(),
-                    mime_type: image.mime_type().to_string(),
-                }],
-                dtype: DType::DtypeF32 as i32,
-            });
-            request.set_timeout(timeout);
-            let answer = tokio::time::timeout(timeout, client.encode(request)).await;
-            let status = match answer {
-                Ok(Ok(response)) => {
-                    guard.responded();
-                    match check_embedding(response.into_inner(), model) {
-                        Ok(embedding) => return Ok(Arc::new(embedding)),
-                        Err(problem) => {
-                            guard.failed(true);
-                            tracing::warn!(replica = replica.address(), %problem, "encoder answered unusable embeddings");
-                            last_error = format!("{}: {problem}", replica.address());
-                            continue;
-                        }
-                    }
+        let context = CallContext {
+            stage: "encoding the images",
+            subject: format!("`prompt[{}].image.data`", image.segment),
+            images: 1,
+        };
+        let max_message_bytes = self.max_message_bytes;
+        let (embedding, mut guard) = self
+            .pool
+            .call(&context, deadline, |channel, timeout| {
+                let mut client = enc::vision_encoder_client::VisionEncoderClient::new(channel)
+                    .max_decoding_message_size(max_message_bytes)
+                    .max_encoding_message_size(max_message_bytes);
+                let mut request = tonic::Request::new(enc::EncodeRequest {
+                    images: vec![enc::Image {
+                        data: image.data.as_ref().clone(),
+                        mime_type: image.mime_type().to_string(),
+                    }],
+                    dtype: DType::DtypeF32 as i32,
+                });
+                request.set_timeout(timeout);
+                async move {
+                    let response = client.encode(request).await?.into_inner();
+                    check_embedding(response, model).map_err(|problem| {
+                        tonic::Status::internal(format!("unusable embeddings: {problem}"))
+                    })
                 }
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded("encode call timed out"),
-            };
-            match status.code() {
-                // The image itself is bad: no other replica would take it.
-                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                    guard.failed(false);
-                    return Err(RequestError::invalid(format!(
-                        "`prompt[{}].image.data`: {}",
-                        image.segment,
-                        status.message()
-                    )));
-                }
-                Code::DeadlineExceeded if deadline.is_some_and(|d| Instant::now() >= d) => {
-                    guard.failed(false);
-                    return Err(RequestError::DeadlineExceeded("encoding the images"));
-                }
-                code => {
-                    // Overload is the replica's state, not a fault: keep it in rotation but try another.
-                    guard.failed(code != Code::ResourceExhausted);
-                    tracing::warn!(
-                        replica = replica.address(),
-                        attempt,
-                        code = ?code,
-                        message = status.message(),
-                        "encode failed, trying another replica"
-                    );
-                    last_error = format!("{}: {:?}: {}", replica.address(), code, status.message());
-                }
-            }
-        }
-        Err(RequestError::Unavailable {
-            pool: "encoder",
-            message: format!(
-                "no replica could encode `prompt[{}].image` ({last_error})",
-                image.segment
-            ),
-        })
+            })
+            .await?;
+        guard.responded();
+        Ok(Arc::new(embedding))
     }
-}
-
-/// The time a downstream call may take: what is left of the caller's deadline, bounded by the pool's call
-/// timeout. `None` when the deadline has passed.
-pub fn call_timeout(
-    deadline: Option<Instant>,
-    pool_timeout: Option<std::time::Duration>,
-) -> Option<std::time::Duration> {
-    // With neither bound, a day stands for "unbounded" (tonic needs a finite grpc-timeout to send one).
-    let unbounded = std::time::Duration::from_secs(24 * 3600);
-    let left = match deadline {
-        Some(deadline) => {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            if left.is_zero() {
-                return None;
-            }
-            left
-        }
-        None => unbounded,
-    };
-    Some(pool_timeout.map_or(left, |bound| bound.min(left)))
 }
 
 fn check_embedding(response: enc::EncodeResponse, model: &ModelInfo) -> Result<Tensor, String> {
@@ -244,22 +180,4 @@ fn check_embedding(response: enc::EncodeResponse, model: &ModelInfo) -> Result<T
     let expected = [model.num_image_tokens as u64, model.hidden_size as u64];
     kosmos_runtime::tensor::check(&embedding, Some(&expected)).map_err(|err| err.to_string())?;
     Ok(embedding)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn call_timeouts_take_the_tighter_bound_and_refuse_a_passed_deadline() {
-        let soon = Instant::now() + std::time::Duration::from_secs(1);
-        let bounded =
-            call_timeout(Some(soon), Some(std::time::Duration::from_secs(10))).expect("time left");
-        assert!(bounded <= std::time::Duration::from_secs(1));
-        let pool_bound =
-            call_timeout(None, Some(std::time::Duration::from_secs(3))).expect("no deadline");
-        assert_eq!(pool_bound, std::time::Duration::from_secs(3));
-        let past = Instant::now() - std::time::Duration::from_millis(1);
-        assert_eq!(call_timeout(Some(past), None), None);
-    }
 }

@@ -62,24 +62,14 @@ impl RequestError {
     }
 }
 
-impl From<RequestError> for tonic::Status {
-    fn from(error: RequestError) -> Self {
-        tonic::Status::new(error.code(), error.to_string())
-    }
-}
+kosmos_runtime::status_from!(RequestError);
 
 /// Why the gateway could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The metrics registry could not be created.
-    #[error("{0}")]
-    Metrics(String),
-    /// The configuration could not be loaded.
+    /// The configuration is invalid or could not be loaded (the error names the key).
     #[error(transparent)]
-    ConfigLoad(#[from] kosmos_runtime::config::ConfigError),
+    Config(#[from] kosmos_runtime::config::ConfigError),
     /// The tokenizer could not be loaded.
     #[error("cannot load the tokenizer from {dir}: {source}")]
     Tokenizer {
@@ -97,21 +87,9 @@ pub enum StartError {
         /// The cause.
         message: String,
     },
-    /// The listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The reflection service could not be built.
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(String),
-    /// The server failed.
-    #[error("grpc server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    /// Binding or serving failed.
+    #[error(transparent)]
+    Serve(#[from] kosmos_runtime::ServeError),
     /// A blocking task panicked or was cancelled.
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -14,8 +14,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
 use tracing::Instrument as _;
 
+use crate::call::CallContext;
 use crate::domain::{ValidParams, validate_params};
-use crate::encode::{Embeddings, call_timeout};
+use crate::encode::Embeddings;
 use crate::error::RequestError;
 use crate::metrics::{Operation, Outcome};
 use crate::pool::{CallGuard, Pool};
@@ -217,66 +218,20 @@ async fn open_stream(
     deadline: Option<Instant>,
     max_message_bytes: usize,
 ) -> Result<(tonic::Streaming<dec::GenerateResponse>, CallGuard), RequestError> {
-    let max_attempts = pool.config().max_attempts.get();
-    let mut tried = Vec::new();
-    let mut last_error = String::from("no replica");
-    for attempt in 0..max_attempts {
-        let Some(replica) = pool.pick(&tried) else {
-            break;
-        };
-        tried.push(replica.clone());
-        let timeout = call_timeout(deadline, pool.config().call_timeout)
-            .ok_or(RequestError::DeadlineExceeded("waiting for the decoder"))?;
-        let call = pool.begin(replica.clone(), attempt);
-        let mut client = dec::decoder_client::DecoderClient::new(replica.channel())
+    let context = CallContext {
+        stage: "waiting for the decoder",
+        subject: "refused by the decoder".into(),
+        images: 0,
+    };
+    pool.call(&context, deadline, |channel, timeout| {
+        let mut client = dec::decoder_client::DecoderClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         let mut wire = tonic::Request::new(request.clone());
         wire.set_timeout(timeout);
-        match client.generate(wire).await {
-            Ok(response) => return Ok((response.into_inner(), call)),
-            Err(status) => {
-                last_error = decoder_failure(&call, &status, deadline)?;
-            }
-        }
-    }
-    Err(RequestError::Unavailable {
-        pool: "decoder",
-        message: last_error,
+        async move { Ok(client.generate(wire).await?.into_inner()) }
     })
-}
-
-/// Classifies a failed decoder call: an error the caller must see, or (Ok) a description worth a retry.
-pub(crate) fn decoder_failure(
-    call: &CallGuard,
-    status: &tonic::Status,
-    deadline: Option<Instant>,
-) -> Result<String, RequestError> {
-    let address = call.replica().address().to_string();
-    match status.code() {
-        Code::InvalidArgument | Code::OutOfRange => {
-            call.failed(false);
-            Err(RequestError::invalid(format!(
-                "refused by the decoder: {}",
-                status.message()
-            )))
-        }
-        Code::DeadlineExceeded if deadline.is_some_and(|at| Instant::now() >= at) => {
-            call.failed(false);
-            Err(RequestError::DeadlineExceeded("waiting for the decoder"))
-        }
-        Code::ResourceExhausted => {
-            // Full is the replica's state, not a fault: keep it in rotation but try another.
-            call.failed(false);
-            tracing::warn!(replica = %address, message = status.message(), "decoder replica full, trying another");
-            Ok(format!("{address}: overloaded: {}", status.message()))
-        }
-        code => {
-            call.failed(true);
-            tracing::warn!(replica = %address, ?code, message = status.message(), "decoder call failed, trying another replica");
-            Ok(format!("{address}: {code:?}: {}", status.message()))
-        }
-    }
+    .await
 }
 
 fn finish_reason(reason: i32, capped_by_context: bool) -> pb::FinishReason {

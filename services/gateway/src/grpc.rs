@@ -15,10 +15,11 @@ use crate::cache::CacheStats;
 use crate::config::Limits;
 use crate::error::RequestError;
 use crate::generate::{self, RequestClock};
+use crate::metrics::GatewayStats;
 use crate::metrics::Operation;
 use crate::pool::PoolStats;
 use crate::score;
-use crate::state::{GatewayState, GatewayStats, deadline_of};
+use crate::state::{GatewayState, deadline_of};
 
 /// The public API over the shared gateway state.
 #[derive(Debug, Clone)]
@@ -166,6 +167,7 @@ impl Kosmos for KosmosService {
                 && tokenizer.num_patch_index_tokens() > 0,
             limits: Some(wire_limits(&self.state.limits)),
             stats: Some(wire_stats(&self.state.stats())),
+            eos_token_id: model.eos_token_id,
         }))
     }
 }

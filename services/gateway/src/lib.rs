@@ -10,12 +10,14 @@
 //!   replica on failure;
 //! * [`generate`] / [`score`]: the decoder call, incremental detokenization and stop strings ([`text`]), finish
 //!   reasons, usage, timings, grounding;
+//! * [`call`]: the one upstream call policy (replica, deadline, status table, retries, overload) of every call;
 //! * [`pool`]: replicas per pool, power-of-two-choices balancing, per-pool pending/in-flight gauges;
 //! * [`upstream`]: probes, the model learned from the decoders, grpc.health.v1;
 //! * [`metrics`]: everything `/metrics` exports (GenAI request metrics, per-pool queue signals, the cache);
 //! * [`server`]: start, serve with health and reflection, drain; [`config`]: file < environment < flags.
 
 pub mod cache;
+pub mod call;
 pub mod config;
 pub mod domain;
 pub mod encode;
@@ -34,5 +36,5 @@ pub mod upstream;
 pub use config::GatewayConfig;
 pub use error::{RequestError, StartError};
 pub use kosmos_runtime::Shutdown;
-pub use server::{BoundGateway, GatewayHandle, run, start};
-pub use state::GatewayStats;
+pub use metrics::GatewayStats;
+pub use server::{Gateway, GatewayHandle, bind, run};

@@ -1,19 +1,34 @@
 //! Every metric the gateway exports (the gateway rows of `docs/metrics.md`): GenAI request metrics as callers
 //! see them, the per-pool queue signals the autoscalers read, the embedding cache and the concurrency limit.
 //!
-//! Live state (pool gauges, cache, in-flight requests) is observed at scrape time from [`GatewayState::stats`];
+//! Live state (pool gauges, cache, in-flight requests) is observed at scrape time from [`GatewayStats`];
 //! request metrics are recorded when a request ends.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
-use kosmos_runtime::metrics::{
-    LATENCY_BUCKETS, Registry, RpcMetrics, STAGE_BUCKETS, TOKEN_BUCKETS, code_name, histogram,
-};
+use kosmos_runtime::metrics::{Registry, code_name, gen_ai};
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::Histogram;
+use opentelemetry::metrics::{AsyncInstrument, Histogram};
 
-use crate::state::{GatewayState, GatewayStats};
+use crate::cache::CacheStats;
+use crate::pool::PoolStats;
+
+/// The gateway's load, for `GetModelInfo`, the observed metrics and in-process callers (tests, the `kosmos`
+/// command).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GatewayStats {
+    /// Requests being served now.
+    pub requests_in_flight: u32,
+    /// Requests refused by the concurrency limit since start.
+    pub requests_rejected_total: u64,
+    /// The encoder pool.
+    pub encoder: PoolStats,
+    /// The decoder pool.
+    pub decoder: PoolStats,
+    /// The embedding cache.
+    pub cache: CacheStats,
+}
 
 /// The gateway's instrument names (OpenTelemetry names; the Prometheus names are in `docs/metrics.md`).
 pub mod names {
@@ -77,7 +92,6 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     registry: Arc<Registry>,
-    rpc: RpcMetrics,
     model: Arc<str>,
     request_duration: Histogram<f64>,
     time_to_first_token: Histogram<f64>,
@@ -90,37 +104,22 @@ impl GatewayMetrics {
     pub fn new(model: &str) -> Result<Self, kosmos_runtime::metrics::MetricsError> {
         let registry = Arc::new(Registry::new("gateway")?);
         let meter = registry.meter();
+        let gen_ai::Histograms {
+            request_duration,
+            time_to_first_token,
+            time_per_output_token,
+            token_usage,
+        } = gen_ai::Histograms::new(
+            meter,
+            "Time from a request's arrival to its last token or score.",
+            "Time from a request's arrival to its first generated token.",
+        );
         Ok(Self {
-            rpc: RpcMetrics::new(&registry),
             model: Arc::from(model),
-            request_duration: histogram(
-                meter,
-                names::REQUEST_DURATION,
-                "Time from a request's arrival to its last token or score.",
-                "s",
-                LATENCY_BUCKETS,
-            ),
-            time_to_first_token: histogram(
-                meter,
-                names::TIME_TO_FIRST_TOKEN,
-                "Time from a request's arrival to its first generated token.",
-                "s",
-                LATENCY_BUCKETS,
-            ),
-            time_per_output_token: histogram(
-                meter,
-                names::TIME_PER_OUTPUT_TOKEN,
-                "Mean time per generated token after the first, per request.",
-                "s",
-                STAGE_BUCKETS,
-            ),
-            token_usage: histogram(
-                meter,
-                names::TOKEN_USAGE,
-                "Tokens per request by type: input (text prompt), image (image positions), output (generated).",
-                "{token}",
-                TOKEN_BUCKETS,
-            ),
+            request_duration,
+            time_to_first_token,
+            time_per_output_token,
+            token_usage,
             registry,
         })
     }
@@ -128,11 +127,6 @@ impl GatewayMetrics {
     /// The registry `/metrics` renders.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
-    }
-
-    /// The gRPC server's call metrics.
-    pub fn rpc(&self) -> &RpcMetrics {
-        &self.rpc
     }
 
     fn labels(&self, operation: Operation) -> [KeyValue; 2] {
@@ -186,151 +180,180 @@ impl GatewayMetrics {
         );
     }
 
-    /// Registers the gauges and counters read from `state` at each scrape (they report nothing once the state
-    /// is gone).
-    pub fn observe(&self, state: Weak<GatewayState>) {
-        let meter = self.registry.meter();
-        let stats = move || state.upgrade().map(|state| state.stats());
-        type Read = fn(&GatewayStats) -> u64;
-        let gauges: [(&'static str, &'static str, Read); 3] = [
-            (
-                names::REQUESTS_IN_FLIGHT,
-                "Public requests being served now.",
-                |s| u64::from(s.requests_in_flight),
-            ),
-            (
-                names::CACHE_BYTES,
-                "Bytes of embeddings held by the cache.",
-                |s| s.cache.bytes,
-            ),
-            (names::CACHE_ENTRIES, "Embeddings held by the cache.", |s| {
-                s.cache.entries
-            }),
-        ];
-        for (name, help, read) in gauges {
-            let stats = stats.clone();
-            let _ = meter
-                .u64_observable_gauge(name)
-                .with_description(help)
-                .with_callback(move |observer| {
-                    if let Some(stats) = stats() {
-                        observer.observe(read(&stats), &[]);
-                    }
-                })
-                .build();
-        }
-        let counters: [(&'static str, &'static str, Read); 4] = [
-            (
-                names::REQUESTS_REJECTED,
-                "Requests refused by the gateway's concurrency limit (RESOURCE_EXHAUSTED).",
-                |s| s.requests_rejected_total,
-            ),
-            (
-                names::CACHE_QUERIES,
-                "Image embedding cache lookups.",
-                |s| s.cache.hits + s.cache.misses,
-            ),
-            (
-                names::CACHE_HITS,
-                "Image embedding cache lookups that found the embedding.",
-                |s| s.cache.hits,
-            ),
-            (
-                names::CACHE_EVICTIONS,
-                "Embeddings evicted from the cache to stay within its byte budget.",
-                |s| s.cache.evictions,
-            ),
-        ];
-        for (name, help, read) in counters {
-            let stats = stats.clone();
-            let _ = meter
-                .u64_observable_counter(name)
-                .with_description(help)
-                .with_callback(move |observer| {
-                    if let Some(stats) = stats() {
-                        observer.observe(read(&stats), &[]);
-                    }
-                })
-                .build();
-        }
-        type PoolRead = fn(&crate::pool::PoolStats) -> u64;
-        let pool_gauges: [(&'static str, &'static str, PoolRead, bool); 5] = [
-            (
-                names::POOL_PENDING_REQUESTS,
-                "Calls to the pool sent and not yet answered with a first message (queued or computing upstream).",
-                |p| p.pending,
-                false,
-            ),
-            (
-                names::POOL_INFLIGHT_REQUESTS,
-                "Calls to the pool open now (streams included until they end).",
-                |p| p.in_flight,
-                false,
-            ),
-            (
-                names::POOL_PENDING_IMAGES,
-                "Images in encode calls sent to the pool and not yet answered (encoder pool only).",
-                |p| p.pending_images,
-                true,
-            ),
-            (
-                names::POOL_REPLICAS,
-                "Replicas of the pool the gateway knows (from its static list or DNS).",
-                |p| u64::from(p.replicas),
-                false,
-            ),
-            (
-                names::POOL_READY_REPLICAS,
-                "Replicas of the pool whose last health probe or call succeeded.",
-                |p| u64::from(p.healthy_replicas),
-                false,
-            ),
-        ];
-        for (name, help, read, encoder_only) in pool_gauges {
-            let stats = stats.clone();
-            let _ = meter
-                .u64_observable_gauge(name)
-                .with_description(help)
-                .with_callback(move |observer| {
-                    if let Some(stats) = stats() {
-                        observer.observe(read(&stats.encoder), &[KeyValue::new("pool", "encoder")]);
-                        if !encoder_only {
-                            observer
-                                .observe(read(&stats.decoder), &[KeyValue::new("pool", "decoder")]);
-                        }
-                    }
-                })
-                .build();
-        }
-        let pool_counters: [(&'static str, &'static str, PoolRead); 3] = [
-            (
-                names::POOL_CALLS,
-                "Calls started to the pool's replicas, retries included.",
-                |p| p.calls_total,
-            ),
-            (
-                names::POOL_FAILURES,
-                "Calls to the pool that failed.",
-                |p| p.failures_total,
-            ),
-            (
-                names::POOL_RETRIES,
-                "Calls retried on another replica of the pool.",
-                |p| p.retries_total,
-            ),
-        ];
-        for (name, help, read) in pool_counters {
-            let stats = stats.clone();
-            let _ = meter
-                .u64_observable_counter(name)
-                .with_description(help)
-                .with_callback(move |observer| {
-                    if let Some(stats) = stats() {
-                        observer.observe(read(&stats.encoder), &[KeyValue::new("pool", "encoder")]);
-                        observer.observe(read(&stats.decoder), &[KeyValue::new("pool", "decoder")]);
-                    }
-                })
-                .build();
+    /// Registers the gauges and counters read from `stats` at each scrape (a closure over the gateway's state,
+    /// as the decoder's `observe_load`: the metrics never hold the state; `None` reports nothing).
+    pub fn observe(&self, stats: impl Fn() -> Option<GatewayStats> + Send + Sync + 'static) {
+        let stats: StatsSource = Arc::new(stats);
+        for row in OBSERVED {
+            let stats = Arc::clone(&stats);
+            let read = row.read;
+            let callback = move |observer: &dyn AsyncInstrument<u64>| {
+                if let Some(stats) = stats() {
+                    read.observe(&stats, observer);
+                }
+            };
+            let meter = self.registry.meter();
+            match row.kind {
+                Kind::Gauge => {
+                    let _ = meter
+                        .u64_observable_gauge(row.name)
+                        .with_description(row.help)
+                        .with_callback(callback)
+                        .build();
+                }
+                Kind::Counter => {
+                    let _ = meter
+                        .u64_observable_counter(row.name)
+                        .with_description(row.help)
+                        .with_callback(callback)
+                        .build();
+                }
+            }
         }
     }
 }
+
+type StatsSource = Arc<dyn Fn() -> Option<GatewayStats> + Send + Sync>;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// What one observed instrument reads from the stats.
+#[derive(Clone, Copy)]
+enum Read {
+    /// One unlabelled value.
+    Gateway(fn(&GatewayStats) -> u64),
+    /// One value per pool (`pool` label); `encoder_only` for what only the encoder pool has.
+    Pool {
+        read: fn(&PoolStats) -> u64,
+        encoder_only: bool,
+    },
+}
+
+impl Read {
+    fn observe(self, stats: &GatewayStats, observer: &dyn AsyncInstrument<u64>) {
+        match self {
+            Self::Gateway(read) => observer.observe(read(stats), &[]),
+            Self::Pool { read, encoder_only } => {
+                observer.observe(read(&stats.encoder), &[KeyValue::new("pool", "encoder")]);
+                if !encoder_only {
+                    observer.observe(read(&stats.decoder), &[KeyValue::new("pool", "decoder")]);
+                }
+            }
+        }
+    }
+}
+
+struct Observed {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    read: Read,
+}
+
+const fn pool(read: fn(&PoolStats) -> u64) -> Read {
+    Read::Pool {
+        read,
+        encoder_only: false,
+    }
+}
+
+/// Every instrument observed at scrape time.
+const OBSERVED: [Observed; 15] = [
+    Observed {
+        name: names::REQUESTS_IN_FLIGHT,
+        help: "Public requests being served now.",
+        kind: Kind::Gauge,
+        read: Read::Gateway(|s| u64::from(s.requests_in_flight)),
+    },
+    Observed {
+        name: names::CACHE_BYTES,
+        help: "Bytes of embeddings held by the cache.",
+        kind: Kind::Gauge,
+        read: Read::Gateway(|s| s.cache.bytes),
+    },
+    Observed {
+        name: names::CACHE_ENTRIES,
+        help: "Embeddings held by the cache.",
+        kind: Kind::Gauge,
+        read: Read::Gateway(|s| s.cache.entries),
+    },
+    Observed {
+        name: names::REQUESTS_REJECTED,
+        help: "Requests refused by the gateway's concurrency limit (RESOURCE_EXHAUSTED).",
+        kind: Kind::Counter,
+        read: Read::Gateway(|s| s.requests_rejected_total),
+    },
+    Observed {
+        name: names::CACHE_QUERIES,
+        help: "Image embedding cache lookups.",
+        kind: Kind::Counter,
+        read: Read::Gateway(|s| s.cache.hits + s.cache.misses),
+    },
+    Observed {
+        name: names::CACHE_HITS,
+        help: "Image embedding cache lookups that found the embedding.",
+        kind: Kind::Counter,
+        read: Read::Gateway(|s| s.cache.hits),
+    },
+    Observed {
+        name: names::CACHE_EVICTIONS,
+        help: "Embeddings evicted from the cache to stay within its byte budget.",
+        kind: Kind::Counter,
+        read: Read::Gateway(|s| s.cache.evictions),
+    },
+    Observed {
+        name: names::POOL_PENDING_REQUESTS,
+        help: "Calls to the pool sent and not yet answered with a first message (queued or computing upstream).",
+        kind: Kind::Gauge,
+        read: pool(|p| p.pending),
+    },
+    Observed {
+        name: names::POOL_INFLIGHT_REQUESTS,
+        help: "Calls to the pool open now (streams included until they end).",
+        kind: Kind::Gauge,
+        read: pool(|p| p.in_flight),
+    },
+    Observed {
+        name: names::POOL_PENDING_IMAGES,
+        help: "Images in encode calls sent to the pool and not yet answered (encoder pool only).",
+        kind: Kind::Gauge,
+        read: Read::Pool {
+            read: |p| p.pending_images,
+            encoder_only: true,
+        },
+    },
+    Observed {
+        name: names::POOL_REPLICAS,
+        help: "Replicas of the pool the gateway knows (from its static list or DNS).",
+        kind: Kind::Gauge,
+        read: pool(|p| u64::from(p.replicas)),
+    },
+    Observed {
+        name: names::POOL_READY_REPLICAS,
+        help: "Replicas of the pool whose last health probe or call succeeded.",
+        kind: Kind::Gauge,
+        read: pool(|p| u64::from(p.healthy_replicas)),
+    },
+    Observed {
+        name: names::POOL_CALLS,
+        help: "Calls started to the pool's replicas, retries included.",
+        kind: Kind::Counter,
+        read: pool(|p| p.calls_total),
+    },
+    Observed {
+        name: names::POOL_FAILURES,
+        help: "Calls to the pool that failed.",
+        kind: Kind::Counter,
+        read: pool(|p| p.failures_total),
+    },
+    Observed {
+        name: names::POOL_RETRIES,
+        help: "Calls retried on another replica of the pool.",
+        kind: Kind::Counter,
+        read: pool(|p| p.retries_total),
+    },
+];

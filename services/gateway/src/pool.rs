@@ -28,6 +28,7 @@ pub struct Replica {
     address: String,
     channel: Channel,
     in_flight: AtomicU64,
+    calls_total: AtomicU64,
     healthy: AtomicBool,
 }
 
@@ -49,6 +50,7 @@ impl Replica {
             // Optimistic until a probe or a call says otherwise: a new replica takes traffic at once.
             healthy: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
+            calls_total: AtomicU64::new(0),
         })
     }
 
@@ -66,6 +68,11 @@ impl Replica {
     /// Calls open against this replica.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls started on this replica since the gateway started (retries included).
+    pub fn calls_total(&self) -> u64 {
+        self.calls_total.load(Ordering::Relaxed)
     }
 
     /// Whether its last probe or call succeeded.
@@ -91,10 +98,14 @@ pub struct PoolStats {
     pub healthy_replicas: u32,
     /// Calls open that have not received their first response yet.
     pub pending: u64,
+    /// The most calls ever pending at once (high-water mark of `pending`).
+    pub pending_peak: u64,
     /// Calls open.
     pub in_flight: u64,
     /// Images in calls that have not received their first response yet (encoder pool).
     pub pending_images: u64,
+    /// The most images ever pending at once (high-water mark of `pending_images`).
+    pub pending_images_peak: u64,
     /// Calls started (retries included).
     pub calls_total: u64,
     /// Calls that failed.
@@ -106,7 +117,9 @@ pub struct PoolStats {
 #[derive(Debug, Default)]
 struct Counters {
     pending: AtomicU64,
+    pending_peak: AtomicU64,
     pending_images: AtomicU64,
+    pending_images_peak: AtomicU64,
     in_flight: AtomicU64,
     calls_total: AtomicU64,
     failures_total: AtomicU64,
@@ -255,14 +268,19 @@ impl Pool {
     /// [`Pool::begin`] for a call carrying `images` images, counted as pending images until it is answered.
     pub fn begin_with_images(&self, replica: Arc<Replica>, attempt: u32, images: u64) -> CallGuard {
         let counters = &self.state.counters;
-        counters.pending.fetch_add(1, Ordering::Relaxed);
-        counters.pending_images.fetch_add(images, Ordering::Relaxed);
+        let pending = counters.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        counters.pending_peak.fetch_max(pending, Ordering::Relaxed);
+        let pending_images = counters.pending_images.fetch_add(images, Ordering::Relaxed) + images;
+        counters
+            .pending_images_peak
+            .fetch_max(pending_images, Ordering::Relaxed);
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
         counters.calls_total.fetch_add(1, Ordering::Relaxed);
         if attempt > 0 {
             counters.retries_total.fetch_add(1, Ordering::Relaxed);
         }
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        replica.calls_total.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             state: self.state.clone(),
             replica,
@@ -279,8 +297,10 @@ impl Pool {
             replicas: replicas.len() as u32,
             healthy_replicas: replicas.iter().filter(|r| r.is_healthy()).count() as u32,
             pending: counters.pending.load(Ordering::Relaxed),
+            pending_peak: counters.pending_peak.load(Ordering::Relaxed),
             in_flight: counters.in_flight.load(Ordering::Relaxed),
             pending_images: counters.pending_images.load(Ordering::Relaxed),
+            pending_images_peak: counters.pending_images_peak.load(Ordering::Relaxed),
             calls_total: counters.calls_total.load(Ordering::Relaxed),
             failures_total: counters.failures_total.load(Ordering::Relaxed),
             retries_total: counters.retries_total.load(Ordering::Relaxed),
@@ -404,6 +424,8 @@ mod tests {
             (stats.calls_total, stats.failures_total, stats.retries_total),
             (2, 1, 1)
         );
+        assert_eq!(stats.pending_peak, 2, "the high-water mark stays");
+        assert_eq!(pool.replicas()[0].calls_total(), 2);
         assert_eq!(
             stats.healthy_replicas, 1,
             "responded() after failed() restores health"

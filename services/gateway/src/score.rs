@@ -9,10 +9,10 @@ use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 use tracing::Instrument as _;
 
+use crate::call::CallContext;
 use crate::domain::validate_candidates;
-use crate::encode::call_timeout;
 use crate::error::RequestError;
-use crate::generate::{RequestClock, decoder_failure, encode_images, tokenize};
+use crate::generate::{RequestClock, encode_images, tokenize};
 use crate::metrics::{Operation, Outcome};
 use crate::pool::Pool;
 use crate::prompt::{PrepareInput, decoder_segments};
@@ -110,39 +110,28 @@ pub async fn score(
     })
 }
 
-/// One decoder Score, retried on another replica when one fails (scoring has no side effects).
+/// One decoder Score through the pool's call policy (scoring has no side effects: any replica may retry it).
 async fn call_score(
     pool: &Pool,
     request: dec::ScoreRequest,
     deadline: Option<Instant>,
     max_message_bytes: usize,
 ) -> Result<dec::ScoreResponse, RequestError> {
-    let max_attempts = pool.config().max_attempts.get();
-    let mut tried = Vec::new();
-    let mut last_error = String::from("no replica");
-    for attempt in 0..max_attempts {
-        let Some(replica) = pool.pick(&tried) else {
-            break;
-        };
-        tried.push(replica.clone());
-        let timeout = call_timeout(deadline, pool.config().call_timeout)
-            .ok_or(RequestError::DeadlineExceeded("scoring"))?;
-        let mut call = pool.begin(replica.clone(), attempt);
-        let mut client = dec::decoder_client::DecoderClient::new(replica.channel())
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        let mut wire = tonic::Request::new(request.clone());
-        wire.set_timeout(timeout);
-        match client.score(wire).await {
-            Ok(response) => {
-                call.responded();
-                return Ok(response.into_inner());
-            }
-            Err(status) => last_error = decoder_failure(&call, &status, deadline)?,
-        }
-    }
-    Err(RequestError::Unavailable {
-        pool: "decoder",
-        message: last_error,
-    })
+    let context = CallContext {
+        stage: "scoring",
+        subject: "refused by the decoder".into(),
+        images: 0,
+    };
+    let (response, mut call) = pool
+        .call(&context, deadline, |channel, timeout| {
+            let mut client = dec::decoder_client::DecoderClient::new(channel)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes);
+            let mut wire = tonic::Request::new(request.clone());
+            wire.set_timeout(timeout);
+            async move { Ok(client.score(wire).await?.into_inner()) }
+        })
+        .await?;
+    call.responded();
+    Ok(response)
 }

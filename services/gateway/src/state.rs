@@ -8,28 +8,11 @@ use std::time::Instant;
 use kosmos_processor::KosmosTokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cache::CacheStats;
 use crate::config::Limits;
 use crate::encode::ImageEncoder;
 use crate::error::RequestError;
-use crate::metrics::GatewayMetrics;
-use crate::pool::PoolStats;
+use crate::metrics::{GatewayMetrics, GatewayStats};
 use crate::upstream::{ModelInfo, Upstreams};
-
-/// The gateway's load, for `GetModelInfo` and for in-process callers (tests, the `kosmos` command).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct GatewayStats {
-    /// Requests being served now.
-    pub requests_in_flight: u32,
-    /// Requests refused by the concurrency limit since start.
-    pub requests_rejected_total: u64,
-    /// The encoder pool.
-    pub encoder: PoolStats,
-    /// The decoder pool.
-    pub decoder: PoolStats,
-    /// The embedding cache.
-    pub cache: CacheStats,
-}
 
 /// The state every request shares.
 #[derive(Debug)]

@@ -122,17 +122,12 @@ impl Upstreams {
         self.model.borrow().clone()
     }
 
-    /// Whether both pools answer and the model is known.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
-    }
-
     /// The model as the decoders describe it, watched: changes when a decoder with another model answers.
     pub fn model_changes(&self) -> watch::Receiver<Option<Arc<ModelInfo>>> {
         self.model.clone()
     }
 
-    /// Waits until [`Upstreams::is_ready`] or `timeout`; returns readiness.
+    /// Waits until both pools answer and the model is known, or `timeout`; returns readiness.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut ready = self.ready.clone();
         tokio::time::timeout(timeout, ready.wait_for(|ready| *ready))
@@ -141,7 +136,7 @@ impl Upstreams {
     }
 }
 
-async fn probe_decoder(replica: &Replica) -> Option<dec::InfoResponse> {
+async fn probe_decoder(replica: Arc<Replica>) -> Option<dec::InfoResponse> {
     let mut client = dec::decoder_client::DecoderClient::new(replica.channel());
     let mut request = tonic::Request::new(dec::InfoRequest {});
     request.set_timeout(PROBE_TIMEOUT);
@@ -156,7 +151,7 @@ async fn probe_decoder(replica: &Replica) -> Option<dec::InfoResponse> {
     }
 }
 
-async fn probe_encoder(replica: &Replica) -> Option<enc::InfoResponse> {
+async fn probe_encoder(replica: Arc<Replica>) -> Option<enc::InfoResponse> {
     let mut client = enc::vision_encoder_client::VisionEncoderClient::new(replica.channel());
     let mut request = tonic::Request::new(enc::InfoRequest {});
     request.set_timeout(PROBE_TIMEOUT);
@@ -182,8 +177,8 @@ async fn probe_round(upstreams: &Upstreams, tokenizer: &KosmosTokenizer) -> Roun
     let decoders = upstreams.decoder.replicas();
     let encoders = upstreams.encoder.replicas();
     let (decoder_answers, encoder_answers) = tokio::join!(
-        join_all(decoders.iter().map(|replica| probe_decoder(replica))),
-        join_all(encoders.iter().map(|replica| probe_encoder(replica))),
+        probe_all(&decoders, probe_decoder),
+        probe_all(&encoders, probe_encoder),
     );
     let mut model: Option<Arc<ModelInfo>> = None;
     for (replica, answer) in decoders.iter().zip(decoder_answers) {
@@ -239,29 +234,25 @@ async fn probe_round(upstreams: &Upstreams, tokenizer: &KosmosTokenizer) -> Roun
     }
 }
 
-/// Runs `futures` concurrently and returns their outputs in order (a small `join_all` over `tokio::join!`'s
-/// building blocks, to avoid a dependency for one call site).
-async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all_done = true;
-        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => all_done = false,
-                }
-            }
+/// Probes every replica at once (one task each); the answers in the replicas' order.
+async fn probe_all<T, F, Fut>(replicas: &[Arc<Replica>], probe: F) -> Vec<Option<T>>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Replica>) -> Fut,
+    Fut: std::future::Future<Output = Option<T>> + Send + 'static,
+{
+    let mut probes = tokio::task::JoinSet::new();
+    for (index, replica) in replicas.iter().enumerate() {
+        let answer = probe(Arc::clone(replica));
+        probes.spawn(async move { (index, answer.await) });
+    }
+    let mut answers: Vec<Option<T>> = replicas.iter().map(|_| None).collect();
+    while let Some(joined) = probes.join_next().await {
+        if let Ok((index, answer)) = joined {
+            answers[index] = answer;
         }
-        if all_done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
+    }
+    answers
 }
 
 /// Probes both pools until shutdown, re-resolves DNS pools, and keeps the health statuses and the model current.
@@ -353,19 +344,4 @@ fn dns_refresh_period(upstreams: &Upstreams) -> Duration {
         })
         .min()
         .unwrap_or(Duration::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn join_all_keeps_the_order_of_its_futures() {
-        let outputs = join_all((0..5u64).map(|i| async move {
-            tokio::time::sleep(Duration::from_millis(10 * (5 - i))).await;
-            i
-        }))
-        .await;
-        assert_eq!(outputs, vec![0, 1, 2, 3, 4]);
-    }
 }

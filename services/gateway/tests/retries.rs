@@ -1,4 +1,4 @@
-//! Encode retries and balancing against fake encoder replicas (in-test servers on free loopback ports). The real
+//! The upstream call policy (retries, the status table, overload) and balancing, against fake encoder replicas (in-test servers on free loopback ports). The real
 //! services are exercised end to end in `tests/e2e`; fakes are used here only to make replicas fail on purpose.
 
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ enum Behaviour {
     Healthy,
     Down,
     RefusesTheImage,
+    Full,
 }
 
 #[derive(Debug)]
@@ -43,6 +44,7 @@ impl VisionEncoder for FakeEncoder {
         match self.behaviour {
             Behaviour::Down => Err(Status::unavailable("replica is down")),
             Behaviour::RefusesTheImage => Err(Status::invalid_argument("image is corrupt")),
+            Behaviour::Full => Err(Status::resource_exhausted("encoder queue full")),
             Behaviour::Healthy => Ok(Response::new(enc::EncodeResponse {
                 embeddings: request
                     .into_inner()
@@ -221,6 +223,30 @@ async fn with_every_replica_down_the_pool_is_unavailable() {
     assert!(
         err.to_string().contains("encoder pool unavailable"),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn with_every_replica_full_the_pool_is_overloaded_and_stays_in_rotation() {
+    let (a, a_calls) = start_fake(Behaviour::Full).await;
+    let (b, b_calls) = start_fake(Behaviour::Full).await;
+    let pool = pool(&[a, b], 3);
+    let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
+    let err = encoder
+        .embeddings(&[image(0)], &model(), None)
+        .await
+        .expect_err("all full");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.to_string().contains("encoder pool overloaded"), "{err}");
+    assert_eq!(
+        a_calls.load(Ordering::SeqCst) + b_calls.load(Ordering::SeqCst),
+        2,
+        "each replica was tried once"
+    );
+    assert_eq!(
+        pool.stats().healthy_replicas,
+        2,
+        "a full replica is not a failed one"
     );
 }
 

@@ -163,15 +163,20 @@ fn print_entities(entities: &[pb::Entity], clean_text: &str) {
     }
 }
 
-/// Streams the answer to a question.
-pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
-    let mut client = args.connection.client().await?;
-    let mut prompt = args
-        .image
+/// A prompt of the images at `paths`, then `text`.
+fn images_then_text(paths: &[PathBuf], text: &str) -> anyhow::Result<Vec<pb::Segment>> {
+    let mut prompt = paths
         .iter()
         .map(|path| image_segment(path))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    prompt.push(text_segment(&args.question));
+    prompt.push(text_segment(text));
+    Ok(prompt)
+}
+
+/// Streams the answer to a question.
+pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
+    let mut client = args.connection.client().await?;
+    let prompt = images_then_text(&args.image, &args.question)?;
     let request = pb::GenerateRequest {
         prompt,
         params: Some(args.generation.params()),
@@ -232,12 +237,7 @@ pub async fn caption(args: CaptionArgs) -> anyhow::Result<()> {
 /// Scores the candidates and prints them best first.
 pub async fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let mut client = args.connection.client().await?;
-    let mut prompt = args
-        .image
-        .iter()
-        .map(|path| image_segment(path))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    prompt.push(text_segment(&args.prompt));
+    let prompt = images_then_text(&args.image, &args.prompt)?;
     let candidates: Vec<String> = args
         .candidates
         .iter()

@@ -103,9 +103,17 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         "{} holds no items",
         args.set.join("set.jsonl").display()
     );
-    let client = args.connection.client().await?;
+    let mut client = args.connection.client().await?;
+    // The end-of-sequence id the server's model uses (stripped before comparing ids with PyTorch's).
+    let eos_token_id = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .context("GetModelInfo failed")?
+        .into_inner()
+        .eos_token_id;
     let started = Instant::now();
     let total = items.len();
+    let bar = progress_bar(total);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     for (index, item) in items.into_iter().enumerate() {
@@ -115,11 +123,10 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         let mut client = client.clone();
         let max_new_tokens = args.max_new_tokens;
         tasks.spawn(async move {
-            let verdict = evaluate(&mut client, &item, image, max_new_tokens).await;
+            let verdict = evaluate(&mut client, &item, image, max_new_tokens, eos_token_id).await;
             drop(permit);
             (index, item, verdict)
         });
-        progress(index + 1 - tasks.len(), total, started);
     }
     let mut verdicts = Vec::with_capacity(total);
     while let Some(joined) = tasks.join_next().await {
@@ -127,9 +134,10 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         let verdict =
             verdict.with_context(|| format!("item {} ({:?}, id {})", index, item.task, item.id))?;
         verdicts.push((index, item, verdict));
-        progress(verdicts.len(), total, started);
+        bar.inc(1);
     }
-    eprintln!();
+    bar.finish_and_clear();
+    eprintln!("  {}/{total} items evaluated", verdicts.len());
     verdicts.sort_by_key(|(index, _, _)| *index);
     if let Some(path) = &args.details {
         let mut out = std::io::BufWriter::new(
@@ -168,16 +176,16 @@ fn read_set(dir: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Item>> {
     Ok(items)
 }
 
-fn progress(done: usize, total: usize, started: Instant) {
-    const WIDTH: usize = 30;
-    let filled = WIDTH * done / total.max(1);
-    eprint!(
-        "\r  [{}{}] {done}/{total} items, {:.1} s",
-        "=".repeat(filled),
-        " ".repeat(WIDTH - filled),
-        started.elapsed().as_secs_f64()
-    );
-    let _ = std::io::stderr().flush();
+/// A progress bar on stderr, drawn only when stderr is a terminal (indicatif hides it otherwise).
+fn progress_bar(total: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "  [{bar:30}] {pos}/{len} items, {elapsed_precise}",
+    )
+    .map(|style| style.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
 }
 
 async fn evaluate(
@@ -185,6 +193,7 @@ async fn evaluate(
     item: &Item,
     image: Vec<u8>,
     max_new_tokens: u32,
+    eos_token_id: u32,
 ) -> anyhow::Result<Verdict> {
     if item.task == Task::Classify {
         let label = item.label.context("a classify item has no `label`")?;
@@ -222,7 +231,7 @@ async fn evaluate(
         .into_inner();
     let agrees = item.torch_ids.as_ref().map(|torch| {
         let ours: Vec<u32> = response.tokens.iter().map(|token| token.id).collect();
-        without_eos(&ours) == without_eos(torch)
+        without_eos(&ours, eos_token_id) == without_eos(torch, eos_token_id)
     });
     let (correct, objects) = match item.task {
         Task::Caption => {
@@ -271,9 +280,8 @@ async fn evaluate(
 }
 
 /// The ids without a final end-of-sequence (HF's `generate` keeps it; the API reports it as a special token).
-fn without_eos(ids: &[u32]) -> &[u32] {
-    const EOS: u32 = 2;
-    ids.strip_suffix(&[EOS]).unwrap_or(ids)
+fn without_eos(ids: &[u32], eos_token_id: u32) -> &[u32] {
+    ids.strip_suffix(&[eos_token_id]).unwrap_or(ids)
 }
 
 /// The (colour, shape) and (word) phrases of a caption, sorted: `a red circle` → (red, circle), `the word cat` →

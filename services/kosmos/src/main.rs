@@ -6,11 +6,11 @@ mod bench;
 mod client;
 mod eval;
 mod serve;
-mod services;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kosmos_runtime::cli::ServiceArgs;
 
 /// KOSMOS multimodal language model serving: images interleaved with text in, text (optionally grounded) out.
 ///
@@ -28,11 +28,11 @@ enum Command {
     /// Runs the encoder, the decoder and the gateway in this process, connected by gRPC on loopback.
     Serve(serve::ServeArgs),
     /// Runs the gateway alone (the public API in front of the encoder and decoder pools).
-    Gateway(services::ServiceArgs),
+    Gateway(ServiceArgs),
     /// Runs a vision-encoder replica alone.
-    Encoder(services::ServiceArgs),
+    Encoder(ServiceArgs),
     /// Runs a decoder replica alone.
-    Decoder(services::ServiceArgs),
+    Decoder(ServiceArgs),
     /// Asks a question about an image (or about nothing) and streams the answer.
     Ask(client::AskArgs),
     /// Captions each image.
@@ -62,9 +62,15 @@ async fn main() -> std::process::ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Gateway(args) => services::gateway(args).await,
-        Command::Encoder(args) => services::encoder(args).await,
-        Command::Decoder(args) => services::decoder(args).await,
+        Command::Gateway(args) => {
+            Ok(kosmos_runtime::cli::run::<kosmos_gateway::Gateway>(args).await?)
+        }
+        Command::Encoder(args) => {
+            Ok(kosmos_runtime::cli::run::<kosmos_encoder::Encoder>(args).await?)
+        }
+        Command::Decoder(args) => {
+            Ok(kosmos_runtime::cli::run::<kosmos_decoder::Decoder>(args).await?)
+        }
         Command::Ask(args) => client::ask(args).await,
         Command::Caption(args) => client::caption(args).await,
         Command::Score(args) => client::score(args).await,
@@ -73,42 +79,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// `value` as a JSON string, so a config override keeps it a string (a directory named `2024` stays a path).
-fn json_string(value: &str) -> String {
-    let mut quoted = String::with_capacity(value.len() + 2);
-    quoted.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            '\n' => quoted.push_str("\\n"),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
-}
-
-/// `path` as a config override value.
-fn path_value(path: &std::path::Path) -> String {
-    json_string(&path.display().to_string())
-}
-
-/// An error and its causes on one line, `a: b: c`, skipping a cause whose text an outer message already quotes
-/// (many of our errors name their cause in their own message).
+/// An error and its causes on one line, `a: b: c`, each cause once (the runtime's [`describe`]).
+///
+/// [`describe`]: kosmos_runtime::cli::describe
 fn describe(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    kosmos_runtime::cli::describe(err.as_ref())
 }
 
 /// The model `kosmos serve` uses when `--model` is not given: `models/demo` under the current directory,
@@ -134,8 +109,14 @@ mod tests {
 
     #[test]
     fn overrides_keep_strings_strings() {
+        let json_string = kosmos_runtime::config::json_string;
         assert_eq!(json_string("2024"), "\"2024\"");
         assert_eq!(json_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        let cli = Cli::parse_from(["kosmos", "decoder", "--model-dir", "2024"]);
+        let Command::Decoder(args) = cli.command else {
+            panic!("a decoder command");
+        };
+        assert_eq!(args.overrides(), vec!["model_dir=\"2024\"".to_string()]);
     }
 
     #[test]

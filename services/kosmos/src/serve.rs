@@ -1,18 +1,24 @@
 //! `kosmos serve`: the encoder, the decoder and the gateway in one process, connected by real gRPC on loopback
-//! ports, with readable progress while the model loads and a clean exit on Ctrl-C.
+//! ports, each started through the runtime's one lifecycle, with readable progress while the model loads and a
+//! clean exit on Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use kosmos_runtime::Shutdown;
-use kosmos_runtime::config::Layers;
-use tokio::net::TcpListener;
+use kosmos_proto::v1::kosmos_client::KosmosClient;
+use kosmos_runtime::cli::ServiceMain;
+use kosmos_runtime::config::Overrides;
+use kosmos_runtime::grpc::READINESS;
+use kosmos_runtime::{ServeError, Shutdown};
 use tokio::task::JoinHandle;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
-use crate::{default_model_dir, json_string, path_value};
+use crate::default_model_dir;
 
 /// Flags of `kosmos serve`.
 #[derive(Debug, Args)]
@@ -21,9 +27,14 @@ pub struct ServeArgs {
     /// preprocessor_config.json). Defaults to the model shipped in `models/demo`.
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Address of the public API (kosmos.v1.Kosmos).
+    /// Address of the public API (kosmos.v1.Kosmos); port 0: any free port (printed).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Where the gateway serves `GET /metrics`; the encoder and the decoder take the next two ports. A taken
+    /// port falls back to a free one; every address is printed at startup. (9464: the OpenTelemetry Prometheus
+    /// exporter's usual port, clear of a local Prometheus on 9090.)
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
     /// Device of the encoder and the decoder: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -38,22 +49,64 @@ pub struct ServeArgs {
     decoder_overrides: Vec<String>,
 }
 
-type ServiceTask = JoinHandle<anyhow::Result<()>>;
-
-/// Where each service serves `GET /metrics` unless `--<service>-set metrics.listen=…` says otherwise (9464: the
-/// OpenTelemetry Prometheus exporter's usual port, clear of a local Prometheus on 9090).
-const GATEWAY_METRICS: &str = "127.0.0.1:9464";
-const ENCODER_METRICS: &str = "127.0.0.1:9465";
-const DECODER_METRICS: &str = "127.0.0.1:9466";
+/// One service started and serving in a task of its own.
+struct Running {
+    name: &'static str,
+    address: SocketAddr,
+    task: JoinHandle<Result<(), ServeError>>,
+}
 
 /// Logs go to stderr below the progress lines: warnings only, unless `RUST_LOG` says otherwise. Spans of all
-/// three services are exported (as service `kosmos`) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+/// three services are exported (as service `kosmos`) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, whatever the
+/// log level.
 fn init_telemetry() -> kosmos_runtime::telemetry::TelemetryGuard {
     kosmos_runtime::telemetry::init("kosmos", kosmos_runtime::telemetry::LogFormat::Text, "warn")
 }
 
 fn step(service: &str, message: impl std::fmt::Display) {
     eprintln!("  {service:<8} {message}");
+}
+
+/// The settings every service of `kosmos serve` gets: the model, loopback ports, `/metrics` on `metrics` or a
+/// free port when it is taken.
+fn common(model: &Path, listen: SocketAddr, metrics: SocketAddr) -> Overrides {
+    Overrides::new()
+        .path("model_dir", model)
+        .string("server.listen", listen)
+        .string("metrics.listen", metrics)
+        .flag("metrics.fallback_to_free_port", true)
+}
+
+/// Loads, binds and starts serving service `S` with `overrides` until `stop` trips.
+async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let config = S::from_overrides(overrides.into_vec(), Vec::new())
+        .with_context(|| format!("invalid {} settings", S::NAME))?;
+    let (bound, _handle) = S::bind(config)
+        .await
+        .with_context(|| format!("the {} could not start", S::NAME))?;
+    let address = bound.local_addr();
+    step(
+        S::NAME,
+        format!(
+            "listening on {address} (metrics http://{}/metrics) after {:.1} s",
+            bound.metrics_addr(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    Ok(Running {
+        name: S::NAME,
+        address,
+        task: tokio::spawn(bound.serve(stop)),
+    })
+}
+
+/// The port `offset` after `address`'s, for the next service's `/metrics` (port 0, any free port, stays 0).
+fn next_port(address: SocketAddr, offset: u16) -> SocketAddr {
+    match address.port() {
+        0 => address,
+        port => SocketAddr::new(address.ip(), port.saturating_add(offset)),
+    }
 }
 
 /// Runs the three services until Ctrl-C (or SIGTERM).
@@ -76,173 +129,145 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // request in flight never finds its backends gone.
     let shutdown = Shutdown::on_signals();
     let backends = Shutdown::new();
-    let mut tasks: Vec<(&str, ServiceTask)> = Vec::new();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    // The encoder loads its model on its own thread while the decoder loads: both load at once.
+    let encoder = start::<kosmos_encoder::Encoder>(
+        common(&model, loopback, next_port(args.metrics_listen, 1))
+            .string("device", &args.device)
+            .raw(&args.encoder_overrides),
+        backends.clone(),
+    )
+    .await?;
+    let decoder = start::<kosmos_decoder::Decoder>(
+        common(&model, loopback, next_port(args.metrics_listen, 2))
+            .string("device", &args.device)
+            .raw(&args.decoder_overrides),
+        backends.clone(),
+    )
+    .await?;
+    let gateway = start::<kosmos_gateway::Gateway>(
+        common(&model, args.listen, args.metrics_listen)
+            .strings(
+                "encoder.endpoints",
+                &[format!("http://{}", encoder.address)],
+            )
+            .strings(
+                "decoder.endpoints",
+                &[format!("http://{}", decoder.address)],
+            )
+            .raw(&args.gateway_overrides),
+        shutdown.clone(),
+    )
+    .await?;
+    let gateway_addr = gateway.address;
+    let mut services = vec![gateway, encoder, decoder];
 
-    // The encoder loads its model on its own thread while the decoder loads here: both load at once.
-    let encoder_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot bind a loopback port")?;
-    let encoder_addr = encoder_listener.local_addr()?;
-    let mut encoder_overrides = vec![
-        format!("model={}", path_value(&model)),
-        "listen=\"127.0.0.1:0\"".to_string(),
-        format!("metrics.listen={}", json_string(ENCODER_METRICS)),
-        format!("device={}", json_string(&args.device)),
-    ];
-    encoder_overrides.extend(args.encoder_overrides);
-    let encoder_config = kosmos_encoder::EncoderConfig::from_overrides(&encoder_overrides)
-        .context("invalid encoder settings")?;
-    step(
-        "encoder",
-        format!("listening on {encoder_addr}, loading the vision tower…"),
-    );
-    let stop = backends.clone();
-    tasks.push((
-        "encoder",
-        tokio::spawn(async move {
-            Ok(kosmos_encoder::serve(encoder_listener, encoder_config, stop).await?)
-        }),
-    ));
-
-    step("decoder", "loading the language model…");
-    let decoder_started = Instant::now();
-    let mut decoder_overrides = vec![
-        format!("model_dir={}", path_value(&model)),
-        "listen=\"127.0.0.1:0\"".to_string(),
-        format!("metrics.listen={}", json_string(DECODER_METRICS)),
-        format!("device={}", json_string(&args.device)),
-    ];
-    decoder_overrides.extend(args.decoder_overrides);
-    let decoder_config = kosmos_decoder::DecoderConfig::load(&Layers {
-        env_prefix: kosmos_decoder::config::ENV_PREFIX.into(),
-        overrides: decoder_overrides,
-        ..Layers::default()
-    })
-    .context("invalid decoder settings")?;
-    let decoder = kosmos_decoder::start(decoder_config)
-        .await
-        .context("the decoder could not start")?;
-    let decoder_addr = decoder.local_addr()?;
-    step(
-        "decoder",
-        format!(
-            "loaded in {:.1} s, listening on {decoder_addr}",
-            decoder_started.elapsed().as_secs_f64()
-        ),
-    );
-    let stop = backends.clone();
-    tasks.push((
-        "decoder",
-        tokio::spawn(async move { Ok(decoder.serve(stop).await?) }),
-    ));
-
-    let mut gateway_overrides = vec![
-        format!("model_dir={}", path_value(&model)),
-        format!("listen={}", json_string(&args.listen.to_string())),
-        format!("metrics.listen={}", json_string(GATEWAY_METRICS)),
-        format!(
-            "encoder.endpoints=[{}]",
-            json_string(&format!("http://{encoder_addr}"))
-        ),
-        format!(
-            "decoder.endpoints=[{}]",
-            json_string(&format!("http://{decoder_addr}"))
-        ),
-    ];
-    gateway_overrides.extend(args.gateway_overrides);
-    let gateway_config = kosmos_gateway::GatewayConfig::load(&Layers {
-        env_prefix: kosmos_gateway::config::ENV_PREFIX.into(),
-        overrides: gateway_overrides,
-        ..Layers::default()
-    })
-    .context("invalid gateway settings")?;
-    let gateway = kosmos_gateway::start(gateway_config)
-        .await
-        .context("the gateway could not start")?;
-    let gateway_addr = gateway.local_addr()?;
-    let gateway_metrics = gateway.metrics_addr()?;
-    let handle = gateway.handle();
-    step(
-        "gateway",
-        format!(
-            "listening on {gateway_addr} (metrics http://{gateway_metrics}/metrics), waiting for both pools…"
-        ),
-    );
-    let stop = shutdown.clone();
-    tasks.push((
-        "gateway",
-        tokio::spawn(async move { Ok(gateway.serve(stop).await?) }),
-    ));
-
-    let ready = wait_until_ready(&handle, &shutdown, &tasks, started).await;
-    if ready {
-        if let Some(info) = handle.model() {
-            let short: String = info.fingerprint.chars().take(12).collect();
-            eprintln!(
-                "ready in {:.1} s · model {short} · context {} tokens · {} tokens per image",
-                started.elapsed().as_secs_f64(),
-                info.context_length,
-                info.num_image_tokens
-            );
-        }
-        eprintln!("serving kosmos.v1.Kosmos on {gateway_addr} (Ctrl-C to stop)");
-        eprintln!(
-            "  try: kosmos ask --addr http://{gateway_addr} --image photo.jpg \"What is in this picture?\""
-        );
+    if wait_until_ready(gateway_addr, &shutdown, &services, started).await {
+        print_ready(gateway_addr, started).await;
         shutdown.wait().await;
         eprintln!("shutting down: finishing the requests in flight…");
     }
     // A service died while loading, or Ctrl-C came: stop the gateway, let it drain, then stop the backends.
     shutdown.trigger();
     let mut failed = false;
-    let mut report =
-        |service: &str, joined: Result<anyhow::Result<()>, tokio::task::JoinError>| match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                failed = true;
-                eprintln!("{service} failed: {}", crate::describe(&err));
-            }
-            Err(err) => {
-                failed = true;
-                eprintln!("{service} task failed: {err}");
-            }
-        };
-    let (gateways, others): (Vec<_>, Vec<_>) = tasks
-        .into_iter()
-        .partition(|(service, _)| *service == "gateway");
-    for (service, task) in gateways {
-        report(service, task.await);
+    let backend_services = services.split_off(1);
+    for service in services {
+        failed |= !report(service).await;
     }
     backends.trigger();
-    for (service, task) in others {
-        report(service, task.await);
+    for service in backend_services {
+        failed |= !report(service).await;
     }
     anyhow::ensure!(!failed, "a service failed");
     eprintln!("stopped");
     Ok(())
 }
 
-/// Waits until the gateway is ready, printing a line every few seconds; false if shutdown comes first or a
-/// service stops.
+/// Waits for a service's task and says how it ended; false when it failed.
+async fn report(service: Running) -> bool {
+    match service.task.await {
+        Ok(Ok(())) => true,
+        Ok(Err(err)) => {
+            eprintln!(
+                "{} failed: {}",
+                service.name,
+                kosmos_runtime::cli::describe(&err)
+            );
+            false
+        }
+        Err(err) => {
+            eprintln!("{} task failed: {err}", service.name);
+            false
+        }
+    }
+}
+
+/// The model the gateway serves, and how to reach it.
+async fn print_ready(gateway_addr: SocketAddr, started: Instant) {
+    if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
+        && let Ok(info) = client
+            .get_model_info(kosmos_proto::v1::GetModelInfoRequest {})
+            .await
+    {
+        let info = info.into_inner();
+        let short: String = info.model_fingerprint.chars().take(12).collect();
+        eprintln!(
+            "ready in {:.1} s · model {short} · context {} tokens · {} tokens per image",
+            started.elapsed().as_secs_f64(),
+            info.context_length,
+            info.num_image_tokens
+        );
+    }
+    eprintln!("serving kosmos.v1.Kosmos on {gateway_addr} (Ctrl-C to stop)");
+    eprintln!(
+        "  try: kosmos ask --addr http://{gateway_addr} --image photo.jpg \"What is in this picture?\""
+    );
+}
+
+/// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it), printing a line every
+/// few seconds; false if shutdown comes first or a service stops.
 async fn wait_until_ready(
-    handle: &kosmos_gateway::GatewayHandle,
+    gateway_addr: SocketAddr,
     shutdown: &Shutdown,
-    tasks: &[(&str, ServiceTask)],
+    services: &[Running],
     started: Instant,
 ) -> bool {
+    let mut last_note = Instant::now();
     loop {
+        if readiness(gateway_addr).await == Some(ServingStatus::Serving) {
+            return true;
+        }
+        if let Some(service) = services.iter().find(|service| service.task.is_finished()) {
+            eprintln!("{} stopped while the model was loading", service.name);
+            return false;
+        }
+        if last_note.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "  still loading… ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+            last_note = Instant::now();
+        }
         tokio::select! {
-            ready = handle.wait_ready(Duration::from_secs(5)) => {
-                if ready {
-                    return true;
-                }
-                if let Some((service, _)) = tasks.iter().find(|(_, task)| task.is_finished()) {
-                    eprintln!("{service} stopped while the model was loading");
-                    return false;
-                }
-                eprintln!("  still loading… ({:.0} s)", started.elapsed().as_secs_f64());
-            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
             () = shutdown.wait() => return false,
         }
     }
+}
+
+/// The `readiness` status of the server at `address`, if it answers.
+async fn readiness(address: SocketAddr) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: READINESS.into(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
 }

@@ -187,8 +187,8 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
             "encoder",
             otlp,
             &[
-                format!("model={}", quoted(&model)),
-                format!("listen={}", quoted(&encoder.to_string())),
+                format!("model_dir={}", quoted(&model)),
+                format!("server.listen={}", quoted(&encoder.to_string())),
                 metrics.clone(),
             ],
             None,
@@ -198,7 +198,7 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
             otlp,
             &[
                 format!("model_dir={}", quoted(&model)),
-                format!("listen={}", quoted(&decoder.to_string())),
+                format!("server.listen={}", quoted(&decoder.to_string())),
                 metrics.clone(),
             ],
             None,
@@ -208,7 +208,7 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
             otlp,
             &[
                 format!("model_dir={}", quoted(&model)),
-                format!("listen={}", quoted(&gateway.to_string())),
+                format!("server.listen={}", quoted(&gateway.to_string())),
                 format!(
                     "encoder.endpoints=[{}]",
                     quoted(&format!("http://{encoder}"))
@@ -437,4 +437,117 @@ async fn one_generate_with_two_images_is_one_trace_across_all_three_services() {
             );
         }
     }
+}
+
+/// `kosmos serve` with its default flags (only the public port is a free one) and its default log level: with
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` set, one Generate with an image comes back as spans of all three services
+/// (exported as service `kosmos`), the log filter (`warn`) notwithstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kosmos_serve_exports_the_spans_of_all_three_services_at_its_default_log_level() {
+    use std::io::BufRead as _;
+
+    const SERVE_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    let receiver = Receiver::default();
+    let otlp_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let otlp = otlp_listener.local_addr().expect("address");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                otlp_listener,
+            )),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kosmos"))
+        .current_dir(repo())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kosmos serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let _processes = Processes(vec![("serve", child)]);
+    // The address is printed once everything is ready: "serving kosmos.v1.Kosmos on 127.0.0.1:PORT (…)".
+    let (sender, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("serving kosmos.v1.Kosmos on ") {
+                let _ = sender.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let gateway =
+        tokio::task::spawn_blocking(move || address.recv_timeout(Duration::from_secs(120)))
+            .await
+            .expect("reader")
+            .expect("kosmos serve became ready");
+    let mut client = KosmosClient::connect(format!("http://{gateway}"))
+        .await
+        .expect("connects");
+    let image = std::fs::read(repo().join("models/demo/heldout/images/001.png")).expect("image");
+    let mut request = tonic::Request::new(pb::GenerateRequest {
+        prompt: vec![
+            pb::Segment {
+                kind: Some(pb::segment::Kind::Image(pb::Image {
+                    data: image,
+                    mime_type: String::new(),
+                })),
+            },
+            text_segment("An image of"),
+        ],
+        params: Some(pb::GenerationParams {
+            max_new_tokens: 4,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{SERVE_TRACE_ID}-{CALLER_SPAN_ID}-01")
+            .parse()
+            .expect("header"),
+    );
+    client.generate(request).await.expect("generate");
+
+    let wanted = [
+        "kosmos.v1.Kosmos/Generate",
+        "kosmos.encoder.v1.VisionEncoder/Encode",
+        "kosmos.decoder.v1.Decoder/Generate",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spans = receiver.spans.lock().expect("lock").clone();
+        let names: HashSet<&str> = spans
+            .iter()
+            .filter(|span| span.trace_id == SERVE_TRACE_ID)
+            .map(|span| span.name.as_str())
+            .collect();
+        if wanted.iter().all(|name| names.contains(name)) {
+            assert!(
+                spans
+                    .iter()
+                    .filter(|span| span.trace_id == SERVE_TRACE_ID)
+                    .all(|span| span.service == "kosmos"),
+                "every span comes from the one process, service `kosmos`"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kosmos serve exported {names:?} of the trace after 30 s, wanted {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.abort();
 }

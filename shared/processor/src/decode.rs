@@ -48,6 +48,28 @@ pub enum AcceptedFormat {
     WebP,
 }
 
+impl AcceptedFormat {
+    /// The MIME type of the format (`image/jpeg`, `image/png`, `image/webp`).
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            Self::Jpeg => "image/jpeg",
+            Self::Png => "image/png",
+            Self::WebP => "image/webp",
+        }
+    }
+
+    /// The format a MIME type or short name stands for (`image/png`, `png`, `image/jpg`, `jpg`; any case);
+    /// `None` for anything else. The one MIME ↔ format table of the workspace.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "image/jpeg" | "image/jpg" | "jpeg" | "jpg" => Some(Self::Jpeg),
+            "image/png" | "png" => Some(Self::Png),
+            "image/webp" | "webp" => Some(Self::WebP),
+            _ => None,
+        }
+    }
+}
+
 /// Recognises the format from the first bytes; `Err` for anything but JPEG, PNG and WebP.
 pub fn sniff_format(bytes: &[u8]) -> Result<AcceptedFormat, DecodeError> {
     if bytes.is_empty() {

@@ -10,7 +10,7 @@ use crate::decode::{DecodeLimits, decode_image};
 use crate::error::ProcessorError;
 use crate::grounding::{Entity, post_process_generation};
 use crate::preprocess::{PixelValues, preprocess};
-use crate::prompt::{EncodedPrompt, PromptOptions, Segment, build_prompt, continuation_ids};
+use crate::prompt::{EncodedPrompt, PromptOptions, Segment, build_prompt};
 use crate::tokenizer::KosmosTokenizer;
 
 /// Everything needed to turn a request into model inputs and a generation into grounded text.
@@ -50,11 +50,6 @@ impl KosmosProcessor {
             add_eos_token: false,
         };
         Ok(build_prompt(&self.tokenizer, segments, &options)?)
-    }
-
-    /// Ids of a candidate continuation (see [`continuation_ids`]).
-    pub fn encode_continuation(&self, candidate: &str) -> Result<Vec<u32>, ProcessorError> {
-        Ok(continuation_ids(&self.tokenizer, candidate)?)
     }
 
     /// Decodes untrusted image bytes within `limits` and preprocesses them.

@@ -294,18 +294,6 @@ impl KosmosTokenizer {
             .decode(ids, skip_special_tokens)
             .map_err(|err| TokenizerError::Decode(err.to_string()))
     }
-
-    /// Decodes ids and then applies HF's `clean_up_tokenization` (for tokenizers whose config sets
-    /// `clean_up_tokenization_spaces=True`).
-    pub fn decode_with_cleanup(
-        &self,
-        ids: &[u32],
-        skip_special_tokens: bool,
-    ) -> Result<String, TokenizerError> {
-        Ok(clean_up_tokenization(
-            &self.decode(ids, skip_special_tokens)?,
-        ))
-    }
 }
 
 /// HF's `PreTrainedTokenizerBase.clean_up_tokenization`: removes the space before some punctuation and

@@ -13,31 +13,11 @@ fn png(width: u32, height: u32) -> Result<Vec<u8>> {
     Ok(bytes.into_inner())
 }
 
-/// CRC-32 (ISO-HDLC, as PNG uses).
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// Rewrites the IHDR width and height of a PNG (signature 8 bytes, then length, "IHDR", data, CRC) and
-/// fixes the chunk CRC, so that only the size check can reject it.
-fn with_header_dimensions(mut png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
-    assert_eq!(&png[12..16], b"IHDR");
-    png[16..20].copy_from_slice(&width.to_be_bytes());
-    png[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
+/// Rewrites the IHDR width and height of a PNG and fixes the chunk CRC, so that only the size check can reject
+/// it.
+fn with_header_dimensions(png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
+    kosmos_testkit::png::with_header_dimensions(png, width, height)
+        .expect("a PNG with an IHDR chunk")
 }
 
 #[test]

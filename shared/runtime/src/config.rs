@@ -7,7 +7,10 @@
 //! environment and flags are parsed as JSON when they parse (numbers, booleans, arrays) and taken as strings
 //! otherwise. Tests pass the environment as a list instead of touching the process environment.
 
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -246,30 +249,280 @@ mod tests {
     }
 }
 
+/// A key whose value is invalid; the message says what is wrong and what was given.
+pub fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// `value` as a count of at least 1, or an error naming `key`.
+pub fn positive(key: &str, value: u64) -> Result<NonZeroUsize, ConfigError> {
+    usize::try_from(value)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| invalid(key, format!("must be at least 1, got {value}")))
+}
+
+/// `text` as a socket address (`host:port`), or an error naming `key`.
+pub fn address(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|err| {
+        invalid(
+            key,
+            format!("`{text}` is not an address (host:port): {err}"),
+        )
+    })
+}
+
+/// `path` when it is not empty, or an error naming `key` (a model directory every service needs).
+pub fn required_path(key: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "a directory is required"));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// `[server]`: where the gRPC server listens, how long it drains, how it logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Address the gRPC server binds (`host:port`; port 0: any free port).
+    pub listen: String,
+    /// How long in-flight calls may take to finish after shutdown begins.
+    #[serde(rename = "drain_timeout_seconds", with = "seconds")]
+    pub drain_timeout: Duration,
+    /// Log JSON lines instead of text.
+    pub log_json: bool,
+}
+
+impl RawServer {
+    /// The defaults of a service whose gRPC port is `port` (gateway 50051, encoder 50052, decoder 50053).
+    pub fn on_port(port: u16) -> Self {
+        Self {
+            listen: format!("0.0.0.0:{port}"),
+            drain_timeout: Duration::from_secs(30),
+            log_json: false,
+        }
+    }
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self::on_port(50051)
+    }
+}
+
+/// `[grpc]`: transport settings of the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGrpc {
+    /// Largest request and response message, in bytes (tonic's 4 MiB default is below a request of a few photos).
+    pub max_message_bytes: u64,
+    /// Interval of HTTP/2 keepalive pings to idle clients; 0: none.
+    #[serde(rename = "keepalive_interval_seconds", with = "seconds")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(rename = "keepalive_timeout_seconds", with = "seconds")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for RawGrpc {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            keepalive_interval: Duration::ZERO,
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// The `[metrics]` section every service shares: where `GET /metrics` is served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawMetrics {
     /// Address the `/metrics` HTTP server binds (`host:port`; port 0: any free port).
     pub listen: String,
+    /// When `listen` is taken, serve on any free port instead (and log where) rather than fail.
+    pub fallback_to_free_port: bool,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:9090".into(),
+            fallback_to_free_port: false,
         }
     }
 }
 
-impl RawMetrics {
-    /// The validated address; the error names the key and the value.
-    pub fn listen_address(&self) -> Result<std::net::SocketAddr, String> {
-        self.listen.trim().parse().map_err(|err| {
-            format!(
-                "`metrics.listen` = `{}` is not an address (host:port): {err}",
-                self.listen
-            )
+/// The validated `[server]`, `[grpc]` and `[metrics]` sections: everything the service lifecycle
+/// ([`crate::service`]) needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// gRPC listen address (`server.listen`).
+    pub listen: SocketAddr,
+    /// Drain period after shutdown begins (`server.drain_timeout_seconds`).
+    pub drain_timeout: Duration,
+    /// JSON log lines (`server.log_json`).
+    pub log_json: bool,
+    /// Largest gRPC message both ways (`grpc.max_message_bytes`).
+    pub max_message_bytes: NonZeroUsize,
+    /// HTTP/2 keepalive ping interval, if any (`grpc.keepalive_interval_seconds`).
+    pub keepalive_interval: Option<Duration>,
+    /// Keepalive ping timeout (`grpc.keepalive_timeout_seconds`).
+    pub keepalive_timeout: Duration,
+    /// `/metrics` listen address (`metrics.listen`).
+    pub metrics_listen: SocketAddr,
+    /// Whether a taken `metrics.listen` falls back to a free port (`metrics.fallback_to_free_port`).
+    pub metrics_fallback: bool,
+}
+
+/// The smallest `grpc.max_message_bytes` accepted.
+const MIN_MESSAGE_BYTES: u64 = 1024;
+
+impl ServerSettings {
+    /// Validates the three shared sections; every error names its key.
+    pub fn from_raw(
+        server: &RawServer,
+        grpc: &RawGrpc,
+        metrics: &RawMetrics,
+    ) -> Result<Self, ConfigError> {
+        // tonic takes the message limit as a usize and HTTP/2 frames count it in u32.
+        let max_message_bytes = positive("grpc.max_message_bytes", grpc.max_message_bytes)?;
+        if grpc.max_message_bytes < MIN_MESSAGE_BYTES
+            || grpc.max_message_bytes > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "grpc.max_message_bytes",
+                format!(
+                    "must be between {MIN_MESSAGE_BYTES} and {}, got {}",
+                    u32::MAX,
+                    grpc.max_message_bytes
+                ),
+            ));
+        }
+        Ok(Self {
+            listen: address("server.listen", &server.listen)?,
+            drain_timeout: server.drain_timeout,
+            log_json: server.log_json,
+            max_message_bytes,
+            keepalive_interval: (!grpc.keepalive_interval.is_zero())
+                .then_some(grpc.keepalive_interval),
+            keepalive_timeout: grpc.keepalive_timeout,
+            metrics_listen: address("metrics.listen", &metrics.listen)?,
+            metrics_fallback: metrics.fallback_to_free_port,
         })
+    }
+}
+
+/// `value` as a JSON string literal: a flag's value always stays a string in the overrides (a directory named
+/// `2024` stays a path, not a number).
+pub fn json_string(value: &str) -> String {
+    Value::String(value.to_string()).to_string()
+}
+
+/// Builds flag overrides (`key=value`), each value quoted as what its type says.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides(Vec<String>);
+
+impl Overrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `key` set to the string `value` (never re-read as a number or a boolean).
+    pub fn string(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.0
+            .push(format!("{key}={}", json_string(&value.to_string())));
+        self
+    }
+
+    /// `key` set to `value` when there is one.
+    pub fn string_opt(self, key: &str, value: Option<impl std::fmt::Display>) -> Self {
+        match value {
+            Some(value) => self.string(key, value),
+            None => self,
+        }
+    }
+
+    /// `key` set to the path `value`.
+    pub fn path(self, key: &str, value: &Path) -> Self {
+        self.string(key, value.display())
+    }
+
+    /// `key` set to a list of strings.
+    pub fn strings<S: AsRef<str>>(mut self, key: &str, values: &[S]) -> Self {
+        let list = Value::Array(
+            values
+                .iter()
+                .map(|value| Value::String(value.as_ref().to_string()))
+                .collect(),
+        );
+        self.0.push(format!("{key}={list}"));
+        self
+    }
+
+    /// `key` set to the boolean `value`.
+    pub fn flag(mut self, key: &str, value: bool) -> Self {
+        self.0.push(format!("{key}={value}"));
+        self
+    }
+
+    /// Raw `key=value` items (e.g. `--set`), parsed as JSON when they parse.
+    pub fn raw<S: AsRef<str>>(mut self, items: impl IntoIterator<Item = S>) -> Self {
+        self.0
+            .extend(items.into_iter().map(|item| item.as_ref().to_string()));
+        self
+    }
+
+    /// The overrides, in order (later wins).
+    pub fn into_vec(self) -> Vec<String> {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_stay_strings() {
+        let overrides = Overrides::new()
+            .string("model_dir", "2024")
+            .string("device", "a\"b\\c")
+            .strings("encoder.endpoints", &["http://x:1"])
+            .into_vec();
+        assert_eq!(overrides[0], "model_dir=\"2024\"");
+        assert_eq!(overrides[1], "device=\"a\\\"b\\\\c\"");
+        assert_eq!(overrides[2], "encoder.endpoints=[\"http://x:1\"]");
+    }
+
+    #[test]
+    fn shared_sections_validate_and_name_their_keys() {
+        let settings = ServerSettings::from_raw(
+            &RawServer::on_port(50053),
+            &RawGrpc::default(),
+            &RawMetrics::default(),
+        )
+        .expect("defaults are valid");
+        assert_eq!(settings.listen, SocketAddr::from(([0, 0, 0, 0], 50053)));
+        assert_eq!(settings.keepalive_interval, None);
+        let bad_listen = RawServer {
+            listen: "nowhere".into(),
+            ..RawServer::default()
+        };
+        let err =
+            ServerSettings::from_raw(&bad_listen, &RawGrpc::default(), &RawMetrics::default())
+                .expect_err("rejects");
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        let tiny = RawGrpc {
+            max_message_bytes: 10,
+            ..RawGrpc::default()
+        };
+        let err = ServerSettings::from_raw(&RawServer::default(), &tiny, &RawMetrics::default())
+            .expect_err("rejects");
+        assert!(err.to_string().contains("grpc.max_message_bytes"), "{err}");
     }
 }

@@ -32,16 +32,25 @@ impl Health {
     /// A reporter whose overall status is SERVING (the process answers) and whose readiness is NOT_SERVING until
     /// [`Health::set_ready`].
     pub async fn new() -> (Self, HealthService) {
+        let (health, service) = Self::detached();
+        health
+            .reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        health
+            .reporter
+            .set_service_status(READINESS, ServingStatus::NotServing)
+            .await;
+        (health, service)
+    }
+
+    /// A reporter with no status set yet (every name answers NOT_FOUND until set); [`crate::service`] sets them
+    /// before it serves.
+    pub fn detached() -> (Self, HealthService) {
         let reporter = HealthReporter::new();
         let service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
         );
-        reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        reporter
-            .set_service_status(READINESS, ServingStatus::NotServing)
-            .await;
         (Self { reporter }, service)
     }
 
@@ -128,43 +137,17 @@ where
         .await
 }
 
-/// Like [`serve`], but once `shutdown` trips, in-flight calls get at most `drain_timeout` to finish; after that
-/// they are dropped and this returns.
-pub async fn serve_with_drain<L, ResBody>(
-    router: tonic::transport::server::Router<L>,
-    listener: TcpListener,
-    shutdown: Shutdown,
-    drain_timeout: Duration,
-) -> Result<(), tonic::transport::Error>
-where
-    L: tower::Layer<tonic::service::Routes>,
-    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
-    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
-    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
-    ResBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let drain_deadline = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.wait().await;
-            tokio::time::sleep(drain_timeout).await;
+/// `impl From<$error> for tonic::Status` through the error's own `code()` (an exhaustive match in the service's
+/// `error.rs`) and its message: the one way a service's request errors become statuses.
+#[macro_export]
+macro_rules! status_from {
+    ($error:ty) => {
+        impl From<$error> for ::tonic::Status {
+            fn from(error: $error) -> Self {
+                ::tonic::Status::new(error.code(), error.to_string())
+            }
         }
     };
-    tokio::select! {
-        result = serve(router, listener, shutdown) => result,
-        () = drain_deadline => {
-            tracing::warn!(
-                drain_timeout_seconds = drain_timeout.as_secs_f64(),
-                "drain timeout passed, dropping in-flight calls"
-            );
-            Ok(())
-        }
-    }
 }
 
 /// The server side of the caller's deadline: the `grpc-timeout` header, if any.

@@ -6,17 +6,19 @@
 //! * [`tensor`]: the wire tensor (`kosmos.tensor.v1.Tensor`) checked and converted to and from f32;
 //! * [`telemetry`]: logs (text or JSON, with trace ids), OpenTelemetry traces exported over OTLP, W3C propagation;
 //! * [`rpc`]: the server layer that continues the caller's trace and meters every call;
-//! * [`metrics`]: a per-service metrics registry served as Prometheus text on `/metrics`.
+//! * [`metrics`]: a per-service metrics registry served as Prometheus text on `/metrics`;
+//! * [`service`]: the one lifecycle of every service: describe, bind, serve until shutdown, drain;
+//! * [`cli`]: the one `main` of every service binary and `kosmos` subcommand: flags, config layers, telemetry.
 
+pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod rpc;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tensor;
-#[cfg(feature = "testing")]
-#[doc(hidden)]
-pub mod testing;
 
+pub use service::{Bound, ServeError, Service};
 pub use shutdown::Shutdown;

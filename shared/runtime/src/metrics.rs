@@ -27,6 +27,8 @@ pub mod names {
 /// The OpenTelemetry GenAI server metrics the gateway and the decoder both export (each with its own help texts:
 /// the gateway measures what callers see, the decoder its own share).
 pub mod gen_ai {
+    use opentelemetry::metrics::{Histogram, Meter};
+
     /// Histogram (s), `gen_ai_server_request_duration_seconds`.
     pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
     /// Histogram (s), `gen_ai_server_time_to_first_token_seconds`.
@@ -51,6 +53,61 @@ pub mod gen_ai {
             match self {
                 Self::TextCompletion => "text_completion",
                 Self::Score => "score",
+            }
+        }
+    }
+
+    /// The four GenAI histograms, declared once for the gateway and the decoder (each with its own help texts for
+    /// the two that measure from a different arrival).
+    #[derive(Debug, Clone)]
+    pub struct Histograms {
+        /// `gen_ai_server_request_duration_seconds`.
+        pub request_duration: Histogram<f64>,
+        /// `gen_ai_server_time_to_first_token_seconds`.
+        pub time_to_first_token: Histogram<f64>,
+        /// `gen_ai_server_time_per_output_token_seconds`.
+        pub time_per_output_token: Histogram<f64>,
+        /// `gen_ai_server_token_usage`.
+        pub token_usage: Histogram<f64>,
+    }
+
+    impl Histograms {
+        /// Declares them on `meter`; `request_help` and `first_token_help` say where the service measures from.
+        pub fn new(
+            meter: &Meter,
+            request_help: &'static str,
+            first_token_help: &'static str,
+        ) -> Self {
+            use super::{LATENCY_BUCKETS, STAGE_BUCKETS, TOKEN_BUCKETS, histogram};
+            Self {
+                request_duration: histogram(
+                    meter,
+                    REQUEST_DURATION,
+                    request_help,
+                    "s",
+                    LATENCY_BUCKETS,
+                ),
+                time_to_first_token: histogram(
+                    meter,
+                    TIME_TO_FIRST_TOKEN,
+                    first_token_help,
+                    "s",
+                    LATENCY_BUCKETS,
+                ),
+                time_per_output_token: histogram(
+                    meter,
+                    TIME_PER_OUTPUT_TOKEN,
+                    "Mean time per generated token after the first, per request.",
+                    "s",
+                    STAGE_BUCKETS,
+                ),
+                token_usage: histogram(
+                    meter,
+                    TOKEN_USAGE,
+                    "Tokens per request by type: input (text prompt), image (image positions), output (generated).",
+                    "{token}",
+                    TOKEN_BUCKETS,
+                ),
             }
         }
     }

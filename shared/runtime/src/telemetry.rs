@@ -20,12 +20,13 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The environment variable that turns OTLP export on.
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -94,21 +95,24 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
     let tracer = provider.tracer(service);
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // The log filter applies to the log lines only: spans are exported (and carry their trace ids) at INFO and
+    // above whatever the logs show, so a quiet `kosmos serve` (logs at `warn`) still exports every request.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_threads(false)
-        .with_location(false);
+        .with_location(false)
+        .with_filter(LevelFilter::INFO);
     let fmt_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
-        .with(TraceIdLayer);
-    let installed = match format {
-        LogFormat::Text => registry
-            .with(fmt_layer.event_format(TextWithTraceId::default()))
-            .try_init(),
-        LogFormat::Json => registry.with(fmt_layer.event_format(JsonLines)).try_init(),
-    };
+        .with(TraceIdLayer.with_filter(LevelFilter::INFO));
+    let installed = registry
+        .with(
+            fmt_layer
+                .event_format(LineFormat::from(format))
+                .with_filter(filter),
+        )
+        .try_init();
     if installed.is_err() {
         // Another subscriber (an earlier init in this process) owns the spans; this provider would get none.
         let _ = provider.shutdown();
@@ -283,13 +287,23 @@ where
     extensions.get::<TraceId>().map(|id| id.0.clone())
 }
 
-/// The standard text format, with ` trace_id=…` appended inside a traced request.
-#[derive(Default)]
-struct TextWithTraceId {
-    inner: tracing_subscriber::fmt::format::Format,
+/// How one log line is written: the standard text format with ` trace_id=…` appended inside a traced request, or
+/// one JSON object per line.
+enum LineFormat {
+    Text(tracing_subscriber::fmt::format::Format),
+    Json,
 }
 
-impl<S, N> FormatEvent<S, N> for TextWithTraceId
+impl From<LogFormat> for LineFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text(tracing_subscriber::fmt::format::Format::default()),
+            LogFormat::Json => Self::Json,
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -300,19 +314,20 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
-        let mut line = String::new();
-        self.inner
-            .format_event(ctx, Writer::new(&mut line), event)?;
-        let line = line.trim_end_matches('\n');
-        match current_trace_id(ctx) {
-            Some(trace_id) => writeln!(writer, "{line} trace_id={trace_id}"),
-            None => writeln!(writer, "{line}"),
+        match self {
+            Self::Text(inner) => {
+                let mut line = String::new();
+                inner.format_event(ctx, Writer::new(&mut line), event)?;
+                let line = line.trim_end_matches('\n');
+                match current_trace_id(ctx) {
+                    Some(trace_id) => writeln!(writer, "{line} trace_id={trace_id}"),
+                    None => writeln!(writer, "{line}"),
+                }
+            }
+            Self::Json => writeln!(writer, "{}", json_line(ctx, event)?),
         }
     }
 }
-
-/// One JSON object per line.
-struct JsonLines;
 
 struct JsonFields(serde_json::Map<String, serde_json::Value>);
 
@@ -341,17 +356,16 @@ impl Visit for JsonFields {
     }
 }
 
-impl<S, N> FormatEvent<S, N> for JsonLines
+/// `event` as one JSON object: `timestamp`, `level`, `target`, `message`, its fields, `span` and `trace_id`.
+fn json_line<S, N>(
+    ctx: &FmtContext<'_, S, N>,
+    event: &tracing::Event<'_>,
+) -> Result<String, fmt::Error>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> fmt::Result {
+    {
         let metadata = event.metadata();
         let mut line = serde_json::Map::new();
         line.insert("timestamp".into(), rfc3339_now().into());
@@ -371,8 +385,7 @@ where
         if let Some(trace_id) = current_trace_id(ctx) {
             line.insert(TRACE_ID_FIELD.into(), trace_id.into());
         }
-        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+        serde_json::to_string(&line).map_err(|_| fmt::Error)
     }
 }
 

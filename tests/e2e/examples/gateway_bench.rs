@@ -15,35 +15,9 @@ use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::encoder::v1 as enc;
 use kosmos_proto::v1 as pb;
 
-/// CRC-32 (IEEE), as PNG chunks carry it.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// The same picture with a `tEXt` chunk carrying `nonce` before `IEND`: new bytes (a cache miss), same pixels.
 fn unique_png(png: &[u8], nonce: u64) -> anyhow::Result<Vec<u8>> {
-    let iend = png.len().checked_sub(12).context("not a PNG")?;
-    let mut data = b"nonce\0".to_vec();
-    data.extend_from_slice(nonce.to_string().as_bytes());
-    let mut body = b"tEXt".to_vec();
-    body.extend_from_slice(&data);
-    let mut out = png[..iend].to_vec();
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&crc32(&body).to_be_bytes());
-    out.extend_from_slice(&png[iend..]);
-    Ok(out)
+    kosmos_testkit::png::with_nonce(png, nonce).context("not a PNG")
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kosmos_decoder::Decoder;
+use kosmos_encoder::Encoder;
+use kosmos_gateway::Gateway;
 use kosmos_gateway::GatewayHandle;
 use kosmos_model::{DType, Device, GreedyParams, KosmosModel, Prompt, Tensor, greedy_generate};
 use kosmos_processor::{DecodeLimits, KosmosProcessor, Segment};
@@ -15,25 +18,19 @@ use kosmos_proto::encoder::v1::vision_encoder_client::VisionEncoderClient;
 use kosmos_proto::v1 as pb;
 use kosmos_proto::v1::kosmos_client::KosmosClient;
 use kosmos_runtime::Shutdown;
-use kosmos_runtime::config::Layers;
-use tokio::net::TcpListener;
+use kosmos_runtime::cli::ServiceMain;
+use kosmos_runtime::config::Overrides;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// Largest message the test clients send or accept.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// The tiny random Kosmos-2 of the reference fixtures (3 image tokens, context 512).
-pub fn tiny_model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny")
-}
+pub use kosmos_testkit::tiny_model_dir;
 
-/// The bytes of a fixture image (`tests/fixtures/images/<name>`).
+/// The bytes of a fixture image (`tests/fixtures/images/<name>`); panics when it cannot be read.
 pub fn fixture_image(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures/images")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
+    kosmos_testkit::fixture_image(name).unwrap_or_else(|err| panic!("{err:#}"))
 }
 
 /// A text segment.
@@ -103,118 +100,107 @@ pub struct Cluster {
     pub decoder_metrics_addrs: Vec<SocketAddr>,
     gateway: GatewayHandle,
     encoder_shutdowns: Vec<Shutdown>,
-    decoder_shutdown: Shutdown,
+    decoder_shutdowns: Vec<Shutdown>,
     gateway_shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
 }
 
-fn log_failure<E: std::fmt::Display>(service: &'static str, result: Result<(), E>) {
-    if let Err(err) = result {
-        eprintln!("{service} stopped with an error: {err}");
-    }
+/// One service started through the runtime's lifecycle and serving in a task.
+struct Replica<H> {
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    handle: H,
+    shutdown: Shutdown,
+}
+
+/// Binds service `S` with `overrides` (over its defaults, no file, no environment) and serves it in a task
+/// pushed on `tasks`.
+async fn start<S: ServiceMain>(
+    overrides: Overrides,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Replica<S::Handle>> {
+    let config = S::from_overrides(overrides.into_vec(), Vec::new())?;
+    let (bound, handle) = S::bind(config).await?;
+    let shutdown = Shutdown::new();
+    let replica = Replica {
+        addr: bound.local_addr(),
+        metrics_addr: bound.metrics_addr(),
+        handle,
+        shutdown: shutdown.clone(),
+    };
+    tasks.push(tokio::spawn(async move {
+        if let Err(err) = bound.serve(shutdown).await {
+            eprintln!("{} stopped with an error: {err}", S::NAME);
+        }
+    }));
+    Ok(replica)
+}
+
+/// What every service of the cluster gets: the model and free loopback ports.
+fn on_free_ports(model_dir: &Path, extra: &[String]) -> Overrides {
+    Overrides::new()
+        .path("model_dir", model_dir)
+        .string("server.listen", "127.0.0.1:0")
+        .string("metrics.listen", "127.0.0.1:0")
+        .raw(extra)
+}
+
+fn endpoints<H>(replicas: &[Replica<H>]) -> Vec<String> {
+    replicas
+        .iter()
+        .map(|replica| format!("http://{}", replica.addr))
+        .collect()
 }
 
 impl Cluster {
-    /// Starts the encoders, the decoder and the gateway, and waits until the gateway is ready.
+    /// Starts the encoders, the decoders and the gateway, and waits until the gateway is ready.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
-        let model = options.model_dir.display().to_string();
+        let model = options.model_dir.as_path();
         let mut tasks = Vec::new();
-        let mut encoder_addrs = Vec::new();
-        let mut encoder_shutdowns = Vec::new();
-        let mut encoder_metrics_addrs = Vec::new();
+        let mut encoders = Vec::new();
         for _ in 0..options.encoders {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            encoder_addrs.push(listener.local_addr()?);
-            let metrics_listener = TcpListener::bind("127.0.0.1:0").await?;
-            encoder_metrics_addrs.push(metrics_listener.local_addr()?);
-            let mut overrides = vec![format!("model={model}"), "listen=127.0.0.1:0".to_string()];
-            overrides.extend(options.encoder_overrides.iter().cloned());
-            let config = kosmos_encoder::EncoderConfig::from_overrides(&overrides)?;
-            let shutdown = Shutdown::new();
-            encoder_shutdowns.push(shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                log_failure(
-                    "encoder",
-                    kosmos_encoder::serve_with_metrics(
-                        listener,
-                        metrics_listener,
-                        config,
-                        shutdown,
-                    )
-                    .await,
-                );
-            }));
+            let overrides = on_free_ports(model, &options.encoder_overrides);
+            encoders.push(start::<Encoder>(overrides, &mut tasks).await?);
         }
-
-        let mut decoder_addrs = Vec::new();
-        let mut decoder_metrics_addrs = Vec::new();
-        let decoder_shutdown = Shutdown::new();
+        let mut decoders = Vec::new();
         for _ in 0..options.decoders.max(1) {
-            let mut decoder_overrides = vec![
-                format!("model_dir={model}"),
-                "listen=127.0.0.1:0".to_string(),
-                "metrics.listen=127.0.0.1:0".to_string(),
-            ];
-            decoder_overrides.extend(options.decoder_overrides.iter().cloned());
-            let decoder_config = kosmos_decoder::DecoderConfig::load(&Layers {
-                env_prefix: kosmos_decoder::config::ENV_PREFIX.into(),
-                overrides: decoder_overrides,
-                ..Layers::default()
-            })?;
-            let decoder = kosmos_decoder::start(decoder_config).await?;
-            decoder_addrs.push(decoder.local_addr()?);
-            decoder_metrics_addrs.push(decoder.metrics_addr()?);
-            let stop = decoder_shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                log_failure("decoder", decoder.serve(stop).await);
-            }));
+            let overrides = on_free_ports(model, &options.decoder_overrides);
+            decoders.push(start::<Decoder>(overrides, &mut tasks).await?);
         }
-        let decoder_addr = decoder_addrs[0];
-
-        let endpoints = |addrs: &[SocketAddr]| {
-            let quoted: Vec<String> = addrs
-                .iter()
-                .map(|addr| format!("\"http://{addr}\""))
-                .collect();
-            format!("[{}]", quoted.join(","))
-        };
-        let mut gateway_overrides = vec![
-            format!("model_dir={model}"),
-            "listen=127.0.0.1:0".to_string(),
-            format!("encoder.endpoints={}", endpoints(&encoder_addrs)),
-            format!("decoder.endpoints={}", endpoints(&decoder_addrs)),
-            "encoder.probe_interval_seconds=0.2".to_string(),
-            "decoder.probe_interval_seconds=0.2".to_string(),
-            "metrics.listen=\"127.0.0.1:0\"".to_string(),
-        ];
-        gateway_overrides.extend(options.gateway_overrides.iter().cloned());
-        let gateway_config = kosmos_gateway::GatewayConfig::load(&Layers {
-            env_prefix: kosmos_gateway::config::ENV_PREFIX.into(),
-            overrides: gateway_overrides,
-            ..Layers::default()
-        })?;
-        let gateway = kosmos_gateway::start(gateway_config).await?;
-        let gateway_addr = gateway.local_addr()?;
-        let gateway_metrics_addr = gateway.metrics_addr()?;
-        let handle = gateway.handle();
-        let gateway_shutdown = Shutdown::new();
-        let stop = gateway_shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            log_failure("gateway", gateway.serve(stop).await);
-        }));
+        let gateway_overrides = on_free_ports(model, &[])
+            .strings("encoder.endpoints", &endpoints(&encoders))
+            .strings("decoder.endpoints", &endpoints(&decoders))
+            .raw([
+                "encoder.probe_interval_seconds=0.2",
+                "decoder.probe_interval_seconds=0.2",
+            ])
+            .raw(&options.gateway_overrides);
+        let gateway = start::<Gateway>(gateway_overrides, &mut tasks).await?;
 
         let cluster = Self {
-            gateway_addr,
-            gateway_metrics_addr,
-            decoder_addr,
-            decoder_addrs,
-            decoder_metrics_addrs,
-            encoder_addrs,
-            encoder_metrics_addrs,
-            gateway: handle,
-            encoder_shutdowns,
-            decoder_shutdown,
-            gateway_shutdown,
+            gateway_addr: gateway.addr,
+            gateway_metrics_addr: gateway.metrics_addr,
+            decoder_addr: decoders[0].addr,
+            decoder_addrs: decoders.iter().map(|replica| replica.addr).collect(),
+            decoder_metrics_addrs: decoders
+                .iter()
+                .map(|replica| replica.metrics_addr)
+                .collect(),
+            encoder_addrs: encoders.iter().map(|replica| replica.addr).collect(),
+            encoder_metrics_addrs: encoders
+                .iter()
+                .map(|replica| replica.metrics_addr)
+                .collect(),
+            gateway: gateway.handle,
+            encoder_shutdowns: encoders
+                .into_iter()
+                .map(|replica| replica.shutdown)
+                .collect(),
+            decoder_shutdowns: decoders
+                .into_iter()
+                .map(|replica| replica.shutdown)
+                .collect(),
+            gateway_shutdown: gateway.shutdown,
             tasks,
         };
         anyhow::ensure!(
@@ -310,8 +296,7 @@ impl Cluster {
 
     fn trigger_all(&self) {
         self.gateway_shutdown.trigger();
-        self.decoder_shutdown.trigger();
-        for shutdown in &self.encoder_shutdowns {
+        for shutdown in self.decoder_shutdowns.iter().chain(&self.encoder_shutdowns) {
             shutdown.trigger();
         }
     }

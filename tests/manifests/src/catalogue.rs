@@ -1,7 +1,7 @@
 //! The metrics catalogue, docs/metrics.md: the names the services export, by service.
 
 use anyhow::Context as _;
-use kosmos_runtime::testing::metrics::parse_catalogue;
+use kosmos_testkit::metrics::parse_catalogue;
 
 /// One row of the catalogue table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,8 +2,23 @@
 //! container — loads with that service's own loader (`deny_unknown_fields`, typed values, validation), so that a
 //! misspelled key or a bad value in k8s/ fails here rather than in a crash-looping pod.
 
+use std::path::Path;
+
 use kosmos_manifests::{Manifests, Named};
+use kosmos_runtime::cli::ServiceMain;
 use kosmos_runtime::config::Layers;
+
+/// The configuration `file` + `env` through service `S`'s own loader.
+fn load_as<S: ServiceMain>(file: &Path, env: &[(String, String)]) -> Result<(), String> {
+    S::load(&Layers {
+        file: Some(file.to_path_buf()),
+        env: env.to_vec(),
+        env_prefix: S::ENV_PREFIX.into(),
+        overrides: Vec::new(),
+    })
+    .map(drop)
+    .map_err(|err| err.to_string())
+}
 
 fn load(m: &Manifests, d: &Named<k8s_openapi::api::apps::v1::Deployment>) -> Result<(), String> {
     let (text, env) = m.config_file(d).map_err(|err| format!("{err:#}"))?;
@@ -15,26 +30,10 @@ fn load(m: &Manifests, d: &Named<k8s_openapi::api::apps::v1::Deployment>) -> Res
     std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
     let file = dir.join("config.toml");
     std::fs::write(&file, text).map_err(|err| err.to_string())?;
-    let layers = |prefix: &str| Layers {
-        file: Some(file.clone()),
-        env: env.clone(),
-        env_prefix: prefix.into(),
-        overrides: Vec::new(),
-    };
     let result = match Manifests::component(d).as_str() {
-        "gateway" => {
-            kosmos_gateway::GatewayConfig::load(&layers(kosmos_gateway::config::ENV_PREFIX))
-                .map(drop)
-                .map_err(|err| err.to_string())
-        }
-        "encoder" => kosmos_encoder::EncoderConfig::load(&layers(kosmos_encoder::ENV_PREFIX))
-            .map(drop)
-            .map_err(|err| err.to_string()),
-        "decoder" => {
-            kosmos_decoder::DecoderConfig::load(&layers(kosmos_decoder::config::ENV_PREFIX))
-                .map(drop)
-                .map_err(|err| err.to_string())
-        }
+        "gateway" => load_as::<kosmos_gateway::Gateway>(&file, &env),
+        "encoder" => load_as::<kosmos_encoder::Encoder>(&file, &env),
+        "decoder" => load_as::<kosmos_decoder::Decoder>(&file, &env),
         other => Err(format!("unknown component `{other}`")),
     };
     let _ = std::fs::remove_dir_all(&dir);

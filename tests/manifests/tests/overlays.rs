@@ -354,20 +354,20 @@ fn a_gateway_upstream_on_the_wrong_port_or_namespace_is_caught() {
         |docs| {
             gateway_config(
                 docs,
-                "dns = \"kosmos-decoder:50052\"",
                 "dns = \"kosmos-decoder:50053\"",
+                "dns = \"kosmos-decoder:50052\"",
             )
         },
         Manifests::check_gateway_upstreams,
-        "has no port 50053",
+        "has no port 50052",
     );
     assert_caught(
         "prod",
         |docs| {
             gateway_config(
                 docs,
-                "dns = \"kosmos-decoder:50052\"",
-                "dns = \"kosmos-decoder.kosmos-dev.svc.cluster.local:50052\"",
+                "dns = \"kosmos-decoder:50053\"",
+                "dns = \"kosmos-decoder.kosmos-dev.svc.cluster.local:50053\"",
             )
         },
         Manifests::check_gateway_upstreams,
@@ -384,7 +384,7 @@ fn a_gateway_upstream_through_the_wrong_service_or_env_is_caught() {
             gateway_config(
                 docs,
                 "dns = \"kosmos-encoder:50052\"",
-                "dns = \"kosmos-decoder:50052\"",
+                "dns = \"kosmos-decoder:50053\"",
             )
         },
         Manifests::check_gateway_upstreams,
@@ -397,7 +397,7 @@ fn a_gateway_upstream_through_the_wrong_service_or_env_is_caught() {
             container(docs, "kosmos-gateway")["env"]
                 .as_array_mut()
                 .expect("env")
-                .push(json!({"name": "KOSMOS_GATEWAY__DECODER__DNS", "value": "decoder:50052"}));
+                .push(json!({"name": "KOSMOS_GATEWAY__DECODER__DNS", "value": "decoder:50053"}));
         },
         Manifests::check_gateway_upstreams,
         "no Service `decoder`",

@@ -8,22 +8,23 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kosmos_decoder::{DecoderConfig, EngineHandle, Shutdown, StartError};
+use kosmos_decoder::{DecoderConfig, EngineHandle, Shutdown};
 use kosmos_model::{DType, Device, ModelFiles, Tensor, VisionHalf};
 use kosmos_proto::decoder::v1 as pb;
 use kosmos_proto::decoder::v1::decoder_client::DecoderClient;
 use kosmos_proto::tensor::v1::DType as WireDType;
+use kosmos_runtime::ServeError;
 use kosmos_runtime::config::Layers;
 use tonic::transport::{Channel, Endpoint};
 
 /// `tests/fixtures` at the workspace root.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    kosmos_testkit::repo_root().join("tests/fixtures")
 }
 
 /// The tiny model directory.
 pub fn tiny_dir() -> PathBuf {
-    fixtures().join("tiny")
+    kosmos_testkit::tiny_model_dir()
 }
 
 /// A decoder serving in the background.
@@ -33,14 +34,14 @@ pub struct TestServer {
     pub metrics_addr: SocketAddr,
     pub engine: EngineHandle,
     pub shutdown: Shutdown,
-    pub task: tokio::task::JoinHandle<Result<(), StartError>>,
+    pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
 /// Starts a decoder on the tiny model with config `overrides` (`key=value`).
 pub async fn start(overrides: &[&str]) -> TestServer {
     let mut all = vec![
         format!("model_dir={}", tiny_dir().display()),
-        "listen=127.0.0.1:0".to_string(),
+        "server.listen=127.0.0.1:0".to_string(),
         // Every test server has its own metrics port (the default, 9090, would collide).
         "metrics.listen=127.0.0.1:0".to_string(),
     ];
@@ -50,10 +51,9 @@ pub async fn start(overrides: &[&str]) -> TestServer {
         ..Layers::default()
     };
     let config = DecoderConfig::load(&layers).expect("test config is valid");
-    let bound = kosmos_decoder::start(config).await.expect("decoder starts");
-    let addr = bound.local_addr().expect("bound address");
-    let metrics_addr = bound.metrics_addr().expect("bound metrics address");
-    let engine = bound.engine();
+    let (bound, engine) = kosmos_decoder::bind(config).await.expect("decoder starts");
+    let addr = bound.local_addr();
+    let metrics_addr = bound.metrics_addr();
     let shutdown = Shutdown::new();
     let task = tokio::spawn(bound.serve(shutdown.clone()));
     TestServer {

@@ -6,6 +6,6 @@ mod common;
 mod lifecycle;
 mod metrics;
 mod paged;
-use kosmos_runtime::testing::metrics as metrics_catalogue;
+use kosmos_testkit::metrics as metrics_catalogue;
 mod parity;
 mod validation;

@@ -1,8 +1,8 @@
 //! The batching loop of the engine thread.
 //!
-//! Take the first live item; wait for more until `max_queue_delay` after that item's admission (items already
-//! waiting are taken at once, even past it) or until `max_batch_images` is reached (an item that does not fit is
-//! carried to the next batch); drop whatever expired or lost its caller meanwhile; run one model call; split the
+//! Take the first live item; wait for more until `max_queue_delay` (`batching.max_queue_delay_seconds`) after that
+//! item's admission (items already waiting are taken at once, even past it) or until `max_batch_images` is reached
+//! (an item that does not fit is carried to the next batch); drop whatever expired or lost its caller meanwhile; run one model call; split the
 //! embeddings back over the items' replies. A failing or panicking model call fails only its own batch.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -296,7 +296,7 @@ mod tests {
             delay: Duration::from_millis(model_ms),
         };
         let (handle, thread, _startup) =
-            start(settings, move || Ok((encoder, ()))).expect("engine starts");
+            start(settings, None, move || Ok((encoder, ()))).expect("engine starts");
         (handle, thread, batches)
     }
 

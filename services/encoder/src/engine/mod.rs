@@ -197,11 +197,6 @@ impl EngineHandle {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// The counter behind [`EngineHandle::queued_images`], for a gauge that must not keep the queue open.
-    pub fn queued_counter(&self) -> Arc<AtomicUsize> {
-        Arc::clone(&self.queued)
-    }
-
     /// The batching settings.
     pub fn settings(&self) -> Batching {
         self.settings
@@ -232,21 +227,9 @@ impl EngineThread {
 pub type Startup<I> = oneshot::Receiver<Result<I, StartError>>;
 
 /// Starts the engine thread: it runs `loader` (which builds the model on that thread, so the thread owns it),
-/// reports the loader's result through the returned [`Startup`], then batches until stopped.
+/// reports the loader's result through the returned [`Startup`], then batches until stopped; with `metrics`, it
+/// records batches and queue times there and publishes the queue length.
 pub fn start<E, I, L>(
-    settings: Batching,
-    loader: L,
-) -> Result<(EngineHandle, EngineThread, Startup<I>), StartError>
-where
-    E: BatchEncoder,
-    I: Send + 'static,
-    L: FnOnce() -> Result<(E, I), StartError> + Send + 'static,
-{
-    start_with_metrics(settings, None, loader)
-}
-
-/// [`start`], recording batches and queue times in `metrics` and publishing the queue length there.
-pub fn start_with_metrics<E, I, L>(
     settings: Batching,
     metrics: Option<Arc<EncoderMetrics>>,
     loader: L,

@@ -6,13 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kosmos_encoder::StartError;
 use kosmos_model::{DType, Device, ModelFiles, Tensor, VisionHalf};
 use kosmos_processor::{DecodeLimits, ImageProcessorConfig, decode_image, preprocess};
 use kosmos_proto::encoder::v1::vision_encoder_client::VisionEncoderClient;
 use kosmos_proto::encoder::v1::{EncodeRequest, EncodeResponse, Image, InfoRequest, InfoResponse};
-use kosmos_runtime::Shutdown;
-use tokio::net::TcpListener;
+use kosmos_runtime::{ServeError, Shutdown};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -20,15 +18,12 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// The tiny Kosmos-2 fixture (image size 32, 3 tokens per image, hidden 32).
 pub fn tiny_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
+    kosmos_testkit::tiny_model_dir()
 }
 
 /// The bytes of a fixture image.
 pub fn fixture_image(name: &str) -> Result<Vec<u8>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/images")
-        .join(name);
-    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    kosmos_testkit::fixture_image(name)
 }
 
 /// Every fixture image's file name.
@@ -75,34 +70,11 @@ pub fn jpeg(width: u32, height: u32, seed: u32) -> Result<Vec<u8>> {
     encode_as(&pattern(width, height, seed), image::ImageFormat::Jpeg)
 }
 
-/// CRC-32 as PNG uses it.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// A valid 1x1 PNG whose header claims `width` x `height` (CRC fixed), a few dozen bytes: a decompression bomb as
 /// far as any check that trusts the header is concerned.
 pub fn png_claiming(width: u32, height: u32) -> Result<Vec<u8>> {
-    let mut bytes = png(1, 1, 0)?;
-    if &bytes[12..16] != b"IHDR" {
-        bail!("unexpected PNG layout");
-    }
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    Ok(bytes)
+    kosmos_testkit::png::with_header_dimensions(png(1, 1, 0)?, width, height)
+        .context("unexpected PNG layout")
 }
 
 /// An Encode request for `images` (no MIME types) in `dtype`.
@@ -174,28 +146,27 @@ pub struct TestServer {
     /// Where `/metrics` is served.
     pub metrics_addr: std::net::SocketAddr,
     shutdown: Shutdown,
-    task: JoinHandle<Result<(), StartError>>,
+    task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl TestServer {
     /// Starts the encoder with the tiny model and `overrides` (`key=value`), and waits for readiness.
     pub async fn start(overrides: &[&str]) -> Result<Self> {
-        let model = format!("model={}", tiny_model_dir().display());
-        let mut all = vec![model.as_str(), "preprocess.workers=4"];
+        let model = format!("model_dir={}", tiny_model_dir().display());
+        // Every test server has its own ports (the defaults would collide).
+        let mut all = vec![
+            model.as_str(),
+            "preprocess.workers=4",
+            "server.listen=127.0.0.1:0",
+            "metrics.listen=127.0.0.1:0",
+        ];
         all.extend_from_slice(overrides);
         let config = kosmos_encoder::EncoderConfig::from_overrides(&all)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        // Every test server has its own metrics port (the default, 9090, would collide).
-        let metrics_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let metrics_addr = metrics_listener.local_addr()?;
+        let bound = kosmos_encoder::bind(config).await?;
+        let address = bound.local_addr();
+        let metrics_addr = bound.metrics_addr();
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(kosmos_encoder::serve_with_metrics(
-            listener,
-            metrics_listener,
-            config,
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(bound.serve(shutdown.clone()));
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect()
             .await?;

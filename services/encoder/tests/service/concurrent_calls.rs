@@ -21,7 +21,7 @@ fn distinct_image(seed: u32) -> Result<Vec<u8>> {
 async fn thirty_two_concurrent_calls_each_get_their_own_embedding_and_share_batches() -> Result<()>
 {
     let server = TestServer::start(&[
-        "batching.max_queue_delay=0.05",
+        "batching.max_queue_delay_seconds=0.05",
         "batching.max_batch_images=16",
         "batching.max_queued_images=64",
     ])

@@ -12,7 +12,7 @@ use crate::common::{TestServer, png, request};
 async fn an_expired_deadline_is_answered_deadline_exceeded_without_compute() -> Result<()> {
     // The first image of a batch waits up to 1.5 s for company: far past the 400 ms deadline.
     let server = TestServer::start(&[
-        "batching.max_queue_delay=1.5",
+        "batching.max_queue_delay_seconds=1.5",
         "batching.max_batch_images=16",
     ])
     .await?;

@@ -5,7 +5,6 @@ use std::time::Duration;
 use anyhow::{Result, bail, ensure};
 use kosmos_encoder::{EncoderConfig, StartError};
 use kosmos_proto::tensor::v1::DType;
-use kosmos_runtime::Shutdown;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::common::{TestServer, png, request};
@@ -23,7 +22,7 @@ async fn readiness_is_serving_once_the_model_is_loaded() -> Result<()> {
 
 #[tokio::test]
 async fn shutdown_lets_the_call_in_flight_finish() -> Result<()> {
-    let server = TestServer::start(&["batching.max_queue_delay=0.5"]).await?;
+    let server = TestServer::start(&["batching.max_queue_delay_seconds=0.5"]).await?;
     let mut client = server.client.clone();
     let call = request(vec![png(20, 20, 3)?], DType::DtypeUnspecified);
     let in_flight = tokio::spawn(async move { client.encode(call).await });
@@ -41,12 +40,12 @@ async fn shutdown_lets_the_call_in_flight_finish() -> Result<()> {
 #[tokio::test]
 async fn a_missing_model_directory_fails_startup_naming_it() -> Result<()> {
     let config = EncoderConfig::from_overrides(&[
-        "model=/nonexistent/kosmos-model",
+        "model_dir=/nonexistent/kosmos-model",
+        "server.listen=127.0.0.1:0",
         "metrics.listen=127.0.0.1:0",
     ])?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    match kosmos_encoder::serve(listener, config, Shutdown::new()).await {
-        Ok(()) => bail!("started without a model"),
+    match kosmos_encoder::bind(config).await {
+        Ok(_) => bail!("started without a model"),
         Err(err @ StartError::Model { .. }) => {
             ensure!(
                 err.to_string().contains("/nonexistent/kosmos-model"),

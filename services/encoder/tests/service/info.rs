@@ -11,7 +11,7 @@ async fn info_reports_the_model_the_limits_and_the_batching_settings() -> Result
         "limits.max_width=1000",
         "limits.formats=[\"png\", \"jpeg\"]",
         "batching.max_batch_images=8",
-        "batching.max_queue_delay=0.02",
+        "batching.max_queue_delay_seconds=0.02",
     ])
     .await?;
     let info = server.info().await?;

@@ -2,7 +2,7 @@
 //! client. One module per behaviour; one test binary keeps link time down.
 
 mod common;
-use kosmos_runtime::testing::metrics as metrics_catalogue;
+use kosmos_testkit::metrics as metrics_catalogue;
 
 mod concurrent_calls;
 mod deadlines;

@@ -14,7 +14,7 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() -> Result<()> {
         "limits.max_images_per_request=1",
         "batching.max_queued_images=1",
         "batching.max_batch_images=4",
-        "batching.max_queue_delay=1.0",
+        "batching.max_queue_delay_seconds=1.0",
     ])
     .await?;
     let mut client = server.client.clone();

@@ -2,9 +2,7 @@
 //! the gateway's exposition equals its rows of `docs/metrics.md`, parses, and passes `promtool check metrics`.
 
 use kosmos_e2e::{Cluster, ClusterOptions, fixture_image, image, text};
-use kosmos_runtime::testing::metrics::{
-    assert_matches_catalogue, parse, promtool_check, scrape, value,
-};
+use kosmos_testkit::metrics::{assert_matches_catalogue, parse, promtool_check, scrape, value};
 
 use crate::{distinct_png, greedy_request};
 

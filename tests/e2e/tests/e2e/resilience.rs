@@ -180,7 +180,7 @@ async fn health_is_serving_once_both_pools_answer_and_readiness_drops_on_shutdow
     let lonely = kosmos_gateway::GatewayConfig::load(&kosmos_runtime::config::Layers {
         overrides: vec![
             format!("model_dir={}", kosmos_e2e::tiny_model_dir().display()),
-            "listen=127.0.0.1:0".into(),
+            "server.listen=127.0.0.1:0".into(),
             format!(
                 "encoder.endpoints=[\"http://{}\"]",
                 cluster.encoder_addrs[0]
@@ -190,8 +190,7 @@ async fn health_is_serving_once_both_pools_answer_and_readiness_drops_on_shutdow
         ],
         ..Default::default()
     })?;
-    let bound = kosmos_gateway::start(lonely).await?;
-    let handle = bound.handle();
+    let (bound, handle) = kosmos_gateway::bind(lonely).await?;
     let stop = kosmos_runtime::Shutdown::new();
     let server = tokio::spawn(bound.serve(stop.clone()));
     assert!(!handle.wait_ready(Duration::from_millis(800)).await);

@@ -154,7 +154,7 @@ impl Scheduler {
         let cache = model
             .model()
             .kv_cache(cache_config(&settings), &fingerprint)
-            .map_err(|err| StartError::Config(format!("cannot allocate the KV cache: {err}")))?;
+            .map_err(StartError::KvCache)?;
         Ok(Self {
             model,
             cache,

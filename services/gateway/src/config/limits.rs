@@ -1,0 +1,208 @@
+//! `[limits]`: every request limit, as `kosmos.v1.Limits` publishes them.
+
+use std::num::NonZeroUsize;
+
+use kosmos_runtime::config::{ConfigError, invalid};
+use serde::{Deserialize, Serialize};
+
+/// `[limits]`, as `kosmos.v1.Limits` publishes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Most segments in a prompt.
+    pub max_segments: u32,
+    /// Most images in a prompt.
+    pub max_images: u32,
+    /// Most bytes per image.
+    pub max_image_bytes: u64,
+    /// Widest image in pixels, read from the header.
+    pub max_image_width: u32,
+    /// Tallest image in pixels, read from the header.
+    pub max_image_height: u32,
+    /// Most pixels (width × height) per image.
+    pub max_image_pixels: u64,
+    /// Most bytes of text in a prompt.
+    pub max_text_bytes: u64,
+    /// Most tokens in a prompt, image positions included.
+    pub max_prompt_tokens: u32,
+    /// Largest `max_new_tokens` a request may ask for.
+    pub max_new_tokens: u32,
+    /// `max_new_tokens` when a request leaves it 0.
+    pub default_max_new_tokens: u32,
+    /// Highest temperature.
+    pub max_temperature: f32,
+    /// Highest repetition penalty.
+    pub max_repetition_penalty: f32,
+    /// Largest `no_repeat_ngram_size`.
+    pub max_no_repeat_ngram_size: u32,
+    /// Most stop strings.
+    pub max_stop_strings: u32,
+    /// Longest stop string, in bytes.
+    pub max_stop_string_bytes: u32,
+    /// Largest `logprobs` (top log-probabilities per step).
+    pub max_top_logprobs: u32,
+    /// Most candidates per Score.
+    pub max_candidates: u32,
+    /// Longest candidate, in bytes.
+    pub max_candidate_bytes: u32,
+    /// Most requests served at once; beyond it RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_segments: 64,
+            max_images: 8,
+            max_image_bytes: 10 << 20,
+            max_image_width: 8192,
+            max_image_height: 8192,
+            max_image_pixels: 40_000_000,
+            max_text_bytes: 64 << 10,
+            max_prompt_tokens: 4096,
+            max_new_tokens: 1024,
+            default_max_new_tokens: 64,
+            max_temperature: 100.0,
+            max_repetition_penalty: 10.0,
+            max_no_repeat_ngram_size: 16,
+            max_stop_strings: 8,
+            max_stop_string_bytes: 128,
+            max_top_logprobs: 20,
+            max_candidates: 64,
+            max_candidate_bytes: 1024,
+            max_concurrent_requests: 256,
+        }
+    }
+}
+
+/// Validated request limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most segments in a prompt.
+    pub max_segments: usize,
+    /// Most images in a prompt.
+    pub max_images: usize,
+    /// Most bytes per image.
+    pub max_image_bytes: u64,
+    /// Widest image in pixels, read from the header.
+    pub max_image_width: u32,
+    /// Tallest image in pixels, read from the header.
+    pub max_image_height: u32,
+    /// Most pixels (width × height) per image.
+    pub max_image_pixels: u64,
+    /// Most bytes of text in a prompt.
+    pub max_text_bytes: u64,
+    /// Most tokens in a prompt, image positions included.
+    pub max_prompt_tokens: usize,
+    /// Largest `max_new_tokens` a request may ask for.
+    pub max_new_tokens: u32,
+    /// `max_new_tokens` when a request leaves it 0.
+    pub default_max_new_tokens: u32,
+    /// Highest temperature.
+    pub max_temperature: f32,
+    /// Highest repetition penalty.
+    pub max_repetition_penalty: f32,
+    /// Largest `no_repeat_ngram_size`.
+    pub max_no_repeat_ngram_size: u32,
+    /// Most stop strings.
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes.
+    pub max_stop_string_bytes: usize,
+    /// Largest `logprobs` (top log-probabilities per step).
+    pub max_top_logprobs: u32,
+    /// Most candidates per Score.
+    pub max_candidates: usize,
+    /// Longest candidate, in bytes.
+    pub max_candidate_bytes: usize,
+    /// Most requests served at once; beyond it RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: NonZeroUsize,
+    /// Largest gRPC message accepted or sent, in bytes (`grpc.max_message_bytes`).
+    pub max_message_bytes: NonZeroUsize,
+}
+
+/// Validates `[limits]`; `max_message_bytes` is the server's (`grpc.max_message_bytes`).
+pub(super) fn limits(
+    raw: RawLimits,
+    max_message_bytes: NonZeroUsize,
+) -> Result<Limits, ConfigError> {
+    for (value, key) in [
+        (u64::from(raw.max_segments), "max_segments"),
+        (raw.max_image_bytes, "max_image_bytes"),
+        (u64::from(raw.max_image_width), "max_image_width"),
+        (u64::from(raw.max_image_height), "max_image_height"),
+        (raw.max_image_pixels, "max_image_pixels"),
+        (raw.max_text_bytes, "max_text_bytes"),
+        (u64::from(raw.max_prompt_tokens), "max_prompt_tokens"),
+        (u64::from(raw.max_new_tokens), "max_new_tokens"),
+        (
+            u64::from(raw.default_max_new_tokens),
+            "default_max_new_tokens",
+        ),
+        (
+            u64::from(raw.max_stop_string_bytes),
+            "max_stop_string_bytes",
+        ),
+        (u64::from(raw.max_candidates), "max_candidates"),
+        (u64::from(raw.max_candidate_bytes), "max_candidate_bytes"),
+    ] {
+        kosmos_runtime::config::positive(&format!("limits.{key}"), value)?;
+    }
+    if raw.default_max_new_tokens > raw.max_new_tokens {
+        return Err(invalid(
+            "limits.default_max_new_tokens",
+            format!(
+                "({}) must be <= `limits.max_new_tokens` ({})",
+                raw.default_max_new_tokens, raw.max_new_tokens
+            ),
+        ));
+    }
+    for (value, key) in [
+        (raw.max_temperature, "max_temperature"),
+        (raw.max_repetition_penalty, "max_repetition_penalty"),
+    ] {
+        if !value.is_finite() || value <= 0.0 {
+            return Err(invalid(
+                &format!("limits.{key}"),
+                format!("must be a number > 0, got {value}"),
+            ));
+        }
+    }
+    let max_concurrent_requests = kosmos_runtime::config::positive(
+        "limits.max_concurrent_requests",
+        raw.max_concurrent_requests.into(),
+    )?;
+    let needed = raw
+        .max_image_bytes
+        .saturating_mul(u64::from(raw.max_images))
+        .saturating_add(raw.max_text_bytes);
+    if (max_message_bytes.get() as u64) < needed {
+        tracing::warn!(
+            max_message_bytes = max_message_bytes.get(),
+            needed,
+            "grpc.max_message_bytes is smaller than max_images × max_image_bytes + max_text_bytes; the largest \
+             allowed requests will be refused by the transport"
+        );
+    }
+    Ok(Limits {
+        max_segments: raw.max_segments as usize,
+        max_images: raw.max_images as usize,
+        max_image_bytes: raw.max_image_bytes,
+        max_image_width: raw.max_image_width,
+        max_image_height: raw.max_image_height,
+        max_image_pixels: raw.max_image_pixels,
+        max_text_bytes: raw.max_text_bytes,
+        max_prompt_tokens: raw.max_prompt_tokens as usize,
+        max_new_tokens: raw.max_new_tokens,
+        default_max_new_tokens: raw.default_max_new_tokens,
+        max_temperature: raw.max_temperature,
+        max_repetition_penalty: raw.max_repetition_penalty,
+        max_no_repeat_ngram_size: raw.max_no_repeat_ngram_size,
+        max_stop_strings: raw.max_stop_strings as usize,
+        max_stop_string_bytes: raw.max_stop_string_bytes as usize,
+        max_top_logprobs: raw.max_top_logprobs,
+        max_candidates: raw.max_candidates as usize,
+        max_candidate_bytes: raw.max_candidate_bytes as usize,
+        max_concurrent_requests,
+        max_message_bytes,
+    })
+}

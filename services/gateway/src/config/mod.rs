@@ -1,0 +1,225 @@
+//! Configuration: a raw serde struct (file < environment `KOSMOS_GATEWAY__SECTION__KEY` < flags, merged by
+//! `kosmos_runtime::config`) validated into [`GatewayConfig`].
+//!
+//! ```toml
+//! model_dir = "/models/kosmos-2"      # only tokenizer.json is read
+//! stream_buffer_messages = 16         # per GenerateStream, before the gateway stops reading the decoder
+//!
+//! [encoder]
+//! endpoints = ["http://10.0.0.7:50052"] # a static list, or:
+//! dns = "kosmos-encoder-headless:50052" # a name re-resolved every `dns_refresh_seconds` (headless Service)
+//! dns_refresh_seconds = 5.0
+//! connect_timeout_seconds = 2.0
+//! call_timeout_seconds = 0.0            # 0: only the caller's deadline bounds a call
+//! max_attempts = 3                      # every call may be retried on another replica before any answer
+//! probe_interval_seconds = 1.0
+//!
+//! [decoder]
+//! endpoints = ["http://10.0.0.8:50053"]
+//!
+//! [limits]
+//! max_images = 8
+//! max_image_bytes = 10485760
+//! max_concurrent_requests = 256
+//! # … every limit of `Limits` in kosmos.v1
+//!
+//! [cache]
+//! capacity_bytes = 268435456           # 0 disables the embedding cache
+//!
+//! [server]                             # shared by every service (kosmos_runtime::config)
+//! listen = "0.0.0.0:50051"
+//! drain_timeout_seconds = 30.0
+//! log_json = false
+//!
+//! [grpc]
+//! max_message_bytes = 100663296        # 8 images of 10 MiB plus text, with room to spare
+//! keepalive_interval_seconds = 0.0     # 0: no keepalive pings
+//!
+//! [metrics]
+//! listen = "0.0.0.0:9090"              # GET /metrics (Prometheus text); port 0: any free port
+//! ```
+
+mod limits;
+mod pool;
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use kosmos_runtime::config::{
+    ConfigError, Layers, RawGrpc, RawMetrics, RawServer, ServerSettings, positive, required_path,
+};
+use serde::{Deserialize, Serialize};
+
+pub use limits::{Limits, RawLimits};
+pub use pool::{Discovery, PoolConfig, RawPool, endpoint_uri};
+
+/// The prefix of the gateway's environment variables.
+pub const ENV_PREFIX: &str = "KOSMOS_GATEWAY";
+
+/// The configuration as written in a file, before validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// The model directory; the gateway reads only its `tokenizer.json`.
+    pub model_dir: PathBuf,
+    /// `[server]`, shared by every service: listen address, drain, logs.
+    pub server: RawServer,
+    /// `[grpc]`, shared: message size, keepalive.
+    pub grpc: RawGrpc,
+    /// `[metrics]`, shared: the Prometheus endpoint.
+    pub metrics: RawMetrics,
+    /// Messages buffered per GenerateStream before the gateway stops reading the decoder.
+    pub stream_buffer_messages: usize,
+    /// The encoder pool.
+    pub encoder: RawPool,
+    /// The decoder pool.
+    pub decoder: RawPool,
+    /// Request limits.
+    pub limits: RawLimits,
+    /// The embedding cache.
+    pub cache: RawCache,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: PathBuf::new(),
+            server: RawServer::on_port(50051),
+            grpc: RawGrpc {
+                // 8 images of 10 MiB plus text, with room to spare (tonic's 4 MiB default is far too small).
+                max_message_bytes: 96 << 20,
+                ..RawGrpc::default()
+            },
+            metrics: RawMetrics::default(),
+            stream_buffer_messages: 16,
+            encoder: RawPool::default(),
+            decoder: RawPool::default(),
+            limits: RawLimits::default(),
+            cache: RawCache::default(),
+        }
+    }
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    /// Most bytes of embeddings held; 0 disables the cache.
+    pub capacity_bytes: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    /// Where `tokenizer.json` is.
+    pub model_dir: PathBuf,
+    /// The encoder pool.
+    pub encoder: PoolConfig,
+    /// The decoder pool.
+    pub decoder: PoolConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Embedding cache bound in bytes (0: off).
+    pub cache_capacity_bytes: u64,
+    /// Messages buffered per stream.
+    pub stream_buffer_messages: NonZeroUsize,
+    /// `[server]`, `[grpc]` and `[metrics]`.
+    pub server: ServerSettings,
+}
+
+impl GatewayConfig {
+    /// Loads and validates the layered configuration.
+    pub fn load(layers: &Layers) -> Result<Self, ConfigError> {
+        let raw: RawConfig = kosmos_runtime::config::load(layers)?;
+        Self::try_from(raw)
+    }
+}
+
+impl TryFrom<RawConfig> for GatewayConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
+        Ok(Self {
+            model_dir: required_path("model_dir", &raw.model_dir)?,
+            encoder: pool::pool(raw.encoder, "encoder")?,
+            decoder: pool::pool(raw.decoder, "decoder")?,
+            limits: limits::limits(raw.limits, server.max_message_bytes)?,
+            cache_capacity_bytes: raw.cache.capacity_bytes,
+            stream_buffer_messages: positive(
+                "stream_buffer_messages",
+                raw.stream_buffer_messages as u64,
+            )?,
+            server,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(overrides: &[&str]) -> Layers {
+        Layers {
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+            env_prefix: ENV_PREFIX.into(),
+            ..Layers::default()
+        }
+    }
+
+    #[test]
+    fn a_minimal_config_names_both_pools_and_the_model() {
+        let config = GatewayConfig::load(&layers(&[
+            "model_dir=/models/tiny",
+            "encoder.endpoints=[\"127.0.0.1:1\", \"http://127.0.0.1:2\"]",
+            "decoder.dns=decoder-headless:50053",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            config.encoder.discovery,
+            Discovery::Static(vec![
+                "http://127.0.0.1:1".into(),
+                "http://127.0.0.1:2".into()
+            ])
+        );
+        assert!(
+            matches!(config.decoder.discovery, Discovery::Dns { ref name, .. } if name == "decoder-headless:50053")
+        );
+        assert_eq!(config.encoder.call_timeout, None);
+    }
+
+    #[test]
+    fn a_pool_without_replicas_or_with_both_sources_is_refused() {
+        let err = GatewayConfig::load(&layers(&["model_dir=/m", "decoder.endpoints=[\"a:1\"]"]))
+            .expect_err("no encoder");
+        assert!(err.to_string().contains("encoder.endpoints"), "{err}");
+        let err = GatewayConfig::load(&layers(&[
+            "model_dir=/m",
+            "encoder.endpoints=[\"a:1\"]",
+            "encoder.dns=b:2",
+            "decoder.endpoints=[\"a:1\"]",
+        ]))
+        .expect_err("both");
+        assert!(err.to_string().contains("exclusive"), "{err}");
+    }
+
+    #[test]
+    fn a_default_above_the_maximum_is_refused() {
+        let err = GatewayConfig::load(&layers(&[
+            "model_dir=/m",
+            "encoder.endpoints=[\"a:1\"]",
+            "decoder.endpoints=[\"a:1\"]",
+            "limits.default_max_new_tokens=2000",
+        ]))
+        .expect_err("default > max");
+        assert!(err.to_string().contains("default_max_new_tokens"), "{err}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The one lifecycle of every service: a [`Service`] describes what to serve (its gRPC services, its metrics
+//! registry, what drives its readiness, what to stop after draining); [`Service::bind`] binds the gRPC and
+//! `/metrics` ports into a [`Bound`], whose addresses are known before anything is served (tests bind port 0);
+//! [`Bound::serve`] serves until shutdown, then drains with a timeout.
+//!
+//! Order on shutdown: readiness turns NOT_SERVING first (load balancers stop sending), the service's drain hook
+//! runs (e.g. refuse new work), the server stops accepting and in-flight calls get `server.drain_timeout_seconds`
+//! to finish, then the service's stop hook runs (e.g. stop an engine thread once no handler can reach it).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::ServerSettings;
+use crate::grpc::{Health, HealthService, READINESS};
+use crate::metrics::{Registry, RpcMetrics};
+use crate::rpc::RpcLayer;
+use crate::shutdown::Shutdown;
+
+/// Any error a service's own task reports.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What drives a service's health while it serves: given its [`Health`] and the shutdown signal, it runs until
+/// it has nothing more to do (it may end early; serving goes on) or fails (an error stops the service).
+pub type Watcher = Box<dyn FnOnce(Health, Shutdown) -> BoxFuture<Result<(), BoxError>> + Send>;
+
+/// A [`Watcher`] from an async closure: `watcher(move |health, shutdown| async move { … Ok(()) })`.
+pub fn watcher<F, Fut>(watch: F) -> Watcher
+where
+    F: FnOnce(Health, Shutdown) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Box::new(move |health, shutdown| Box::pin(watch(health, shutdown)))
+}
+
+/// Why a service could not bind or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC port could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address asked for.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `/metrics` port could not be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] crate::metrics::BindError),
+    /// The metrics registry could not be created.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The service's own task (readiness, model loading) failed.
+    #[error("{0}")]
+    Task(BoxError),
+    /// A task of the service panicked or was cancelled.
+    #[error("service task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What to serve: the gRPC services (health and reflection are added here), the metrics registry, the settings
+/// of the shared config sections, and the hooks of the lifecycle.
+pub struct Service {
+    name: &'static str,
+    settings: ServerSettings,
+    registry: Arc<Registry>,
+    routes: tonic::service::Routes,
+    health: Health,
+    watcher: Option<Watcher>,
+    on_drain: Option<Box<dyn FnOnce() + Send>>,
+    on_stop: Option<BoxFuture<()>>,
+    live_before_ready: bool,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A service named `name` (`gateway`, `encoder`, `decoder`) with health (overall and `readiness`) and
+    /// reflection v1 / v1alpha already added.
+    pub fn new(
+        name: &'static str,
+        settings: ServerSettings,
+        registry: Arc<Registry>,
+    ) -> Result<Self, ServeError> {
+        let (health, health_service): (Health, HealthService) = Health::detached();
+        let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection()?;
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok(Self {
+            name,
+            settings,
+            registry,
+            routes,
+            health,
+            watcher: None,
+            on_drain: None,
+            on_stop: None,
+            live_before_ready: true,
+        })
+    }
+
+    /// Adds a gRPC service (its message limits set from `grpc.max_message_bytes` by the caller).
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+                Response = http::Response<tonic::body::Body>,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// What drives readiness while serving (see [`Watcher`]); without one, readiness is SERVING from the start.
+    pub fn watch(mut self, watcher: Watcher) -> Self {
+        self.watcher = Some(watcher);
+        self
+    }
+
+    /// Runs once shutdown begins, after readiness turned NOT_SERVING and before the server stops accepting.
+    pub fn on_drain(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.on_drain = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs after the server has drained (or the drain timeout passed).
+    pub fn on_stop(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.on_stop = Some(Box::pin(hook));
+        self
+    }
+
+    /// The overall health status (`""`) too starts NOT_SERVING, for the watcher to turn SERVING (the gateway:
+    /// nothing answers before its pools do).
+    pub fn not_live_until_ready(mut self) -> Self {
+        self.live_before_ready = false;
+        self
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Binds `server.listen` and `metrics.listen` (falling back to a free port for `/metrics` when
+    /// `metrics.fallback_to_free_port` is set and the port is taken).
+    pub async fn bind(self) -> Result<Bound, ServeError> {
+        let listen = self.settings.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                address: listen,
+                source,
+            })?;
+        let metrics_listener = match crate::metrics::bind(self.settings.metrics_listen).await {
+            Ok(listener) => listener,
+            Err(err) if self.settings.metrics_fallback => {
+                let any_port = SocketAddr::new(self.settings.metrics_listen.ip(), 0);
+                let listener = crate::metrics::bind(any_port).await?;
+                tracing::warn!(
+                    service = self.name,
+                    %err,
+                    address = ?listener.local_addr().ok(),
+                    "metrics port taken, serving /metrics on a free port"
+                );
+                listener
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let local_addr = address_of(&listener, listen)?;
+        let metrics_addr = address_of(&metrics_listener, self.settings.metrics_listen)?;
+        Ok(Bound {
+            service: self,
+            listener,
+            metrics_listener,
+            local_addr,
+            metrics_addr,
+        })
+    }
+}
+
+fn address_of(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, ServeError> {
+    listener.local_addr().map_err(|source| ServeError::Bind {
+        address: asked,
+        source,
+    })
+}
+
+/// A service with its ports bound, not yet serving.
+#[derive(Debug)]
+pub struct Bound {
+    service: Service,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    local_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+}
+
+impl Bound {
+    /// The gRPC address (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The `GET /metrics` address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &'static str {
+        self.service.name
+    }
+
+    /// Serves until `shutdown` trips (or the watcher fails), then drains: readiness NOT_SERVING, the drain hook,
+    /// in-flight calls get the drain timeout, then the stop hook.
+    pub async fn serve(self, shutdown: Shutdown) -> Result<(), ServeError> {
+        let Self {
+            service,
+            listener,
+            metrics_listener,
+            local_addr,
+            metrics_addr,
+        } = self;
+        let name = service.name;
+        let health = service.health.clone();
+        health.set_status("", service.live_before_ready).await;
+        health.set_status(READINESS, false).await;
+        let metrics_server = tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            Arc::clone(&service.registry),
+            shutdown.clone(),
+        ));
+        let watcher_failed = Shutdown::new();
+        let (failure_sender, mut failure) = tokio::sync::mpsc::channel::<BoxError>(1);
+        let watcher = match service.watcher {
+            Some(watcher) => {
+                let run = watcher(health.clone(), shutdown.clone());
+                let failed = watcher_failed.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = run.await {
+                        let _ = failure_sender.send(err).await;
+                        failed.trigger();
+                    }
+                })
+            }
+            None => {
+                health.set_ready().await;
+                tokio::spawn(async move { drop(failure_sender) })
+            }
+        };
+        // The RPC layer continues the caller's trace and meters every call, health and reflection included.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(service.settings.keepalive_interval)
+            .http2_keepalive_timeout(Some(service.settings.keepalive_timeout))
+            .layer(RpcLayer::new(RpcMetrics::new(&service.registry)));
+        let router = builder.add_routes(service.routes);
+        let stop_serving = Shutdown::new();
+        let mut server = tokio::spawn(crate::grpc::serve(router, listener, stop_serving.clone()));
+        tracing::info!(service = name, %local_addr, %metrics_addr, "serving");
+
+        let mut server_result = None;
+        tokio::select! {
+            () = shutdown.wait() => {}
+            () = watcher_failed.wait() => {}
+            result = &mut server => server_result = Some(result),
+        }
+        tracing::info!(
+            service = name,
+            "shutting down: refusing new calls, finishing the ones in flight"
+        );
+        health.set_not_ready().await;
+        if let Some(hook) = service.on_drain {
+            hook();
+        }
+        stop_serving.trigger();
+        let served = match server_result {
+            Some(result) => result,
+            None => match tokio::time::timeout(service.settings.drain_timeout, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        service = name,
+                        drain_timeout_seconds = service.settings.drain_timeout.as_secs_f64(),
+                        "drain timeout passed, dropping in-flight calls"
+                    );
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
+        watcher.abort();
+        if let Some(hook) = service.on_stop {
+            hook.await;
+        }
+        // The metrics server stops with `shutdown`; after a failure it is stopped here.
+        metrics_server.abort();
+        if let Ok(Err(err)) = metrics_server.await {
+            tracing::warn!(service = name, %err, "the metrics server failed");
+        }
+        tracing::info!(service = name, "stopped");
+        if let Ok(err) = failure.try_recv() {
+            return Err(ServeError::Task(err));
+        }
+        served??;
+        Ok(())
+    }
+}
