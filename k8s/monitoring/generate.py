@@ -451,8 +451,8 @@ def build_dashboard():
         ],
         unit="short",
         min_=0,
-        description="KosmosPoolSaturated fires above 1.5 x the autoscaling target per replica for 15m: 48 calls "
-        "(decoder), 12 calls or 48 pending images (encoder).",
+        description="KosmosPoolSaturated fires above 1.5 x the autoscaling target per replica for 15m: 24 calls "
+        "(decoder), 96 calls or 48 pending images (encoder).",
     )
     d.timeseries(
         "KEDA scaler metric",
