@@ -13,6 +13,7 @@ mod config;
 mod connector;
 mod error;
 mod generate;
+mod kernels;
 mod kv_cache;
 mod model;
 mod nn;
@@ -31,6 +32,7 @@ pub use kv_cache::SequenceCache;
 pub use model::{
     KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
 };
+pub use nn::Projection;
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
 pub use text::{ImageInjection, SeqChunk, TextModel};
 pub use weights::Weights;

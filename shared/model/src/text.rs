@@ -12,13 +12,13 @@
 //! References: `transformers/models/kosmos2/modeling_kosmos2.py`; torchscale `architecture/decoder.py`,
 //! `component/multihead_attention.py`, `component/xpos_relative_position.py`; MAGNETO (Wang et al. 2022).
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::LayerNorm;
 
 use crate::config::{Activation, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::SequenceCache;
-use crate::nn::{AttentionProjections, attention, layer_norm};
+use crate::nn::{AttentionProjections, Projection, attention, layer_norm};
 use crate::positions::{SinusoidalPositions, XPos, pad_aware_positions};
 use crate::weights::Weights;
 
@@ -75,9 +75,7 @@ impl SelfAttention {
         batch: &mut PackedState<'_, '_>,
     ) -> Result<Tensor> {
         let proj = &self.projections;
-        let query = (proj.q_proj.forward(xs)? * proj.scale)?;
-        let key = proj.k_proj.forward(xs)?;
-        let value = proj.v_proj.forward(xs)?;
+        let (query, key, value) = proj.qkv(xs)?;
         let mut outputs = Vec::with_capacity(batch.chunks.len());
         for (chunk, slot) in batch.chunks.iter_mut().zip(&batch.slots) {
             let mut q = self.heads_of(&query, slot.start, slot.len)?;
@@ -98,7 +96,7 @@ impl SelfAttention {
         }
         let context = Tensor::cat(&outputs, 0)?;
         let context = layer_norm(&self.inner_attn_ln, &context)?;
-        Ok(proj.out_proj.forward(&context)?)
+        proj.out_proj.forward(&context)
     }
 }
 
@@ -107,9 +105,9 @@ struct DecoderLayer {
     self_attn_layer_norm: LayerNorm,
     self_attn: SelfAttention,
     final_layer_norm: LayerNorm,
-    fc1: Linear,
+    fc1: Projection,
     ffn_layernorm: LayerNorm,
-    fc2: Linear,
+    fc2: Projection,
     activation: Activation,
 }
 
@@ -121,9 +119,9 @@ impl DecoderLayer {
             self_attn_layer_norm: weights.layer_norm(width, eps, "self_attn_layer_norm")?,
             self_attn: SelfAttention::new(cfg, &weights.pp("self_attn"))?,
             final_layer_norm: weights.layer_norm(width, eps, "final_layer_norm")?,
-            fc1: weights.linear(width, cfg.ffn_dim, "ffn.fc1")?,
+            fc1: weights.projection(width, cfg.ffn_dim, "ffn.fc1")?,
             ffn_layernorm: weights.layer_norm(cfg.ffn_dim, eps, "ffn.ffn_layernorm")?,
-            fc2: weights.linear(cfg.ffn_dim, width, "ffn.fc2")?,
+            fc2: weights.projection(cfg.ffn_dim, width, "ffn.fc2")?,
             activation: cfg.activation_function,
         })
     }
