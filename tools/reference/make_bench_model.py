@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Writes a mid-size random Kosmos-2 in Hugging Face layout, for benchmarks (not a fixture: keep it out of git).
 
-    tools/reference/run.sh bench-model DIR        (e.g. DIR = .ref-cache/bench-model)
+    tools/reference/run.sh bench-model DIR [--preset base|small] [--text-width W --text-layers N ...]
 
-vision: CLIP ViT 12 layers x 768, 12 heads, MLP 3072, image 224, patch 16 (197 tokens), quick_gelu;
-text: 12 layers x 768, 12 heads, FFN 3072, max positions 2048, vocab = the test tokenizer (tests/fixtures/tiny);
-connector: latent_query_num 64. HF's own random init under a fixed seed (about 175 M parameters, ~700 MB f32).
+Presets (any size flag overrides its preset value):
+  base (default): vision CLIP ViT 12 layers x 768, 12 heads, MLP 3072, image 224, patch 16 (197 tokens),
+      quick_gelu; text 12 layers x 768, 12 heads, FFN 3072 (85 M text parameters); about 175 M parameters,
+      ~700 MB f32.
+  small: vision 12 layers x 384, 6 heads, MLP 1536 (ViT-S/16, image 224, 197 tokens); text 8 layers x 512,
+      8 heads, FFN 2048 (25 M text parameters); about 48 M parameters.
+Both: max positions 2048, vocab = the test tokenizer (tests/fixtures/tiny), connector latent_query_num 64, HF's own
+random init under a fixed seed.
 Files: config.json, model.safetensors, generation_config.json, tokenizer.json, preprocessor_config.json
 (CLIPImageProcessor squashing to 224x224).
 """
@@ -25,21 +30,39 @@ import torch  # noqa: E402
 SEED = 4321
 
 
-def bench_config(vocab_size: int):
+PRESETS = {
+    "base": dict(text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
+                 vision_width=768, vision_layers=12, vision_heads=12, vision_mlp=3072,
+                 image_size=224, patch_size=16, queries=64),
+    "small": dict(text_width=512, text_layers=8, text_heads=8, text_ffn=2048,
+                  vision_width=384, vision_layers=12, vision_heads=6, vision_mlp=1536,
+                  image_size=224, patch_size=16, queries=64),
+}
+
+
+def bench_config(vocab_size: int, size: dict):
     from transformers import Kosmos2Config
 
     text = common.tiny_text_config(vocab_size)
-    text.update(embed_dim=768, layers=12, attention_heads=12, ffn_dim=3072, max_position_embeddings=2048)
+    text.update(embed_dim=size["text_width"], layers=size["text_layers"], attention_heads=size["text_heads"],
+                ffn_dim=size["text_ffn"], max_position_embeddings=2048)
     vision = common.tiny_vision_config()
-    vision.update(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072)
-    return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=64)
+    vision.update(image_size=size["image_size"], patch_size=size["patch_size"], hidden_size=size["vision_width"],
+                  num_hidden_layers=size["vision_layers"], num_attention_heads=size["vision_heads"],
+                  intermediate_size=size["vision_mlp"])
+    return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=size["queries"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="write the random benchmark model")
     ap.add_argument("dir", type=Path)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    for name in PRESETS["base"]:
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                        help=f"overrides the preset's {name}")
     args = ap.parse_args()
+    size = {name: getattr(args, name) if getattr(args, name) is not None else value
+            for name, value in PRESETS[args.preset].items()}
     out: Path = args.dir
     out.mkdir(parents=True, exist_ok=True)
 
@@ -52,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     common.seed_everything(SEED)
-    config = bench_config(len(tok))
+    config = bench_config(len(tok), size)
     model = Kosmos2ForConditionalGeneration(config)
     model.generation_config = GenerationConfig(**common.generation_config_dict())
     model.eval()
@@ -63,7 +86,8 @@ def main() -> None:
     common.make_image_processor({"height": 224, "width": 224}, {"height": 224, "width": 224}).save_pretrained(out)
 
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out}: {n / 1e6:.1f} M parameters, vocab {len(tok)}")
+    n_text = sum(p.numel() for p in model.text_model.parameters())
+    print(f"wrote {out}: {n / 1e6:.1f} M parameters ({n_text / 1e6:.1f} M text), vocab {len(tok)}, {size}")
     for p in sorted(out.iterdir()):
         print(f"  {p.name}  {p.stat().st_size} bytes")
 

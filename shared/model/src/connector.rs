@@ -2,18 +2,17 @@
 //! L2-normalised vision features followed by one cross-attention in which learned latent queries attend over
 //! `[features; queries]`. There is no residual and no LayerNorm after it.
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::Tensor;
 
 use crate::config::KosmosConfig;
 use crate::error::Result;
-use crate::nn::{AttentionProjections, l2_normalize};
+use crate::nn::{AttentionProjections, Projection, l2_normalize};
 use crate::weights::Weights;
 
 /// Turns vision features into `latent_query_num` image embeddings in the text model's width.
 #[derive(Debug)]
 pub struct Connector {
-    dense: Linear,
+    dense: Projection,
     latent_query: Tensor,
     x_attn: AttentionProjections,
 }
@@ -24,7 +23,7 @@ impl Connector {
         let text = &cfg.text_config;
         let width = text.embed_dim;
         Ok(Self {
-            dense: weights.linear(cfg.vision_config.hidden_size, width, "dense")?,
+            dense: weights.projection(cfg.vision_config.hidden_size, width, "dense")?,
             latent_query: weights.get(&[cfg.latent_query_num, width], "latent_query")?,
             x_attn: AttentionProjections::new(&weights.pp("x_attn"), width, text.attention_heads)?,
         })
@@ -32,7 +31,7 @@ impl Connector {
 
     /// `(batch, vision_tokens, vision_hidden)` post-LN features → `(batch, latent_query_num, embed_dim)`.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let batch = features.dim(0)?;
+        let (batch, vision_tokens, _) = features.dims3()?;
         let features = self.dense.forward(&l2_normalize(features)?)?;
         let (queries, width) = self.latent_query.dims2()?;
         // (batch, queries, width)
@@ -40,8 +39,9 @@ impl Connector {
             .latent_query
             .reshape((1, queries, width))?
             .repeat((batch, 1, 1))?;
-        // (batch, vision_tokens + queries, width): the latents attend to the features and to themselves.
+        // (batch, vision_tokens + queries, width): the latents attend to the features and to themselves, so the
+        // queries are the last rows of the keys and values.
         let key_value = Tensor::cat(&[&features, &latents], 1)?;
-        self.x_attn.attend(&latents, &key_value)
+        self.x_attn.attend(&key_value, vision_tokens)
     }
 }

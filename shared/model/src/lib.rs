@@ -13,6 +13,7 @@ mod config;
 mod connector;
 mod error;
 mod generate;
+mod kernels;
 mod model;
 mod nn;
 pub mod paged;
@@ -30,6 +31,7 @@ pub use generate::{
 pub use model::{
     KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
 };
+pub use nn::Projection;
 pub use paged::{BlockCounts, BlockTable, KvCacheConfig, PagedKvCache, PrefixStats, content_key};
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
 pub use text::{ImageInjection, SeqChunk, TextModel};

@@ -1,17 +1,29 @@
 //! Small building blocks shared by the vision tower, the connector and the text decoder.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::Linear;
 
 use crate::config::Activation;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::kernels;
 use crate::weights::Weights;
 
 impl Activation {
     /// Applies the activation elementwise.
     ///
-    /// GELU is computed in f32 whatever the input dtype, like torchscale (`act(x.float()).type_as(x)`).
+    /// GELU is computed in f32 whatever the input dtype, like torchscale (`act(x.float()).type_as(x)`). On the CPU,
+    /// GELU and quick GELU run as one fused pass (`kernels.rs`).
     pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        if kernels::cpu_kernel_applies(xs) {
+            match self {
+                Activation::Gelu => {
+                    return kernels::activation(xs, kernels::ActivationKind::GeluErf);
+                }
+                Activation::QuickGelu => {
+                    return kernels::activation(xs, kernels::ActivationKind::QuickGelu);
+                }
+                Activation::GeluTanh | Activation::Relu => {}
+            }
+        }
         let out = match self {
             Activation::Gelu => xs.to_dtype(DType::F32)?.gelu_erf()?.to_dtype(xs.dtype())?,
             Activation::GeluTanh => xs.to_dtype(DType::F32)?.gelu()?.to_dtype(xs.dtype())?,
@@ -64,8 +76,15 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
         .reshape((batch, len, heads * head_dim))?)
 }
 
-/// A LayerNorm forward on a contiguous input, so candle takes its fused kernel.
+/// A LayerNorm forward: the fused CPU kernel (`kernels.rs`) for f32/f16, else candle's fused kernel on a
+/// contiguous input.
 pub fn layer_norm(norm: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    if kernels::cpu_kernel_applies(xs)
+        && norm.remove_mean()
+        && let Some(bias) = norm.bias()
+    {
+        return kernels::layer_norm(xs, norm.weight(), bias, norm.eps());
+    }
     Ok(norm.forward(&xs.contiguous()?)?)
 }
 
@@ -79,43 +98,327 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     Ok(xs.broadcast_div(&norm)?.to_dtype(dtype)?)
 }
 
-/// The four square projections of a multi-head attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`, with biases).
-#[derive(Debug)]
-pub struct AttentionProjections {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
-    /// Output projection.
-    pub out_proj: Linear,
-    /// Number of heads.
-    pub heads: usize,
-    /// `head_dim^-0.5`, applied to the projected query (the reference scales the query before the product).
-    pub scale: f64,
+/// A linear layer `x · W + b` whose weight is stored transposed and contiguous, `(in, out)`: the layout the
+/// matrix product streams. candle's `Linear` keeps the checkpoint's `(out, in)` and multiplies by a transposed
+/// view, which `gemm` repacks on every multi-row call; storing `(in, out)` once at load time removes that (see
+/// the README's model-crate section for the measurements). On the CPU (f32, f16) the bias is written into the
+/// destination before the product, so there is no separate broadcast add.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    /// `(in, out)`, contiguous.
+    weight_t: Tensor,
+    /// `(out)`.
+    bias: Tensor,
 }
 
-impl AttentionProjections {
-    /// Loads `{q,k,v,out}_proj` of width `width` split into `heads` heads.
-    pub fn new(weights: &Weights, width: usize, heads: usize) -> Result<Self> {
+impl Projection {
+    /// A projection from a weight in the checkpoint's `(out, in)` layout and a bias `(out)`; the weight is
+    /// transposed into a contiguous copy.
+    pub fn from_out_in(weight: &Tensor, bias: Tensor) -> Result<Self> {
+        let (out_dim, _) = weight.dims2()?;
+        if bias.dims1()? != out_dim {
+            return Err(ModelError::InvalidInput(format!(
+                "projection bias has shape {:?}, expected [{out_dim}]",
+                bias.dims()
+            )));
+        }
         Ok(Self {
-            q_proj: weights.linear(width, width, "q_proj")?,
-            k_proj: weights.linear(width, width, "k_proj")?,
-            v_proj: weights.linear(width, width, "v_proj")?,
-            out_proj: weights.linear(width, width, "out_proj")?,
-            heads,
-            scale: ((width / heads) as f64).powf(-0.5),
+            weight_t: weight.t()?.contiguous()?,
+            bias,
         })
     }
 
-    /// Unmasked attention of `queries` `(batch, q_len, width)` over `keys_values` `(batch, kv_len, width)`,
-    /// projected out: `(batch, q_len, width)`. Self-attention passes the same tensor twice.
-    pub fn attend(&self, queries: &Tensor, keys_values: &Tensor) -> Result<Tensor> {
-        let query = split_heads(&(self.q_proj.forward(queries)? * self.scale)?, self.heads)?;
-        let key = split_heads(&self.k_proj.forward(keys_values)?, self.heads)?;
-        let value = split_heads(&self.v_proj.forward(keys_values)?, self.heads)?;
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight_t.dims()[0]
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight_t.dims()[1]
+    }
+
+    /// The weight, `(in, out)` contiguous.
+    pub fn weight_t(&self) -> &Tensor {
+        &self.weight_t
+    }
+
+    /// The bias, `(out)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The same projection with its output multiplied by `factor` (weight and bias scaled).
+    pub fn scaled(&self, factor: f64) -> Result<Self> {
+        Ok(Self {
+            weight_t: (&self.weight_t * factor)?,
+            bias: (&self.bias * factor)?,
+        })
+    }
+
+    /// One projection whose output is the outputs of `parts` side by side (all of the same input width).
+    pub fn concat(parts: &[&Projection]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|part| &part.weight_t).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|part| &part.bias).collect();
+        Ok(Self {
+            weight_t: Tensor::cat(&weights, 1)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
+    /// `(rows, in)` → `(rows, out)`, or `(batch, rows, in)` → `(batch, rows, out)`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match *xs.dims() {
+            [_, _] => self.forward_rows(xs),
+            [batch, rows, in_dim] => {
+                let flat = xs.contiguous()?.reshape((batch * rows, in_dim))?;
+                Ok(self
+                    .forward_rows(&flat)?
+                    .reshape((batch, rows, self.out_dim()))?)
+            }
+            _ => Err(ModelError::InvalidInput(format!(
+                "a projection takes (rows, in) or (batch, rows, in), got {:?}",
+                xs.dims()
+            ))),
+        }
+    }
+
+    /// `(rows, in)` → `(rows, out)`.
+    fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
+        if kernels::cpu_kernel_applies(xs) {
+            kernels::linear(xs, &self.weight_t, &self.bias)
+        } else {
+            Ok(xs.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+        }
+    }
+}
+
+/// The projections of a multi-head attention: `q_proj`, `k_proj`, `v_proj` fused into one product of width
+/// `3 × width` (the query part pre-multiplied by `head_dim^-0.5`, which the reference applies to the projected
+/// query), and `out_proj`.
+#[derive(Debug)]
+pub struct AttentionProjections {
+    /// `[q · head_dim^-0.5 | k | v]`, `width → 3 × width`.
+    pub qkv: Projection,
+    /// Output projection.
+    pub out_proj: Projection,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+impl AttentionProjections {
+    /// Loads `{q,k,v,out}_proj` of width `width` split into `heads` heads and fuses the first three.
+    ///
+    /// Folding the query scale into the weights is exact when `head_dim` is a power of four (64: scale 1/8) and
+    /// within a rounding of the reference's order otherwise.
+    pub fn new(weights: &Weights, width: usize, heads: usize) -> Result<Self> {
+        Self::from_parts(
+            &weights.projection(width, width, "q_proj")?,
+            &weights.projection(width, width, "k_proj")?,
+            &weights.projection(width, width, "v_proj")?,
+            weights.projection(width, width, "out_proj")?,
+            heads,
+        )
+    }
+
+    /// Fuses separate query, key and value projections (the query not yet scaled).
+    pub fn from_parts(
+        query: &Projection,
+        key: &Projection,
+        value: &Projection,
+        out_proj: Projection,
+        heads: usize,
+    ) -> Result<Self> {
+        let width = out_proj.in_dim();
+        if heads == 0 || !width.is_multiple_of(heads) {
+            return Err(ModelError::InvalidInput(format!(
+                "attention width {width} does not split into {heads} heads"
+            )));
+        }
+        let scale = ((width / heads) as f64).powf(-0.5);
+        Ok(Self {
+            qkv: Projection::concat(&[&query.scaled(scale)?, key, value])?,
+            out_proj,
+            heads,
+        })
+    }
+
+    /// The width of the attention (of each of q, k and v).
+    pub fn width(&self) -> usize {
+        self.out_proj.in_dim()
+    }
+
+    /// `(rows, width)` → the scaled query, the key and the value, each `(rows, width)` (views into one product).
+    pub fn qkv(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let width = self.width();
+        let fused = self.qkv.forward(xs)?;
+        Ok((
+            fused.narrow(1, 0, width)?,
+            fused.narrow(1, width, width)?,
+            fused.narrow(1, 2 * width, width)?,
+        ))
+    }
+
+    /// Unmasked attention within each batch element of `xs` `(batch, len, width)`: the rows from `query_offset` on
+    /// attend over all `len` rows, projected out: `(batch, len - query_offset, width)`. Self-attention passes
+    /// offset 0; the connector's latent queries are the last rows of their own keys and values.
+    pub fn attend(&self, xs: &Tensor, query_offset: usize) -> Result<Tensor> {
+        let (batch, len, width) = xs.dims3()?;
+        if query_offset >= len {
+            return Err(ModelError::InvalidInput(format!(
+                "query offset {query_offset} leaves no query among {len} rows"
+            )));
+        }
+        let queries = len - query_offset;
+        // (batch * len, 3 * width)
+        let fused = self
+            .qkv
+            .forward(&xs.contiguous()?.reshape((batch * len, width))?)?;
+        // (batch * queries, width)
+        let context = if kernels::cpu_kernel_applies(&fused) {
+            kernels::attention(&fused, batch, query_offset, self.heads)?
+        } else {
+            let fused = fused.reshape((batch, len, 3 * width))?;
+            let query = split_heads(
+                &fused
+                    .narrow(1, query_offset, queries)?
+                    .narrow(2, 0, width)?,
+                self.heads,
+            )?;
+            let key = split_heads(&fused.narrow(2, width, width)?, self.heads)?;
+            let value = split_heads(&fused.narrow(2, 2 * width, width)?, self.heads)?;
+            merge_heads(&attention(&query, &key, &value, None)?)?
+                .reshape((batch * queries, width))?
+        };
+        Ok(self
+            .out_proj
+            .forward(&context)?
+            .reshape((batch, queries, width))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
+        // A small deterministic generator: the test must not depend on candle's RNG.
+        let count: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn projection_equals_candle_linear_on_random_weights() -> Result<()> {
+        let (in_dim, out_dim) = (96, 80);
+        let weight = random(&[out_dim, in_dim], 1)?;
+        let bias = random(&[out_dim], 2)?;
+        let linear = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
+        let projection = Projection::from_out_in(&weight, bias)?;
+        assert_eq!(
+            (projection.in_dim(), projection.out_dim()),
+            (in_dim, out_dim)
+        );
+        for rows in [1, 2, 3, 8, 17, 64] {
+            let xs = random(&[rows, in_dim], 3 + rows as u64)?;
+            let error = max_abs_diff(&projection.forward(&xs)?, &linear.forward(&xs)?)?;
+            assert!(error < 1e-5, "{rows} rows: error {error}");
+        }
+        let batched = random(&[3, 5, in_dim], 4)?;
+        let error = max_abs_diff(&projection.forward(&batched)?, &linear.forward(&batched)?)?;
+        assert!(error < 1e-5, "batched: error {error}");
+        // A strided input (a column slice of a wider matrix) gives the same rows as its contiguous copy.
+        let wide = random(&[7, in_dim + 16], 5)?;
+        let strided = wide.narrow(1, 8, in_dim)?;
+        let error = max_abs_diff(
+            &projection.forward(&strided)?,
+            &linear.forward(&strided.contiguous()?)?,
+        )?;
+        assert!(error < 1e-5, "strided: error {error}");
+        Ok(())
+    }
+
+    fn projection(width: usize, seed: u64) -> Result<Projection> {
+        Projection::from_out_in(&random(&[width, width], seed)?, random(&[width], seed + 1)?)
+    }
+
+    #[test]
+    fn fused_qkv_equals_the_three_separate_products() -> Result<()> {
+        let (width, heads) = (48, 4);
+        let (query, key, value) = (
+            projection(width, 10)?,
+            projection(width, 20)?,
+            projection(width, 30)?,
+        );
+        let attention =
+            AttentionProjections::from_parts(&query, &key, &value, projection(width, 40)?, heads)?;
+        let scale = ((width / heads) as f64).powf(-0.5);
+        let xs = random(&[11, width], 50)?;
+        let (q, k, v) = attention.qkv(&xs)?;
+        let expected_q = (query.forward(&xs)? * scale)?;
+        assert!(max_abs_diff(&q, &expected_q)? < 1e-5);
+        assert!(max_abs_diff(&k, &key.forward(&xs)?)? < 1e-5);
+        assert!(max_abs_diff(&v, &value.forward(&xs)?)? < 1e-5);
+        Ok(())
+    }
+
+    /// The reference path of `attend`: separate products, heads split and merged by candle ops.
+    fn attend_with_candle_ops(
+        attention_projections: &AttentionProjections,
+        parts: [&Projection; 3],
+        xs: &Tensor,
+        query_offset: usize,
+    ) -> Result<Tensor> {
+        let (_, len, _) = xs.dims3()?;
+        let heads = attention_projections.heads;
+        let width = attention_projections.width();
+        let scale = ((width / heads) as f64).powf(-0.5);
+        let queries = xs.narrow(1, query_offset, len - query_offset)?;
+        let query = split_heads(&(parts[0].forward(&queries)? * scale)?, heads)?;
+        let key = split_heads(&parts[1].forward(xs)?, heads)?;
+        let value = split_heads(&parts[2].forward(xs)?, heads)?;
         let context = merge_heads(&attention(&query, &key, &value, None)?)?;
-        Ok(self.out_proj.forward(&context)?)
+        attention_projections.out_proj.forward(&context)
+    }
+
+    #[test]
+    fn fused_attention_kernel_equals_candle_ops_for_self_and_tail_queries() -> Result<()> {
+        let (width, heads) = (64, 4);
+        let (query, key, value) = (
+            projection(width, 60)?,
+            projection(width, 70)?,
+            projection(width, 80)?,
+        );
+        let attention_projections =
+            AttentionProjections::from_parts(&query, &key, &value, projection(width, 90)?, heads)?;
+        let xs = random(&[3, 13, width], 100)?;
+        for query_offset in [0, 9, 12] {
+            let fused = attention_projections.attend(&xs, query_offset)?;
+            let expected = attend_with_candle_ops(
+                &attention_projections,
+                [&query, &key, &value],
+                &xs,
+                query_offset,
+            )?;
+            let error = max_abs_diff(&fused, &expected)?;
+            assert!(error < 1e-5, "query offset {query_offset}: error {error}");
+        }
+        assert!(attention_projections.attend(&xs, 13).is_err());
+        Ok(())
     }
 }

@@ -13,12 +13,12 @@
 //! References: `transformers/models/kosmos2/modeling_kosmos2.py`; torchscale `architecture/decoder.py`,
 //! `component/multihead_attention.py`, `component/xpos_relative_position.py`; MAGNETO (Wang et al. 2022).
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::LayerNorm;
 
 use crate::config::{Activation, TextConfig};
 use crate::error::{ModelError, Result};
-use crate::nn::{AttentionProjections, layer_norm};
+use crate::nn::{AttentionProjections, Projection, layer_norm};
 use crate::paged::{BlockTable, KvCacheConfig, PagedAttention, PagedKvCache, WriteKv};
 use crate::positions::{SinusoidalPositions, XPos, pad_aware_positions};
 use crate::weights::Weights;
@@ -66,9 +66,8 @@ impl SelfAttention {
         let proj = &self.projections;
         let (tokens, width) = xs.dims2()?;
         let heads = proj.heads;
-        let query = (proj.q_proj.forward(xs)? * proj.scale)?;
-        let key = proj.k_proj.forward(xs)?;
-        let value = proj.v_proj.forward(xs)?;
+        // Query already scaled (folded into the fused weights).
+        let (query, key, value) = proj.qkv(xs)?;
         // (tokens, heads, head_dim)
         let mut query = query.reshape((tokens, heads, self.head_dim))?;
         let mut key = key.reshape((tokens, heads, self.head_dim))?;
@@ -86,7 +85,7 @@ impl SelfAttention {
             .apply_op3_no_bwd(pool, &step.meta, &step.op)?
             .reshape((tokens, width))?;
         let context = layer_norm(&self.inner_attn_ln, &context)?;
-        Ok(proj.out_proj.forward(&context)?)
+        proj.out_proj.forward(&context)
     }
 }
 
@@ -95,9 +94,9 @@ struct DecoderLayer {
     self_attn_layer_norm: LayerNorm,
     self_attn: SelfAttention,
     final_layer_norm: LayerNorm,
-    fc1: Linear,
+    fc1: Projection,
     ffn_layernorm: LayerNorm,
-    fc2: Linear,
+    fc2: Projection,
     activation: Activation,
 }
 
@@ -109,9 +108,9 @@ impl DecoderLayer {
             self_attn_layer_norm: weights.layer_norm(width, eps, "self_attn_layer_norm")?,
             self_attn: SelfAttention::new(cfg, &weights.pp("self_attn"))?,
             final_layer_norm: weights.layer_norm(width, eps, "final_layer_norm")?,
-            fc1: weights.linear(width, cfg.ffn_dim, "ffn.fc1")?,
+            fc1: weights.projection(width, cfg.ffn_dim, "ffn.fc1")?,
             ffn_layernorm: weights.layer_norm(cfg.ffn_dim, eps, "ffn.ffn_layernorm")?,
-            fc2: weights.linear(cfg.ffn_dim, width, "ffn.fc2")?,
+            fc2: weights.projection(cfg.ffn_dim, width, "ffn.fc2")?,
             activation: cfg.activation_function,
         })
     }

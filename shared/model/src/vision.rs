@@ -6,11 +6,11 @@
 //! Models From Natural Language Supervision".
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm};
 
 use crate::config::{Activation, VisionConfig};
 use crate::error::{ModelError, Result};
-use crate::nn::{AttentionProjections, layer_norm};
+use crate::nn::{AttentionProjections, Projection, layer_norm};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -66,8 +66,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: AttentionProjections,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Projection,
+    fc2: Projection,
     activation: Activation,
 }
 
@@ -83,8 +83,8 @@ impl EncoderLayer {
                 cfg.num_attention_heads,
             )?,
             layer_norm2: weights.layer_norm(hidden, eps, "layer_norm2")?,
-            fc1: weights.linear(hidden, cfg.intermediate_size, "mlp.fc1")?,
-            fc2: weights.linear(cfg.intermediate_size, hidden, "mlp.fc2")?,
+            fc1: weights.projection(hidden, cfg.intermediate_size, "mlp.fc1")?,
+            fc2: weights.projection(cfg.intermediate_size, hidden, "mlp.fc2")?,
             activation: cfg.hidden_act,
         })
     }
@@ -92,7 +92,7 @@ impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let normed = layer_norm(&self.layer_norm1, xs)?;
         // No mask: every patch sees every patch.
-        let attended = self.self_attn.attend(&normed, &normed)?;
+        let attended = self.self_attn.attend(&normed, 0)?;
         let xs = (xs + attended)?;
         let hidden = self.fc1.forward(&layer_norm(&self.layer_norm2, &xs)?)?;
         let hidden = self.fc2.forward(&self.activation.forward(&hidden)?)?;

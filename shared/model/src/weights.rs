@@ -191,6 +191,20 @@ impl Weights {
         Ok(candle_nn::Linear::new(weight, Some(bias)))
     }
 
+    /// A bias-carrying linear layer stored as `name.weight` `[out, in]` and `name.bias` `[out]`, kept transposed
+    /// `(in, out)` for the matrix product.
+    pub fn projection(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        name: &str,
+    ) -> Result<crate::nn::Projection> {
+        let weights = self.pp(name);
+        let weight = weights.get(&[out_dim, in_dim], "weight")?;
+        let bias = weights.get(&[out_dim], "bias")?;
+        crate::nn::Projection::from_out_in(&weight, bias)
+    }
+
     /// A LayerNorm stored as `name.weight` and `name.bias`, both `[dim]`.
     pub fn layer_norm(&self, dim: usize, eps: f64, name: &str) -> Result<candle_nn::LayerNorm> {
         let weights = self.pp(name);
