@@ -2,6 +2,7 @@
 """PyTorch (HF transformers) timings of a Kosmos-2 model, the baseline the Rust bench is compared with.
 
     tools/reference/run.sh bench-torch --model DIR --threads N --json OUT
+        [--device cpu|cuda] [--dtype f32|f16|bf16] [--attn eager|sdpa] [--vision-batches 8] [--decode-batches 1,8]
 
 Protocol (the Rust bench replicates it exactly):
   * Model: Kosmos2ForConditionalGeneration.from_pretrained(DIR, attn_implementation="eager"), float32, eval();
@@ -26,6 +27,11 @@ Protocol (the Rust bench replicates it exactly):
 Output JSON: {"vision_images_per_s", "prefill_tokens_per_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8",
 "threads", "torch"} plus "transformers", "model", the median seconds of each measurement ("median_s") and every
 timed run ("runs_s").
+
+The defaults are the protocol above (CPU, f32, eager). The options vary only what they name, for the GPU run
+(tools/bench/gpu.sh): the device (timings then end with torch.cuda.synchronize()), the weight dtype, the attention
+implementation, and the vision / decode batch sizes (keys vision_images_per_s_b{N} and decode_tokens_per_s_b{N}
+for each; vision_images_per_s stays the first vision batch).
 """
 
 from __future__ import annotations
@@ -65,14 +71,27 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32")
+    ap.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    ap.add_argument("--vision-batches", default=str(VISION_BATCH), help="comma separated")
+    ap.add_argument("--decode-batches", default="1,8", help="comma separated")
     args = ap.parse_args()
+    vision_batches = [int(b) for b in args.vision_batches.split(",")]
+    decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    device = torch.device(args.device)
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     import transformers
     from transformers import Kosmos2ForConditionalGeneration
 
     torch.set_num_threads(args.threads)
-    model = Kosmos2ForConditionalGeneration.from_pretrained(args.model, attn_implementation="eager",
-                                                            dtype=torch.float32)
+    model = Kosmos2ForConditionalGeneration.from_pretrained(args.model, attn_implementation=args.attn, dtype=dtype)
+    model.to(device)
     model.eval()
     cfg = model.config
     Q = cfg.latent_query_num
@@ -83,9 +102,9 @@ def main() -> None:
     boi, eoi = tag0 + 1, tag0 + 2
 
     torch.manual_seed(0)
-    pixel_values = torch.randn(VISION_BATCH, 3, S, S)
+    pixel_values = torch.randn(max(vision_batches), 3, S, S).to(device, dtype)
     text = torch.randint(4 + Q, tag0, (L - Q - 3,))
-    ids = torch.cat([torch.tensor([0, boi]), torch.arange(4, 4 + Q), torch.tensor([eoi]), text])[None]
+    ids = torch.cat([torch.tensor([0, boi]), torch.arange(4, 4 + Q), torch.tensor([eoi]), text])[None].to(device)
     iem = torch.zeros_like(ids)
     iem[0, 2: 2 + Q] = 1
     assert ids.shape == (1, L)
@@ -96,44 +115,60 @@ def main() -> None:
         x = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(x), dim=-1)
         return model.image_to_text_projection(x)[0]
 
+    def synced(fn):
+        def run():
+            out = fn()
+            sync()
+            return out
+        return run
+
     median_s = {}
     with torch.inference_mode():
-        median_s["vision"] = timed("vision", lambda: image_features(pixel_values), warmup=1, reps=5)
+        for b in vision_batches:
+            name = "vision" if b == vision_batches[0] else f"vision_b{b}"
+            median_s[name] = timed(name, synced(lambda b=b: image_features(pixel_values[:b])), warmup=1, reps=5)
         img = image_features(pixel_values[:1])
 
-        batched = {b: (ids.repeat(b, 1), iem.repeat(b, 1), img.repeat(b, 1, 1), torch.arange(2, L + 2)[None].repeat(b, 1))
-                   for b in (1, 8)}
+        batched = {b: (ids.repeat(b, 1), iem.repeat(b, 1), img.repeat(b, 1, 1),
+                       torch.arange(2, L + 2, device=device)[None].repeat(b, 1))
+                   for b in sorted({1, *decode_batches})}
 
         def prefill(b):
             b_ids, b_iem, b_img, b_pos = batched[b]
             return model.text_model(
-                input_ids=b_ids, attention_mask=torch.ones(b, L, dtype=torch.long), image_embeds=b_img,
+                input_ids=b_ids, attention_mask=torch.ones(b, L, dtype=torch.long, device=device), image_embeds=b_img,
                 image_embeds_position_mask=b_iem, position_ids=b_pos, use_cache=True, logits_to_keep=1)
 
-        median_s["prefill"] = timed("prefill", lambda: prefill(1), warmup=1, reps=5)
+        median_s["prefill"] = timed("prefill", synced(lambda: prefill(1)), warmup=1, reps=5)
 
-        for b in (1, 8):
+        for b in decode_batches:
             def decode_run(b=b):
                 out = prefill(b)
                 cache = out.past_key_values
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
                 t0 = time.perf_counter()
                 for s in range(DECODE_STEPS):
                     o = model.text_model(
-                        input_ids=nxt, attention_mask=torch.ones(b, L + s + 1, dtype=torch.long),
-                        past_key_values=cache, position_ids=torch.full((b, 1), L + s + 2), use_cache=True,
-                        logits_to_keep=1)
+                        input_ids=nxt, attention_mask=torch.ones(b, L + s + 1, dtype=torch.long, device=device),
+                        past_key_values=cache, position_ids=torch.full((b, 1), L + s + 2, device=device),
+                        use_cache=True, logits_to_keep=1)
                     cache = o.past_key_values
                     nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
                 return time.perf_counter() - t0
 
             median_s[f"decode_b{b}"] = timed(f"decode_b{b}", decode_run, warmup=1, reps=DECODE_REPS)
 
     result = {
-        "vision_images_per_s": VISION_BATCH / median_s["vision"],
+        "vision_images_per_s": vision_batches[0] / median_s["vision"],
         "prefill_tokens_per_s": L / median_s["prefill"],
-        "decode_tokens_per_s_b1": 1 * DECODE_STEPS / median_s["decode_b1"],
-        "decode_tokens_per_s_b8": 8 * DECODE_STEPS / median_s["decode_b8"],
+        **{f"vision_images_per_s_b{b}": b / median_s["vision" if b == vision_batches[0] else f"vision_b{b}"]
+           for b in vision_batches},
+        **{f"decode_tokens_per_s_b{b}": b * DECODE_STEPS / median_s[f"decode_b{b}"] for b in decode_batches},
+        "device": args.device,
+        "dtype": args.dtype,
+        "attn": args.attn,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
