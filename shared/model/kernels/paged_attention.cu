@@ -36,6 +36,24 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(x);
 }
 
+// q . k over head_dim in f32, summed in order d = 0, 1, ... whichever load path runs (so both give the same bits):
+// 16-byte loads when the row is aligned and head_dim a multiple of their width, else one element at a time.
+template <typename T> __device__ __forceinline__ float dot_row(const float *q_s, const T *k, uint32_t head_dim) {
+    constexpr uint32_t kWidth = 16 / sizeof(T);
+    float dot = 0.f;
+    if (head_dim % kWidth == 0 && (reinterpret_cast<uintptr_t>(k) & 15) == 0) {
+        for (uint32_t d = 0; d < head_dim; d += kWidth) {
+            const uint4 raw = *reinterpret_cast<const uint4 *>(k + d);
+            const T *elements = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+            for (uint32_t j = 0; j < kWidth; ++j) dot = fmaf(q_s[d + j], to_float(elements[j]), dot);
+        }
+    } else {
+        for (uint32_t d = 0; d < head_dim; ++d) dot = fmaf(q_s[d], to_float(k[d]), dot);
+    }
+    return dot;
+}
+
 // Block-wide reductions in a fixed order (butterfly within each warp, then warp 0 over the warp results): the result
 // is bitwise the same on every call with the same inputs, and every thread receives it.
 __device__ __forceinline__ float warp_max(float v) {
@@ -147,10 +165,7 @@ __device__ void paged_attention(T *__restrict__ out, const T *__restrict__ q, co
                 const size_t base =
                     (((size_t)block * 2) * heads + head) * block_size * head_dim + (size_t)(pos % block_size) * head_dim;
                 key_base_s[tid] = base;
-                const T *k = pool + base;
-                float dot = 0.f;
-                for (uint32_t d = 0; d < head_dim; ++d) dot = fmaf(q_s[d], to_float(k[d]), dot);
-                score = dot;
+                score = dot_row(q_s, pool + base, head_dim);
             } else {
                 key_base_s[tid] = 0;
                 bad_block_s = 1;
