@@ -17,7 +17,7 @@ use kosmos_decoder::engine::{
 };
 use kosmos_decoder::sampling::SamplingParams;
 use kosmos_decoder::server::{engine_settings, load_model};
-use kosmos_model::{SeqChunk, TextModel};
+use kosmos_model::{KvCacheConfig, SeqChunk, TextModel};
 
 /// Benchmark settings.
 #[derive(Debug, Parser)]
@@ -191,35 +191,39 @@ async fn score(
 /// The model's packed decode step alone (no engine, no sampling): `rows` sequences with a `prompt_tokens` cache
 /// each, one new token per sequence per step. Returns ms per step.
 fn raw_decode_step_ms(model: &TextModel, rows: usize, prompt_tokens: usize) -> anyhow::Result<f64> {
-    let mut caches: Vec<_> = (0..rows).map(|_| model.new_cache()).collect();
+    let steps = 8;
+    let mut kv = model.kv_cache(
+        KvCacheConfig::for_sequences((0..rows).map(|_| prompt_tokens + steps), 16),
+        "",
+    )?;
+    let mut tables: Vec<_> = (0..rows).map(|_| kv.new_table("", Vec::new())).collect();
     let prompts: Vec<Vec<u32>> = (0..rows)
         .map(|row| ids(row as u64, prompt_tokens))
         .collect();
-    let mut chunks: Vec<SeqChunk<'_>> = caches
+    let mut chunks: Vec<SeqChunk<'_>> = tables
         .iter_mut()
         .zip(&prompts)
-        .map(|(cache, prompt)| SeqChunk {
+        .map(|(table, prompt)| SeqChunk {
             input_ids: prompt,
             images: None,
-            cache,
+            table,
         })
         .collect();
-    model.forward(&mut chunks)?;
+    model.forward(&mut kv, &mut chunks)?;
     drop(chunks);
     let next: Vec<Vec<u32>> = (0..rows).map(|row| ids(1000 + row as u64, 1)).collect();
-    let steps = 8;
     let started = Instant::now();
     for _ in 0..steps {
-        let mut chunks: Vec<SeqChunk<'_>> = caches
+        let mut chunks: Vec<SeqChunk<'_>> = tables
             .iter_mut()
             .zip(&next)
-            .map(|(cache, input)| SeqChunk {
+            .map(|(table, input)| SeqChunk {
                 input_ids: input,
                 images: None,
-                cache,
+                table,
             })
             .collect();
-        std::hint::black_box(model.forward(&mut chunks)?);
+        std::hint::black_box(model.forward(&mut kv, &mut chunks)?);
     }
     Ok(started.elapsed().as_secs_f64() * 1e3 / steps as f64)
 }

@@ -10,7 +10,9 @@
 //!
 //! [scheduler]
 //! max_running_sequences = 32
-//! kv_token_budget = 0       # 0: max_running_sequences × the context length
+//! kv_token_budget = 0       # token positions of the paged KV pool; 0: max_running_sequences × the context length
+//! kv_block_size = 16        # token positions per KV block
+//! prefix_caching = true     # share the blocks of common prompt prefixes between requests
 //! max_waiting_requests = 256
 //! max_prefill_tokens_per_step = 4096
 //! stream_buffer_messages = 16
@@ -88,8 +90,12 @@ impl Default for RawConfig {
 pub struct RawScheduler {
     /// Most requests in the running batch.
     pub max_running_sequences: usize,
-    /// Most KV tokens reserved by the batch; 0 means `max_running_sequences` × the context length.
+    /// Token positions of the paged KV pool; 0 means `max_running_sequences` × the context length.
     pub kv_token_budget: usize,
+    /// Token positions per KV block.
+    pub kv_block_size: usize,
+    /// Whether requests share the KV blocks of a common prompt prefix.
+    pub prefix_caching: bool,
     /// Most requests waiting for admission.
     pub max_waiting_requests: usize,
     /// Most prompt tokens prefilled in one step.
@@ -106,6 +112,8 @@ impl Default for RawScheduler {
         Self {
             max_running_sequences: 32,
             kv_token_budget: 0,
+            kv_block_size: 16,
+            prefix_caching: true,
             max_waiting_requests: 256,
             max_prefill_tokens_per_step: 4096,
             stream_buffer_messages: 16,
@@ -172,8 +180,12 @@ pub struct RequestLimits {
 pub struct SchedulerConfig {
     /// Most requests in the running batch.
     pub max_running_sequences: NonZeroUsize,
-    /// Most KV tokens reserved; `None`: `max_running_sequences` × the context length.
+    /// Token positions of the KV pool; `None`: `max_running_sequences` × the context length.
     pub kv_token_budget: Option<NonZeroUsize>,
+    /// Token positions per KV block.
+    pub kv_block_size: NonZeroUsize,
+    /// Whether requests share the KV blocks of a common prompt prefix.
+    pub prefix_caching: bool,
     /// Most requests waiting for admission.
     pub max_waiting_requests: NonZeroUsize,
     /// Most prompt tokens prefilled in one step.
@@ -255,6 +267,8 @@ impl TryFrom<RawConfig> for DecoderConfig {
                     scheduler.max_running_sequences,
                 )?,
                 kv_token_budget: NonZeroUsize::new(scheduler.kv_token_budget),
+                kv_block_size: positive("scheduler.kv_block_size", scheduler.kv_block_size)?,
+                prefix_caching: scheduler.prefix_caching,
                 max_waiting_requests: positive(
                     "scheduler.max_waiting_requests",
                     scheduler.max_waiting_requests,

@@ -36,6 +36,20 @@ pub mod names {
     pub const DECODE_TIME: &str = "kosmos.decoder.decode_time";
     /// Counter, label `finish_reason`: `kosmos_decoder_finished_requests_total`.
     pub const FINISHED_REQUESTS: &str = "kosmos.decoder.finished_requests";
+    /// Gauge: `kosmos_decoder_kv_cache_blocks_capacity`.
+    pub const KV_CACHE_BLOCKS_CAPACITY: &str = "kosmos.decoder.kv_cache_blocks_capacity";
+    /// Gauge: `kosmos_decoder_kv_cache_blocks_used`.
+    pub const KV_CACHE_BLOCKS_USED: &str = "kosmos.decoder.kv_cache_blocks_used";
+    /// Gauge: `kosmos_decoder_kv_cache_blocks_cached`.
+    pub const KV_CACHE_BLOCKS_CACHED: &str = "kosmos.decoder.kv_cache_blocks_cached";
+    /// Counter: `kosmos_decoder_preemptions_total`.
+    pub const PREEMPTIONS: &str = "kosmos.decoder.preemptions";
+    /// Counter: `kosmos_decoder_prefix_cache_queries_total`.
+    pub const PREFIX_CACHE_QUERIES: &str = "kosmos.decoder.prefix_cache_queries";
+    /// Counter: `kosmos_decoder_prefix_cache_hits_total`.
+    pub const PREFIX_CACHE_HITS: &str = "kosmos.decoder.prefix_cache_hits";
+    /// Gauge (0 to 1): `kosmos_decoder_prefix_cache_hit_rate`.
+    pub const PREFIX_CACHE_HIT_RATE: &str = "kosmos.decoder.prefix_cache_hit_rate";
 }
 
 pub use kosmos_runtime::metrics::gen_ai::Operation;
@@ -97,10 +111,22 @@ pub struct TokenCounts {
 pub struct Load {
     /// Sequences admitted and generating (or scoring).
     pub running: usize,
-    /// Requests waiting for admission.
+    /// Requests waiting for admission, preempted ones included.
     pub waiting: usize,
-    /// KV tokens reserved over the budget, 0 to 1.
+    /// KV blocks used over blocks in the pool, 0 to 1.
     pub kv_usage: f64,
+    /// Blocks in the KV pool.
+    pub kv_blocks_total: usize,
+    /// Blocks held by admitted requests.
+    pub kv_blocks_used: usize,
+    /// Blocks registered in the prefix cache.
+    pub kv_blocks_cached: usize,
+    /// Preemptions since start.
+    pub preemptions_total: u64,
+    /// Full prompt blocks looked up in the prefix cache since start.
+    pub prefix_queried_blocks: u64,
+    /// Of those, blocks reused.
+    pub prefix_hit_blocks: u64,
 }
 
 /// The decoder's instruments on its own [`Registry`].
@@ -219,13 +245,79 @@ impl DecoderMetrics {
             )
             .with_callback(move |observer| observer.observe(waiting().waiting as u64, &[]))
             .build();
+        let usage = Arc::clone(&load);
         let _kv = meter
             .f64_observable_gauge(names::KV_CACHE_USAGE_PERC)
             .with_description(
-                "Fraction (0 to 1) of the KV token budget reserved by admitted sequences (Inference Extension: \
+                "Fraction (0 to 1) of the KV cache's blocks held by admitted requests (Inference Extension: \
                  KVCacheUtilization).",
             )
-            .with_callback(move |observer| observer.observe(load().kv_usage.clamp(0.0, 1.0), &[]))
+            .with_callback(move |observer| observer.observe(usage().kv_usage.clamp(0.0, 1.0), &[]))
+            .build();
+        let gauges: [(&'static str, &'static str, fn(&Load) -> u64); 3] = [
+            (
+                names::KV_CACHE_BLOCKS_CAPACITY,
+                "Blocks in the KV cache's pool.",
+                |load| load.kv_blocks_total as u64,
+            ),
+            (
+                names::KV_CACHE_BLOCKS_USED,
+                "KV blocks held by admitted requests.",
+                |load| load.kv_blocks_used as u64,
+            ),
+            (
+                names::KV_CACHE_BLOCKS_CACHED,
+                "KV blocks registered in the prefix cache (held by a request or kept for a later hit).",
+                |load| load.kv_blocks_cached as u64,
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let load = Arc::clone(&load);
+            let _gauge = meter
+                .u64_observable_gauge(name)
+                .with_description(help)
+                .with_callback(move |observer| observer.observe(read(&load()), &[]))
+                .build();
+        }
+        let counters: [(&'static str, &'static str, fn(&Load) -> u64); 3] = [
+            (
+                names::PREEMPTIONS,
+                "Requests preempted because the KV cache ran out of blocks (resumed later by recomputation).",
+                |load| load.preemptions_total,
+            ),
+            (
+                names::PREFIX_CACHE_QUERIES,
+                "Full prompt blocks looked up in the prefix cache.",
+                |load| load.prefix_queried_blocks,
+            ),
+            (
+                names::PREFIX_CACHE_HITS,
+                "Full prompt blocks found in the prefix cache and reused instead of computed.",
+                |load| load.prefix_hit_blocks,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let load = Arc::clone(&load);
+            let _counter = meter
+                .u64_observable_counter(name)
+                .with_description(help)
+                .with_callback(move |observer| observer.observe(read(&load()), &[]))
+                .build();
+        }
+        let _hit_rate = meter
+            .f64_observable_gauge(names::PREFIX_CACHE_HIT_RATE)
+            .with_description(
+                "Fraction (0 to 1) of the prompt blocks looked up in the prefix cache that were found, since start.",
+            )
+            .with_callback(move |observer| {
+                let load = load();
+                let rate = if load.prefix_queried_blocks == 0 {
+                    0.0
+                } else {
+                    load.prefix_hit_blocks as f64 / load.prefix_queried_blocks as f64
+                };
+                observer.observe(rate, &[]);
+            })
             .build();
     }
 

@@ -77,6 +77,8 @@ pub fn engine_settings(
     Ok(EngineSettings {
         max_running_sequences: config.max_running_sequences,
         kv_token_budget: budget,
+        kv_block_size: config.kv_block_size,
+        prefix_caching: config.prefix_caching,
         max_waiting_requests: config.max_waiting_requests,
         max_prefill_tokens_per_step: config.max_prefill_tokens_per_step,
         stream_buffer_messages: config.stream_buffer_messages,
@@ -119,6 +121,7 @@ pub async fn start_with_metrics(
         fingerprint = %info.fingerprint,
         context_length = info.context_length,
         kv_token_budget = settings.kv_token_budget.get(),
+        kv_block_size = settings.kv_block_size.get(),
         "decoder model loaded"
     );
     registry.set_model(&model, &info.fingerprint);

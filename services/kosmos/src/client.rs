@@ -26,13 +26,18 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A client of the gateway's public API.
-    pub(crate) async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
-        let uri = if self.addr.contains("://") {
+    /// The gateway's URI (`http://` added to a bare `host:port`).
+    pub(crate) fn uri(&self) -> String {
+        if self.addr.contains("://") {
             self.addr.clone()
         } else {
             format!("http://{}", self.addr)
-        };
+        }
+    }
+
+    /// A client of the gateway's public API.
+    pub(crate) async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
+        let uri = self.uri();
         let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
             .connect()
             .await

@@ -1,6 +1,8 @@
 //! `kosmos`: the whole system in one command (`kosmos serve`), each service on its own
-//! (`kosmos gateway|encoder|decoder --config FILE`), and small clients (`kosmos ask|caption|score|eval`).
+//! (`kosmos gateway|encoder|decoder --config FILE`), small clients (`kosmos ask|caption|score|eval`) and a load
+//! generator (`kosmos bench`).
 
+mod bench;
 mod client;
 mod eval;
 mod serve;
@@ -40,6 +42,9 @@ enum Command {
     /// Runs a held-out set (e.g. the demo model's, models/demo/heldout) through a running gateway and prints the
     /// accuracy table.
     Eval(eval::EvalArgs),
+    /// Loads a running gateway (open loop at Poisson rates, or closed loop) and reports throughput, time to first
+    /// token, time per output token, inter-token and end-to-end latency, goodput and errors.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[tokio::main]
@@ -64,6 +69,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Caption(args) => client::caption(args).await,
         Command::Score(args) => client::score(args).await,
         Command::Eval(args) => eval::run(args).await,
+        Command::Bench(args) => bench::run(*args).await,
     }
 }
 

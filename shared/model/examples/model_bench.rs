@@ -13,7 +13,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use kosmos_model::{
-    DType, Device, ImageInjection, KosmosModel, SeqChunk, SequenceCache, Tensor, argmax,
+    BlockTable, DType, Device, ImageInjection, KosmosModel, KvCacheConfig, PagedKvCache, SeqChunk,
+    Tensor, argmax,
 };
 
 const PROMPT_LEN: usize = 128;
@@ -103,47 +104,55 @@ fn main() -> anyhow::Result<()> {
         .flatten_to(1)?;
     let text = model.text.model();
 
-    // One prefill of `batch` copies of the prompt; returns the caches and the next token of each.
-    let prefill = |batch: usize| -> anyhow::Result<(Vec<SequenceCache>, Vec<u32>)> {
-        let mut caches: Vec<SequenceCache> = (0..batch).map(|_| text.new_cache()).collect();
-        let mut chunks: Vec<SeqChunk<'_>> = caches
+    // One prefill of `batch` copies of the prompt (no prefix sharing: each computes its own); returns the cache,
+    // the tables and the next token of each.
+    type Prefilled = (PagedKvCache, Vec<BlockTable>, Vec<u32>);
+    let prefill = |batch: usize| -> anyhow::Result<Prefilled> {
+        let mut kv = text.kv_cache(
+            KvCacheConfig::for_sequences((0..batch).map(|_| PROMPT_LEN + DECODE_STEPS), 16),
+            "",
+        )?;
+        let mut tables: Vec<BlockTable> =
+            (0..batch).map(|_| kv.new_table("", Vec::new())).collect();
+        let mut chunks: Vec<SeqChunk<'_>> = tables
             .iter_mut()
-            .map(|cache| SeqChunk {
+            .map(|table| SeqChunk {
                 input_ids: &ids,
                 images: Some(ImageInjection {
                     mask: &image_mask,
                     embeds: &image,
                 }),
-                cache,
+                table,
             })
             .collect();
-        let hidden = text.forward(&mut chunks)?;
+        let hidden = text.forward(&mut kv, &mut chunks)?;
         let last: Vec<u32> = (1..=batch).map(|b| (b * PROMPT_LEN - 1) as u32).collect();
         let rows = Tensor::from_vec(last, batch, hidden.device())?;
         let logits = text
             .logits(&hidden.index_select(&rows, 0)?)?
             .to_vec2::<f32>()?;
         let next = logits.iter().map(|row| argmax(row).unwrap_or(0)).collect();
-        Ok((caches, next))
+        drop(chunks);
+        Ok((kv, tables, next))
     };
     let (prefill_s, prefill_runs) = median_seconds(timed(|| prefill(1).map(|_| ())))?;
 
     let decode = |batch: usize| -> anyhow::Result<(f64, Vec<f64>)> {
         median_seconds(|| {
-            let (mut caches, mut next) = prefill(batch)?;
+            let (mut kv, mut tables, mut next) = prefill(batch)?;
             let started = Instant::now();
             for _ in 0..DECODE_STEPS {
                 let step_ids = next.clone();
-                let mut chunks: Vec<SeqChunk<'_>> = caches
+                let mut chunks: Vec<SeqChunk<'_>> = tables
                     .iter_mut()
                     .zip(&step_ids)
-                    .map(|(cache, id)| SeqChunk {
+                    .map(|(table, id)| SeqChunk {
                         input_ids: std::slice::from_ref(id),
                         images: None,
-                        cache,
+                        table,
                     })
                     .collect();
-                let hidden = text.forward(&mut chunks)?;
+                let hidden = text.forward(&mut kv, &mut chunks)?;
                 let logits = text.logits(&hidden)?.to_vec2::<f32>()?;
                 next = logits.iter().map(|row| argmax(row).unwrap_or(0)).collect();
             }

@@ -58,6 +58,14 @@ pub enum ModelError {
     /// The caller's inputs do not fit the model (shapes, lengths, image counts).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The paged KV cache has fewer free blocks than a reservation needs.
+    #[error("the KV cache is out of blocks: {needed} needed, {available} available")]
+    OutOfKvBlocks {
+        /// Blocks the reservation needed.
+        needed: usize,
+        /// Blocks the pool could give.
+        available: usize,
+    },
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

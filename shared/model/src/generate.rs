@@ -4,6 +4,7 @@
 use candle_core::{IndexOp, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::paged::KvCacheConfig;
 use crate::text::{ImageInjection, SeqChunk, TextModel};
 
 /// Tokens that would repeat an n-gram of `history` if generated next (HF `NoRepeatNGramLogitsProcessor`): for
@@ -69,7 +70,19 @@ pub fn greedy_generate(
     prompts: &[Prompt],
     params: GreedyParams,
 ) -> Result<Vec<Vec<u32>>> {
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut cache = model.kv_cache(
+        KvCacheConfig::for_sequences(
+            prompts
+                .iter()
+                .map(|prompt| prompt.ids.len() + params.max_new_tokens),
+            16,
+        ),
+        "",
+    )?;
+    let mut tables: Vec<_> = prompts
+        .iter()
+        .map(|_| cache.new_table("", Vec::new()))
+        .collect();
     let mut histories: Vec<Vec<u32>> = prompts.iter().map(|prompt| prompt.ids.clone()).collect();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut running: Vec<usize> = (0..prompts.len()).collect();
@@ -81,9 +94,9 @@ pub fn greedy_generate(
         }
         let hidden = {
             let mut chunks = Vec::with_capacity(running.len());
-            let mut remaining_caches: Vec<Option<&mut _>> = caches.iter_mut().map(Some).collect();
+            let mut remaining: Vec<Option<&mut _>> = tables.iter_mut().map(Some).collect();
             for &index in &running {
-                let cache = remaining_caches[index].take().ok_or_else(|| {
+                let table = remaining[index].take().ok_or_else(|| {
                     ModelError::InvalidInput("a sequence is scheduled twice".into())
                 })?;
                 let prompt = &prompts[index];
@@ -97,10 +110,10 @@ pub fn greedy_generate(
                 chunks.push(SeqChunk {
                     input_ids: &pending[index],
                     images,
-                    cache,
+                    table,
                 });
             }
-            model.forward(&mut chunks)?
+            model.forward(&mut cache, &mut chunks)?
         };
         // The last hidden state of each running sequence.
         let mut last_rows = Vec::with_capacity(running.len());

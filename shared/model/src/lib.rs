@@ -4,7 +4,7 @@
 //! vision-encoder and decoder services each hold only their own weights:
 //! * [`VisionHalf`]: CLIP ViT tower + connector, pixels → image embeddings `(images, latent_query_num, embed_dim)`;
 //! * [`TextHalf`]: the MAGNETO decoder with sinusoidal positions and optional xPos, token ids + image embeddings →
-//!   logits, over a packed batch of sequences that each own a [`SequenceCache`].
+//!   logits, over a packed batch of sequences that each own a [`BlockTable`] in one [`PagedKvCache`].
 //!
 //! Numerics follow HF transformers' `modeling_kosmos2.py` (and torchscale for xPos); `tests/` compares against
 //! fixtures those implementations wrote. See `../../shared/docs/MODEL_SPEC.md` in the design notes for the traps.
@@ -13,9 +13,9 @@ mod config;
 mod connector;
 mod error;
 mod generate;
-mod kv_cache;
 mod model;
 mod nn;
+pub mod paged;
 mod positions;
 mod text;
 mod vision;
@@ -27,10 +27,10 @@ pub use error::{ModelError, Result};
 pub use generate::{
     GreedyParams, Prompt, argmax, banned_ngram_tokens, continuation_logprobs, greedy_generate,
 };
-pub use kv_cache::SequenceCache;
 pub use model::{
     KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
 };
+pub use paged::{BlockCounts, BlockTable, KvCacheConfig, PagedKvCache, PrefixStats, content_key};
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
 pub use text::{ImageInjection, SeqChunk, TextModel};
 pub use weights::Weights;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::KosmosConfig;
 use crate::connector::Connector;
 use crate::error::{ModelError, Result};
+use crate::paged::KvCacheConfig;
 use crate::text::{ImageInjection, SeqChunk, TextModel};
 use crate::vision::VisionTower;
 use crate::weights::Weights;
@@ -220,7 +221,15 @@ impl TextHalf {
                 "the image mask marks {marked_total} positions but {available} image embedding rows were given"
             )));
         }
-        let mut caches: Vec<_> = rows.rows.iter().map(|_| self.model.new_cache()).collect();
+        let mut cache = self.model.kv_cache(
+            KvCacheConfig::for_sequences(rows.rows.iter().map(|row| row.ids.len()), 16),
+            "",
+        )?;
+        let mut tables: Vec<_> = rows
+            .rows
+            .iter()
+            .map(|_| cache.new_table("", Vec::new()))
+            .collect();
         let mut row_images = Vec::with_capacity(rows.rows.len());
         let mut next_image_row = 0;
         for row in &rows.rows {
@@ -235,18 +244,18 @@ impl TextHalf {
         let mut chunks: Vec<SeqChunk<'_>> = rows
             .rows
             .iter()
-            .zip(caches.iter_mut())
+            .zip(tables.iter_mut())
             .zip(row_images.iter())
-            .map(|((row, cache), embeds)| SeqChunk {
+            .map(|((row, table), embeds)| SeqChunk {
                 input_ids: &row.ids,
                 images: embeds.as_ref().map(|embeds| ImageInjection {
                     mask: &row.image_mask,
                     embeds,
                 }),
-                cache,
+                table,
             })
             .collect();
-        let hidden = self.model.forward(&mut chunks)?;
+        let hidden = self.model.forward(&mut cache, &mut chunks)?;
         let logits = self.model.logits(&hidden)?;
         let vocab = logits.dim(1)?;
         let mut padded = Vec::with_capacity(rows.rows.len());

@@ -143,13 +143,29 @@ impl XPos {
         })
     }
 
-    /// Rotates and scales `(1, heads, len, head_dim)` with `tables` (interleaved pairs, torchscale's layout).
-    pub fn apply(xs: &Tensor, tables: &XPosTables) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope_i(
-            &xs.contiguous()?,
-            &tables.cos,
-            &tables.sin,
-        )?)
+    /// The tables of several chunks, one after the other: `(sum of lens, head_dim / 2)`.
+    pub fn concat(parts: &[XPosTables]) -> Result<XPosTables> {
+        let cos: Vec<&Tensor> = parts.iter().map(|part| &part.cos).collect();
+        let sin: Vec<&Tensor> = parts.iter().map(|part| &part.sin).collect();
+        Ok(XPosTables {
+            cos: Tensor::cat(&cos, 0)?,
+            sin: Tensor::cat(&sin, 0)?,
+        })
+    }
+
+    /// Rotates and scales packed rows `(tokens, heads, head_dim)` with `tables` `(tokens, head_dim / 2)`, row `t`
+    /// by table row `t` (interleaved pairs, torchscale's layout).
+    pub fn apply_rows(xs: &Tensor, tables: &XPosTables) -> Result<Tensor> {
+        let (tokens, heads, head_dim) = xs.dims3()?;
+        let half = head_dim / 2;
+        // rope_i over (batch = tokens, heads, 1, head_dim) with per-batch tables (tokens, 1, half).
+        let rows = xs.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
+        let rotated = candle_nn::rotary_emb::rope_i(
+            &rows,
+            &tables.cos.reshape((tokens, 1, half))?,
+            &tables.sin.reshape((tokens, 1, half))?,
+        )?;
+        Ok(rotated.reshape((tokens, heads, head_dim))?)
     }
 }
 

@@ -2,12 +2,13 @@
 //! attention (`inner_attn_ln` before `out_proj`) and in the FFN (`ffn_layernorm` on the wide activations), exact
 //! erf GELU, sinusoidal absolute positions and/or xPos, a final LayerNorm and an LM head tied to the embeddings.
 //!
-//! The forward runs over a *packed* batch: the tokens of several sequences, each with its own KV cache and its
-//! own number of new tokens, are concatenated into one `(tokens, hidden)` matrix. Every weight product (QKV,
-//! out, FFN, LM head) therefore runs once for the whole batch, and only attention is done per sequence against
-//! that sequence's cache. There is no padding anywhere, so a left-padded batch in the reference's layout gives the
-//! same values at its non-pad positions (see `model.rs`), and continuous batching can mix a prefill of one
-//! sequence with decode steps of others in one call.
+//! The forward runs over a *packed* batch: the tokens of several sequences, each with its own block table in one
+//! [`PagedKvCache`] and its own number of new tokens, are concatenated into one `(tokens, hidden)` matrix. Every
+//! weight product (QKV, out, FFN, LM head) runs once for the whole batch, and so does attention: one
+//! [`PagedAttention`] op per layer reads every sequence's keys and values through its block table. There is no
+//! padding anywhere, so a left-padded batch in the reference's layout gives the same values at its non-pad positions
+//! (see `model.rs`), continuous batching can mix a prefill of one sequence with decode steps of others in one call,
+//! and a sequence's values do not depend on what it is batched with.
 //!
 //! References: `transformers/models/kosmos2/modeling_kosmos2.py`; torchscale `architecture/decoder.py`,
 //! `component/multihead_attention.py`, `component/xpos_relative_position.py`; MAGNETO (Wang et al. 2022).
@@ -17,8 +18,8 @@ use candle_nn::{LayerNorm, Linear};
 
 use crate::config::{Activation, TextConfig};
 use crate::error::{ModelError, Result};
-use crate::kv_cache::SequenceCache;
-use crate::nn::{AttentionProjections, attention, layer_norm};
+use crate::nn::{AttentionProjections, layer_norm};
+use crate::paged::{BlockTable, KvCacheConfig, PagedAttention, PagedKvCache, WriteKv};
 use crate::positions::{SinusoidalPositions, XPos, pad_aware_positions};
 use crate::weights::Weights;
 
@@ -29,8 +30,8 @@ pub struct SeqChunk<'a> {
     pub input_ids: &'a [u32],
     /// Image embeddings written over the token embeddings of this chunk, if any.
     pub images: Option<ImageInjection<'a>>,
-    /// The sequence's cache; the chunk's keys and values are appended to it.
-    pub cache: &'a mut SequenceCache,
+    /// The sequence's block table; the chunk's keys and values are appended to it.
+    pub table: &'a mut BlockTable,
 }
 
 /// Image embeddings for the positions of a chunk that the image mask marks.
@@ -59,44 +60,31 @@ impl SelfAttention {
         })
     }
 
-    /// `(tokens, width)` rows → `(1, heads, rows, head_dim)` for one sequence's slice.
-    fn heads_of(&self, xs: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        Ok(xs
-            .narrow(0, start, len)?
-            .reshape((1, len, self.projections.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        layer: usize,
-        batch: &mut PackedState<'_, '_>,
-    ) -> Result<Tensor> {
+    /// Attention of every packed row: writes the step's keys and values into the layer's pool at their slots, then
+    /// one [`PagedAttention`] over every sequence. `(tokens, width)` → `(tokens, width)`.
+    fn forward(&self, xs: &Tensor, layer: usize, step: &StepInputs) -> Result<Tensor> {
         let proj = &self.projections;
+        let (tokens, width) = xs.dims2()?;
+        let heads = proj.heads;
         let query = (proj.q_proj.forward(xs)? * proj.scale)?;
         let key = proj.k_proj.forward(xs)?;
         let value = proj.v_proj.forward(xs)?;
-        let mut outputs = Vec::with_capacity(batch.chunks.len());
-        for (chunk, slot) in batch.chunks.iter_mut().zip(&batch.slots) {
-            let mut q = self.heads_of(&query, slot.start, slot.len)?;
-            let mut k = self.heads_of(&key, slot.start, slot.len)?;
-            let v = self.heads_of(&value, slot.start, slot.len)?;
-            if let Some(tables) = &slot.xpos {
-                q = XPos::apply(&q, &tables.0)?;
-                k = XPos::apply(&k, &tables.1)?;
-            }
-            let (keys, values) = chunk.cache.append(layer, &k, &v)?;
-            // (1, heads, len, head_dim) → (len, width)
-            let context = attention(&q, &keys, &values, slot.causal_bias.as_ref())?;
-            outputs.push(
-                context
-                    .transpose(1, 2)?
-                    .reshape((slot.len, proj.heads * self.head_dim))?,
-            );
+        // (tokens, heads, head_dim)
+        let mut query = query.reshape((tokens, heads, self.head_dim))?;
+        let mut key = key.reshape((tokens, heads, self.head_dim))?;
+        let value = value.reshape((tokens, heads, self.head_dim))?;
+        if let Some(tables) = &step.xpos {
+            query = XPos::apply_rows(&query, &tables.0)?;
+            key = XPos::apply_rows(&key, &tables.1)?;
         }
-        let context = Tensor::cat(&outputs, 0)?;
+        // (tokens, 2, heads, head_dim)
+        let new_kv = Tensor::stack(&[&key, &value], 1)?;
+        let pool = step.cache.pool(layer)?;
+        pool.inplace_op3(&new_kv, &step.slots, &WriteKv)?;
+        let context = query
+            .contiguous()?
+            .apply_op3_no_bwd(pool, &step.meta, &step.op)?
+            .reshape((tokens, width))?;
         let context = layer_norm(&self.inner_attn_ln, &context)?;
         Ok(proj.out_proj.forward(&context)?)
     }
@@ -128,15 +116,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        layer: usize,
-        batch: &mut PackedState<'_, '_>,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, layer: usize, step: &StepInputs) -> Result<Tensor> {
         let attended =
             self.self_attn
-                .forward(&layer_norm(&self.self_attn_layer_norm, xs)?, layer, batch)?;
+                .forward(&layer_norm(&self.self_attn_layer_norm, xs)?, layer, step)?;
         let xs = (xs + attended)?;
         let hidden = self
             .fc1
@@ -147,19 +130,16 @@ impl DecoderLayer {
     }
 }
 
-/// Where each chunk sits in the packed rows, with its per-forward attention inputs.
-struct Slot {
-    start: usize,
-    len: usize,
-    /// `(len, past + len)` additive causal mask, only when `len > 1`.
-    causal_bias: Option<Tensor>,
-    /// (query tables, key tables) when xPos is on.
+/// What every layer's attention needs for one packed step.
+struct StepInputs<'c> {
+    cache: &'c PagedKvCache,
+    /// `(tokens,)` u32: the pool slot of each packed row.
+    slots: Tensor,
+    /// The [`PagedAttention`] meta: per sequence `[q_start, q_len, context_len, table_offset]`, then the tables.
+    meta: Tensor,
+    op: PagedAttention,
+    /// (query tables, key tables) `(tokens, 1, head_dim / 2)` when xPos is on.
     xpos: Option<(crate::positions::XPosTables, crate::positions::XPosTables)>,
-}
-
-struct PackedState<'c, 'a> {
-    chunks: &'c mut [SeqChunk<'a>],
-    slots: Vec<Slot>,
 }
 
 /// The text half of a KOSMOS model: token embeddings, decoder layers, final LayerNorm and tied LM head
@@ -239,23 +219,36 @@ impl TextModel {
         self.embed_tokens.device()
     }
 
-    /// A fresh, empty cache for one sequence of this model.
-    pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.layers.len())
+    /// A paged KV cache for this model of `config`'s size, whose prefix hashes are salted with `fingerprint`.
+    pub fn kv_cache(&self, config: KvCacheConfig, fingerprint: &str) -> Result<PagedKvCache> {
+        PagedKvCache::new(
+            self.layers.len(),
+            self.config.attention_heads,
+            self.config.head_dim(),
+            self.dtype(),
+            self.device(),
+            config,
+            fingerprint,
+        )
     }
 
-    /// Runs the decoder over the new tokens of every chunk and appends their keys and values to each chunk's
-    /// cache. Returns the final hidden states `(total new tokens, embed_dim)`, chunk after chunk.
+    /// Runs the decoder over the new tokens of every chunk: reserves their KV blocks in `cache` (see
+    /// [`PagedKvCache::reserve`]), writes their keys and values, and appends their ids to each chunk's table.
+    /// Returns the final hidden states `(total new tokens, embed_dim)`, chunk after chunk.
     ///
-    /// On error the caches of the chunks are left in an unspecified state and must be discarded.
-    pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
+    /// On error the chunks' tables are left holding blocks whose contents are unspecified: release them.
+    pub fn forward(&self, cache: &mut PagedKvCache, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
         let device = self.device().clone();
         let dtype = self.dtype();
-        let mut slots = Vec::with_capacity(chunks.len());
+        let block_size = cache.block_size();
         let mut all_ids = Vec::new();
         let mut all_positions = Vec::new();
-        let mut start = 0;
-        for chunk in chunks.iter() {
+        let mut slots = Vec::new();
+        let mut header = Vec::with_capacity(4 * chunks.len());
+        let mut tables = Vec::new();
+        let mut xpos_parts = Vec::new();
+        let (mut max_context, mut max_q_len) = (0, 0);
+        for chunk in chunks.iter_mut() {
             let len = chunk.input_ids.len();
             if len == 0 {
                 return Err(ModelError::InvalidInput("a chunk has no tokens".into()));
@@ -270,44 +263,63 @@ impl TextModel {
                     self.config.vocab_size
                 )));
             }
-            let past = chunk.cache.len();
+            cache.reserve(chunk.table, len)?;
+            let past = chunk.table.len();
+            let context = past + len;
+            header.extend([all_ids.len(), len, context, 0].map(|v| v as u32));
+            for position in past..context {
+                slots.push(cache.slot(chunk.table, position)?);
+            }
             all_ids.extend_from_slice(chunk.input_ids);
             all_positions.extend(pad_aware_positions(
-                chunk.cache.tokens(),
+                chunk.table.tokens(),
                 chunk.input_ids,
                 self.config.pad_token_id,
             ));
-            let causal_bias = (len > 1)
-                .then(|| causal_bias(past, len, &device))
-                .transpose()?;
-            let xpos = self
-                .xpos
-                .as_ref()
-                .map(|xpos| -> Result<_> {
-                    Ok((
-                        xpos.tables(past, len, false, dtype, &device)?,
-                        xpos.tables(past, len, true, dtype, &device)?,
-                    ))
-                })
-                .transpose()?;
-            slots.push(Slot {
-                start,
-                len,
-                causal_bias,
-                xpos,
-            });
-            start += len;
+            tables.push(chunk.table.blocks()[..context.div_ceil(block_size)].to_vec());
+            if let Some(xpos) = &self.xpos {
+                xpos_parts.push((
+                    xpos.tables(past, len, false, dtype, &device)?,
+                    xpos.tables(past, len, true, dtype, &device)?,
+                ));
+            }
+            max_context = max_context.max(context);
+            max_q_len = max_q_len.max(len);
         }
+        let mut meta = header;
+        for (index, table) in tables.iter().enumerate() {
+            meta[4 * index + 3] = meta.len() as u32;
+            meta.extend_from_slice(table);
+        }
+        let tokens = all_ids.len();
+        let xpos = if xpos_parts.is_empty() {
+            None
+        } else {
+            let (queries, keys): (Vec<_>, Vec<_>) = xpos_parts.into_iter().unzip();
+            Some((XPos::concat(&queries)?, XPos::concat(&keys)?))
+        };
+        let step = StepInputs {
+            cache,
+            slots: Tensor::from_vec(slots, tokens, &device)?,
+            meta: Tensor::from_vec(meta.clone(), meta.len(), &device)?,
+            op: PagedAttention {
+                num_seqs: chunks.len(),
+                block_size,
+                max_context,
+                max_q_len,
+            },
+            xpos,
+        };
         let mut xs = self.embed(chunks, &all_ids)?;
         if let Some(sinusoidal) = &self.sinusoidal {
             xs = (xs + sinusoidal.embed(&all_positions, dtype, &device)?)?;
         }
-        let mut batch = PackedState { chunks, slots };
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, index, &mut batch)?;
+            xs = layer.forward(&xs, index, &step)?;
         }
-        for chunk in batch.chunks.iter_mut() {
-            chunk.cache.commit(chunk.input_ids);
+        drop(step);
+        for chunk in chunks.iter_mut() {
+            cache.commit(chunk.table, chunk.input_ids);
         }
         layer_norm(&self.layer_norm, &xs)
     }
@@ -385,22 +397,4 @@ impl TextModel {
             D::Minus1,
         )?)
     }
-}
-
-/// `(len, past + len)` additive mask in f32: 0 where query `i` may see key `j` (`j <= past + i`), else -inf.
-/// Every row keeps its own diagonal, so no row is fully masked and the softmax never sees NaN.
-fn causal_bias(past: usize, len: usize, device: &Device) -> Result<Tensor> {
-    let total = past + len;
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(values, (len, total), device)?)
 }

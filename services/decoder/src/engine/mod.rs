@@ -2,29 +2,42 @@
 //! [`EngineHandle`] (a bounded command channel, per-request bounded reply channels, and atomics for the load).
 //!
 //! ## Scheduler policy
-//! * **Admission** is first-come first-served between steps, and stops at the first waiting request that does not
-//!   fit (no overtaking, so a long prompt is never starved by short ones). A request fits when the running batch
-//!   has fewer than `max_running_sequences` requests, its KV reservation fits `kv_token_budget`, and the prompt
+//! * **KV memory is blocks.** The engine owns one paged KV cache (`kosmos_model::PagedKvCache`): per decoder layer
+//!   a preallocated pool of `kv_token_budget / kv_block_size` blocks. A request takes blocks as its sequence grows and
+//!   gives them back when it ends; `Info` and `/metrics` report blocks total / used / cached.
+//! * **Admission** is first-come first-served between steps, and stops at the first request that does not fit (no
+//!   overtaking, so a long prompt is never starved by short ones). Preempted requests come first, in admission
+//!   order, then the queue. A request fits when the batch has fewer than `max_running_sequences` requests, the
+//!   blocks of its prompt plus one token fit beside what the running batch takes in its next step, and the prompt
 //!   tokens admitted into this step stay within `max_prefill_tokens_per_step` (the first prefill of a step always
 //!   fits).
-//! * **The KV budget counts reservations**, not current usage: a generation reserves `prompt + max_new_tokens`
-//!   when admitted and releases it when it ends, a scoring its contexts and candidates (see
-//!   [`ScoreJob::kv_need`]). An admitted sequence therefore always has room to finish and nothing ever needs to be
-//!   preempted. `Info` reports both the reservation and the rows actually written.
+//! * **Prefix cache** (`prefix_caching`): a full block is registered under a hash chain of the token ids before and
+//!   in it, with the content of image rows at image positions and the model fingerprint in the chain. An admitted
+//!   request attaches the cached blocks of its longest matching prefix and prefills only the rest; blocks no one
+//!   references stay cached and are evicted least recently used first. A scoring's candidates run on forks of the
+//!   context's table (shared blocks; the partial last block is copied on first write).
+//! * **Preemption**: before each step every runnable request gets the blocks of its chunk, oldest first. When the
+//!   pool runs out, the youngest request of the batch (paused ones included) is preempted: its blocks are freed, its
+//!   prompt, generated tokens, sampler position and stream are kept, and it is resumed later by recomputing prompt +
+//!   generated ids in one prefill (through the prefix cache when its blocks are still there). Its output is the one
+//!   an uninterrupted run gives: attention computes every row the same way in a prefill or a decode step.
 //! * **A step** packs the prefill chunks of newly admitted sequences with the one-token decode chunks of running
 //!   ones (and the context or candidate chunks of scorings) into one `TextModel::forward`: every weight product
-//!   runs once per step for the whole batch, attention per sequence against its own cache.
+//!   runs once per step for the whole batch, and so does attention (one paged-attention op per layer).
 //! * **Backpressure**: each stream has `stream_buffer_messages` slots; a sequence whose client stops reading keeps
-//!   its unsent tokens (coalesced into one message) and sits out the steps until the client reads again. Nothing
-//!   buffers without bound.
+//!   its unsent tokens (coalesced into one message) and sits out the steps until the client reads again (it keeps
+//!   its blocks, but is the first to be preempted when it is the youngest). Nothing buffers without bound.
 //! * **Removal**: before each step, requests whose client went away (dropped stream or reply) or whose deadline
-//!   passed leave the queue or the batch and free their KV.
-//! * **Failures**: an error or a panic inside a step fails only the requests in that step (their caches are in an
-//!   unknown state and are dropped); the loop goes on.
+//!   passed leave the queue or the batch and free their blocks.
+//! * **Failures**: an error or a panic inside a step fails only the requests in that step (their blocks are freed);
+//!   after a panic the cache is replaced by a fresh one and the requests not in the step are recomputed. The loop
+//!   goes on.
 //! * **Idle**: with nothing to do the thread blocks on the command channel; when every running sequence waits for
 //!   its client it sleeps `stalled_poll` between looks.
 
+mod delivery;
 mod scheduler;
+mod score;
 mod sequence;
 mod step;
 mod types;
@@ -94,8 +107,15 @@ struct EngineStats {
     running: AtomicUsize,
     /// Submitted and not yet admitted or removed; incremented by handles, decremented by the engine.
     waiting: AtomicUsize,
-    kv_tokens_reserved: AtomicUsize,
+    /// Preempted requests waiting to be recomputed.
+    preempted: AtomicUsize,
+    kv_blocks_total: AtomicUsize,
+    kv_blocks_used: AtomicUsize,
+    kv_blocks_cached: AtomicUsize,
     kv_tokens_cached: AtomicUsize,
+    preemptions_total: AtomicU64,
+    prefix_queried_blocks: AtomicU64,
+    prefix_hit_blocks: AtomicU64,
     cancelled_total: AtomicU64,
     steps_total: AtomicU64,
     generated_tokens_total: AtomicU64,
@@ -110,6 +130,29 @@ pub struct EngineHandle {
     info: Arc<ModelInfo>,
     settings: Arc<EngineSettings>,
     state: watch::Receiver<EngineState>,
+}
+
+impl EngineStats {
+    /// The load `/metrics` reads at each scrape.
+    fn load(&self) -> Load {
+        let total = self.kv_blocks_total.load(Ordering::Relaxed);
+        let used = self.kv_blocks_used.load(Ordering::Relaxed);
+        Load {
+            running: self.running.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed) + self.preempted.load(Ordering::Relaxed),
+            kv_usage: if total == 0 {
+                0.0
+            } else {
+                used as f64 / total as f64
+            },
+            kv_blocks_total: total,
+            kv_blocks_used: used,
+            kv_blocks_cached: self.kv_blocks_cached.load(Ordering::Relaxed),
+            preemptions_total: self.preemptions_total.load(Ordering::Relaxed),
+            prefix_queried_blocks: self.prefix_queried_blocks.load(Ordering::Relaxed),
+            prefix_hit_blocks: self.prefix_hit_blocks.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Watches the engine's state without keeping it alive.
@@ -181,16 +224,17 @@ impl EngineHandle {
         if let Some(metrics) = &metrics {
             // The gauges hold the counters only, never a handle: the engine must be free to stop.
             let stats = Arc::clone(&stats);
-            let budget = settings.kv_token_budget.get();
-            metrics.observe_load(move || Load {
-                running: stats.running.load(Ordering::Relaxed),
-                waiting: stats.waiting.load(Ordering::Relaxed),
-                kv_usage: stats.kv_tokens_reserved.load(Ordering::Relaxed) as f64 / budget as f64,
-            });
+            metrics.observe_load(move || stats.load());
         }
         let (state_sender, state) = watch::channel(EngineState::Starting);
-        let scheduler =
-            scheduler::Scheduler::new(model, settings.clone(), receiver, stats.clone(), metrics);
+        let scheduler = scheduler::Scheduler::new(
+            model,
+            info.fingerprint.clone(),
+            settings.clone(),
+            receiver,
+            stats.clone(),
+            metrics,
+        )?;
         std::thread::Builder::new()
             .name("kosmos-decoder-engine".into())
             .spawn(move || {
@@ -232,8 +276,15 @@ impl EngineHandle {
         EngineSnapshot {
             running: stats.running.load(Ordering::Relaxed),
             waiting: stats.waiting.load(Ordering::Relaxed),
-            kv_tokens_reserved: stats.kv_tokens_reserved.load(Ordering::Relaxed),
+            kv_block_size: self.settings.kv_block_size.get(),
+            kv_blocks_total: stats.kv_blocks_total.load(Ordering::Relaxed),
+            kv_blocks_used: stats.kv_blocks_used.load(Ordering::Relaxed),
+            kv_blocks_cached: stats.kv_blocks_cached.load(Ordering::Relaxed),
             kv_tokens_cached: stats.kv_tokens_cached.load(Ordering::Relaxed),
+            preempted: stats.preempted.load(Ordering::Relaxed),
+            preemptions_total: stats.preemptions_total.load(Ordering::Relaxed),
+            prefix_queried_blocks: stats.prefix_queried_blocks.load(Ordering::Relaxed),
+            prefix_hit_blocks: stats.prefix_hit_blocks.load(Ordering::Relaxed),
             cancelled_total: stats.cancelled_total.load(Ordering::Relaxed),
             steps_total: stats.steps_total.load(Ordering::Relaxed),
             generated_tokens_total: stats.generated_tokens_total.load(Ordering::Relaxed),
@@ -252,7 +303,11 @@ impl EngineHandle {
                 "`max_new_tokens` must be >= 1".into(),
             ));
         }
-        self.check_budget(job.kv_need(), "prompt + max_new_tokens")?;
+        let block_size = self.settings.kv_block_size.get();
+        self.check_budget(
+            job.kv_need(block_size),
+            "prompt + max_new_tokens, in whole KV blocks,",
+        )?;
         let (events, receiver) = mpsc::channel(self.settings.stream_buffer_messages.get());
         let queue_span = queue_span(job.prompt.len());
         let command = Command::Generate(Box::new(GenerateCommand {
@@ -277,9 +332,10 @@ impl EngineHandle {
                 "a scoring needs at least one candidate and no empty candidate".into(),
             ));
         }
+        let block_size = self.settings.kv_block_size.get();
         self.check_budget(
-            job.kv_need(),
-            "the KV tokens of the context copies and candidates",
+            job.kv_need(block_size),
+            "the KV tokens of the context and the candidates, in whole blocks,",
         )?;
         let (reply, receiver) = oneshot::channel();
         let queue_span = queue_span(job.context.len());
@@ -296,7 +352,8 @@ impl EngineHandle {
 
     /// A request that could never be admitted is refused at once rather than blocking the queue forever.
     fn check_budget(&self, need: usize, what: &str) -> Result<(), RequestError> {
-        let budget = self.settings.kv_token_budget.get();
+        let budget =
+            scheduler::cache_config(&self.settings).num_blocks * self.settings.kv_block_size.get();
         if need > budget {
             return Err(RequestError::InvalidArgument(format!(
                 "{what} ({need}) must be <= the KV token budget ({budget})"

@@ -3,9 +3,10 @@
 
 use std::time::Instant;
 
-use kosmos_model::{ModelError, SeqChunk, Tensor, TextModel};
+use kosmos_model::{ModelError, PagedKvCache, SeqChunk, Tensor, TextModel};
 
-use super::sequence::{RowsWanted, ScoreTask, Sequence};
+use super::score::ScoreTask;
+use super::sequence::{RowsWanted, Sequence};
 
 /// Whose chunk a span of the step's rows is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +31,11 @@ pub(crate) struct ChunkLogits {
     pub(crate) rows: Vec<Vec<f32>>,
 }
 
-/// Runs one packed forward over the runnable sequences and every scoring, and returns the logits rows each chunk
-/// needs (f32, `(vocab)` each).
+/// Runs one packed forward over the runnable sequences and every scoring (whose blocks the scheduler reserved),
+/// and returns the logits rows each chunk needs (f32, `(vocab)` each).
 pub(crate) fn run(
     model: &TextModel,
+    cache: &mut PagedKvCache,
     running: &mut [Sequence],
     scoring: &mut [ScoreTask],
     started: Instant,
@@ -70,7 +72,7 @@ pub(crate) fn run(
         .collect();
     let mut seq_chunks: Vec<SeqChunk<'_>> = chunks.into_iter().map(|(chunk, _)| chunk).collect();
     // (total new tokens, hidden)
-    let hidden = model.forward(&mut seq_chunks)?;
+    let hidden = model.forward(cache, &mut seq_chunks)?;
     drop(seq_chunks);
     let mut selected: Vec<u32> = Vec::new();
     let mut counts = Vec::with_capacity(wanted.len());

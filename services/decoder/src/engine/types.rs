@@ -39,8 +39,12 @@ pub struct ModelInfo {
 pub struct EngineSettings {
     /// Most requests (generations and scorings) in the running batch.
     pub max_running_sequences: NonZeroUsize,
-    /// Most KV tokens the running batch may reserve (see the scheduler policy in `engine`).
+    /// Token positions the KV pool holds (rounded up to whole blocks; see the scheduler policy in `engine`).
     pub kv_token_budget: NonZeroUsize,
+    /// Token positions per KV block.
+    pub kv_block_size: NonZeroUsize,
+    /// Whether full blocks are shared between requests with a common prefix.
+    pub prefix_caching: bool,
     /// Most requests waiting for admission; beyond it requests are refused with RESOURCE_EXHAUSTED.
     pub max_waiting_requests: NonZeroUsize,
     /// Most prompt tokens prefilled in one step; a single longer prompt still runs, alone among the prefills.
@@ -120,9 +124,10 @@ pub struct GenerateJob {
 }
 
 impl GenerateJob {
-    /// KV tokens the job reserves while it runs: its prompt plus every token it may generate.
-    pub fn kv_need(&self) -> usize {
-        self.prompt.len() + self.stopping.max_new_tokens
+    /// KV positions the job may hold at most, in whole blocks of `block_size`: its prompt plus every token it may
+    /// generate. A job needing more than the whole pool could never finish and is refused at submission.
+    pub fn kv_need(&self, block_size: usize) -> usize {
+        (self.prompt.len() + self.stopping.max_new_tokens).div_ceil(block_size) * block_size
     }
 }
 
@@ -140,21 +145,21 @@ pub struct ScoreJob {
 }
 
 impl ScoreJob {
-    /// KV tokens the job reserves: one context copy per candidate longer than one token (the context's own cache
-    /// serves the last of them) plus the fed candidate tokens (all but each candidate's last).
-    pub fn kv_need(&self) -> usize {
-        let fed: usize = self
-            .candidates
-            .iter()
-            .map(|candidate| candidate.len().saturating_sub(1))
-            .sum();
-        let copies = self
+    /// KV positions the job may hold at most, in whole blocks of `block_size`: the context's blocks, and per
+    /// candidate longer than one token a copy of the context's partial last block plus the fed candidate tokens
+    /// (all but each candidate's last).
+    pub fn kv_need(&self, block_size: usize) -> usize {
+        let context = self.context.len();
+        let runs: usize = self
             .candidates
             .iter()
             .filter(|candidate| candidate.len() > 1)
-            .count()
-            .max(1);
-        copies * self.context.len() + fed
+            .map(|candidate| {
+                let partial = context % block_size;
+                1 + (partial + candidate.len() - 1).div_ceil(block_size)
+            })
+            .sum();
+        (context.div_ceil(block_size) + runs) * block_size
     }
 }
 
@@ -251,10 +256,24 @@ pub struct EngineSnapshot {
     pub running: usize,
     /// Requests waiting for admission.
     pub waiting: usize,
-    /// KV tokens reserved by the running batch (what the budget is measured against).
-    pub kv_tokens_reserved: usize,
+    /// Token positions per KV block.
+    pub kv_block_size: usize,
+    /// Blocks in the KV pool.
+    pub kv_blocks_total: usize,
+    /// Blocks held by admitted requests.
+    pub kv_blocks_used: usize,
+    /// Blocks registered in the prefix cache (held or not).
+    pub kv_blocks_cached: usize,
     /// KV rows actually written now.
     pub kv_tokens_cached: usize,
+    /// Preempted requests waiting to be recomputed.
+    pub preempted: usize,
+    /// Preemptions since start.
+    pub preemptions_total: u64,
+    /// Full prompt blocks looked up in the prefix cache since start.
+    pub prefix_queried_blocks: u64,
+    /// Of those, blocks found and reused.
+    pub prefix_hit_blocks: u64,
     /// Requests removed because their client went away or their deadline passed, since start.
     pub cancelled_total: u64,
     /// Engine steps run since start.

@@ -361,7 +361,7 @@ pub(crate) fn info_response(
     settings: &EngineSettings,
     snapshot: &EngineSnapshot,
 ) -> pb::InfoResponse {
-    let budget = settings.kv_token_budget.get();
+    let block_size = snapshot.kv_block_size;
     pb::InfoResponse {
         model_fingerprint: info.fingerprint.clone(),
         context_length: saturating_u32(info.context_length),
@@ -373,16 +373,28 @@ pub(crate) fn info_response(
         eos_token_id: info.eos_token_id,
         pad_token_id: info.pad_token_id,
         max_running_sequences: saturating_u32(settings.max_running_sequences.get()),
-        kv_token_budget: budget as u64,
+        kv_token_budget: (snapshot.kv_blocks_total * block_size) as u64,
         max_waiting_requests: saturating_u32(settings.max_waiting_requests.get()),
         running_sequences: saturating_u32(snapshot.running),
         waiting_requests: saturating_u32(snapshot.waiting),
-        kv_tokens_in_use: snapshot.kv_tokens_reserved as u64,
-        kv_usage_ratio: snapshot.kv_tokens_reserved as f64 / budget as f64,
+        kv_tokens_in_use: (snapshot.kv_blocks_used * block_size) as u64,
+        kv_usage_ratio: if snapshot.kv_blocks_total == 0 {
+            0.0
+        } else {
+            snapshot.kv_blocks_used as f64 / snapshot.kv_blocks_total as f64
+        },
         device: info.device.clone(),
         weights_dtype: wire_dtype(info.dtype) as i32,
         kv_tokens_cached: snapshot.kv_tokens_cached as u64,
         cancelled_total: snapshot.cancelled_total,
+        kv_block_size: saturating_u32(block_size),
+        kv_blocks_total: snapshot.kv_blocks_total as u64,
+        kv_blocks_used: snapshot.kv_blocks_used as u64,
+        kv_blocks_cached: snapshot.kv_blocks_cached as u64,
+        preemptions_total: snapshot.preemptions_total,
+        preempted_requests: saturating_u32(snapshot.preempted),
+        prefix_cache_queries_total: snapshot.prefix_queried_blocks,
+        prefix_cache_hits_total: snapshot.prefix_hit_blocks,
     }
 }
 

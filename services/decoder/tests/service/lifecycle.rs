@@ -59,14 +59,20 @@ async fn cancelling_a_stream_frees_its_slot_and_kv_and_the_queue_drains() {
             info.running_sequences == 1 && info.waiting_requests == 1
         })
         .await;
-    // The long request reserved its prompt and the rest of the context; it is paused (its client does not read),
-    // so it has written only a few rows.
-    assert_eq!(busy.kv_tokens_in_use, 512);
+    // The long request is paused (its client does not read), so it has written only a few rows, and holds just
+    // the blocks those rows fill: memory, not a reservation of its whole length.
     assert!(
         busy.kv_tokens_cached > 0 && busy.kv_tokens_cached < 256,
         "{busy:?}"
     );
-    assert!((busy.kv_usage_ratio - 512.0 / busy.kv_token_budget as f64).abs() < 1e-9);
+    let block = u64::from(busy.kv_block_size);
+    assert_eq!(busy.kv_blocks_used, busy.kv_tokens_cached.div_ceil(block));
+    assert_eq!(busy.kv_tokens_in_use, busy.kv_blocks_used * block);
+    assert_eq!(busy.kv_token_budget, busy.kv_blocks_total * block);
+    assert!(
+        (busy.kv_usage_ratio - busy.kv_blocks_used as f64 / busy.kv_blocks_total as f64).abs()
+            < 1e-9
+    );
 
     drop(long);
     let queued = queued
@@ -215,12 +221,17 @@ async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let paused = server.engine.snapshot();
     assert_eq!(paused.running, 1);
-    assert_eq!(paused.kv_tokens_reserved, 406);
+    // It holds the blocks of the rows it wrote, not a reservation of 406 positions.
+    assert!(paused.kv_blocks_used > 0, "{paused:?}");
+    assert_eq!(
+        paused.kv_blocks_used,
+        paused.kv_tokens_cached.div_ceil(paused.kv_block_size)
+    );
     // One message in the channel and one coalesced behind it: a handful of tokens, not 400.
     assert!(paused.generated_tokens_total <= 4, "{paused:?}");
     drop(events);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while server.engine.snapshot().kv_tokens_reserved != 0 {
+    while server.engine.snapshot().kv_blocks_used != 0 {
         assert!(
             Instant::now() < deadline,
             "kv never freed: {:?}",

@@ -5,6 +5,7 @@ mod batching;
 mod common;
 mod lifecycle;
 mod metrics;
+mod paged;
 use kosmos_runtime::testing::metrics as metrics_catalogue;
 mod parity;
 mod validation;

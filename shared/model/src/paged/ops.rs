@@ -1,0 +1,456 @@
+//! The two candle ops of the paged KV cache: [`WriteKv`] stores a step's keys and values in their slots of a layer's
+//! pool (in place), and [`PagedAttention`] runs the attention of every query row of the step, each sequence reading
+//! its own keys and values through its block table. One call of each per layer serves the whole step: decode rows
+//! and prefill chunks of any number of sequences.
+//!
+//! Layouts (all contiguous):
+//! * pool of one layer: `(num_blocks, 2, heads, block_size, head_dim)`; index 0 of dim 1 holds keys, 1 values;
+//! * new keys and values: `(tokens, 2, heads, head_dim)`; slots: `(tokens,)` u32, `block * block_size + offset`;
+//! * queries: `(tokens, heads, head_dim)`, already scaled by `head_dim^-0.5` (and rotated by xPos when on);
+//! * meta: u32, for sequence `s` the four values `[q_start, q_len, context_len, table_offset]` at `4s..4s+4`, then
+//!   block tables: the blocks of `s` are `meta[table_offset..table_offset + ceil(context_len / block_size)]`.
+//!
+//! Query row `q_start + i` attends the keys at positions `0..=context_len - q_len + i` (causal). Scores, softmax and
+//! the weighted sum run in f32 whatever the storage dtype, with an online softmax over one block at a time; each
+//! (sequence, head) is computed by the same code whatever else the step holds, and each query row independently of
+//! the other rows of its chunk, so a sequence gets the same values batched or alone, in a prefill or a decode step.
+
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, bail};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Writes `(tokens, 2, heads, head_dim)` keys and values into a layer's pool at `(tokens,)` u32 slots.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteKv;
+
+/// Attention of a step's query rows over the paged keys and values (see the module doc for the layouts).
+#[derive(Debug, Clone, Copy)]
+pub struct PagedAttention {
+    /// Sequences described by `meta`.
+    pub num_seqs: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// The largest `context_len` in `meta` (a launch bound for device kernels).
+    pub max_context: usize,
+    /// The largest `q_len` in `meta` (likewise).
+    pub max_q_len: usize,
+}
+
+/// A storage element the ops read and write through f32.
+trait Element: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+}
+
+impl Element for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
+
+impl Element for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
+/// The contiguous elements of a storage seen through `layout`.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("paged kv: {what} must be contiguous"),
+    }
+}
+
+/// `(num_blocks, heads, block_size, head_dim)` of a pool layout.
+fn pool_dims(layout: &Layout) -> Result<(usize, usize, usize, usize)> {
+    match *layout.dims() {
+        [blocks, 2, heads, block_size, head_dim] => Ok((blocks, heads, block_size, head_dim)),
+        ref dims => bail!(
+            "paged kv: the pool must be (num_blocks, 2, heads, block_size, head_dim), got {dims:?}"
+        ),
+    }
+}
+
+impl InplaceOp3 for WriteKv {
+    fn name(&self) -> &'static str {
+        "paged-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        new_kv: &CpuStorage,
+        new_l: &Layout,
+        slots: &CpuStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        let (blocks, heads, block_size, head_dim) = pool_dims(dst_l)?;
+        let tokens = match *new_l.dims() {
+            [tokens, 2, h, d] if h == heads && d == head_dim => tokens,
+            ref dims => bail!(
+                "paged kv: new keys and values must be (tokens, 2, {heads}, {head_dim}), got {dims:?}"
+            ),
+        };
+        let CpuStorage::U32(slots) = slots else {
+            bail!("paged kv: slots must be u32");
+        };
+        let slots = contiguous(slots, slots_l, "slots")?;
+        if slots.len() != tokens {
+            bail!("paged kv: {} slots for {tokens} tokens", slots.len());
+        }
+        if let Some(&bad) = slots
+            .iter()
+            .find(|&&slot| slot as usize >= blocks * block_size)
+        {
+            bail!("paged kv: slot {bad} is outside the pool ({blocks} blocks of {block_size})");
+        }
+        let Some((dst_start, _)) = dst_l.contiguous_offsets() else {
+            bail!("paged kv: the pool must be contiguous");
+        };
+        let geometry = Geometry {
+            heads,
+            block_size,
+            head_dim,
+        };
+        match (dst, new_kv) {
+            (CpuStorage::F32(dst), CpuStorage::F32(src)) => write(
+                &mut dst[dst_start..],
+                contiguous(src, new_l, "new kv")?,
+                slots,
+                geometry,
+            ),
+            (CpuStorage::F16(dst), CpuStorage::F16(src)) => write(
+                &mut dst[dst_start..],
+                contiguous(src, new_l, "new kv")?,
+                slots,
+                geometry,
+            ),
+            (CpuStorage::BF16(dst), CpuStorage::BF16(src)) => write(
+                &mut dst[dst_start..],
+                contiguous(src, new_l, "new kv")?,
+                slots,
+                geometry,
+            ),
+            (dst, src) => bail!(
+                "paged kv: pool dtype {:?} and new kv dtype {:?} must be the same float type",
+                dst.dtype(),
+                src.dtype()
+            ),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        new_kv: &candle_core::CudaStorage,
+        new_l: &Layout,
+        slots: &candle_core::CudaStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        super::cuda::write_kv_cuda(dst, dst_l, (new_kv, new_l), (slots, slots_l))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    heads: usize,
+    block_size: usize,
+    head_dim: usize,
+}
+
+impl Geometry {
+    /// Offset of `(block, kv, head, offset)` in a pool.
+    #[inline(always)]
+    fn pool_offset(&self, block: usize, kv: usize, head: usize, offset: usize) -> usize {
+        (((block * 2 + kv) * self.heads + head) * self.block_size + offset) * self.head_dim
+    }
+}
+
+fn write<T: Copy>(dst: &mut [T], src: &[T], slots: &[u32], g: Geometry) {
+    let row = g.heads * g.head_dim;
+    for (token, &slot) in slots.iter().enumerate() {
+        let (block, offset) = (slot as usize / g.block_size, slot as usize % g.block_size);
+        for kv in 0..2 {
+            for head in 0..g.heads {
+                let from = token * 2 * row + kv * row + head * g.head_dim;
+                let to = g.pool_offset(block, kv, head, offset);
+                dst[to..to + g.head_dim].copy_from_slice(&src[from..from + g.head_dim]);
+            }
+        }
+    }
+}
+
+/// One sequence of the step, read from `meta`.
+#[derive(Debug, Clone, Copy)]
+struct SeqMeta {
+    q_start: usize,
+    q_len: usize,
+    context_len: usize,
+    table_offset: usize,
+}
+
+/// Reads and checks `meta` against the query rows and the pool, so the kernels index without bounds failures.
+fn read_meta(
+    meta: &[u32],
+    num_seqs: usize,
+    tokens: usize,
+    blocks: usize,
+    block_size: usize,
+) -> Result<Vec<SeqMeta>> {
+    if meta.len() < 4 * num_seqs {
+        bail!(
+            "paged attention: meta holds {} values for {num_seqs} sequences",
+            meta.len()
+        );
+    }
+    let mut seqs = Vec::with_capacity(num_seqs);
+    for s in 0..num_seqs {
+        let [q_start, q_len, context_len, table_offset] =
+            [0, 1, 2, 3].map(|i| meta[4 * s + i] as usize);
+        let table_len = context_len.div_ceil(block_size);
+        if q_len == 0 || q_len > context_len || q_start + q_len > tokens {
+            bail!(
+                "paged attention: sequence {s} has rows {q_start}..{} and context {context_len} for {tokens} \
+                 query rows",
+                q_start + q_len
+            );
+        }
+        let Some(table) = meta.get(table_offset..table_offset + table_len) else {
+            bail!("paged attention: the block table of sequence {s} is outside meta");
+        };
+        if let Some(&bad) = table.iter().find(|&&block| block as usize >= blocks) {
+            bail!("paged attention: sequence {s} names block {bad} of {blocks}");
+        }
+        seqs.push(SeqMeta {
+            q_start,
+            q_len,
+            context_len,
+            table_offset,
+        });
+    }
+    Ok(seqs)
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        kv: &CpuStorage,
+        kv_l: &Layout,
+        meta: &CpuStorage,
+        meta_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (blocks, heads, block_size, head_dim) = pool_dims(kv_l)?;
+        if block_size != self.block_size {
+            bail!(
+                "paged attention: the pool has blocks of {block_size}, the op was built for {}",
+                self.block_size
+            );
+        }
+        let tokens = match *q_l.dims() {
+            [tokens, h, d] if h == heads && d == head_dim => tokens,
+            ref dims => bail!(
+                "paged attention: queries must be (tokens, {heads}, {head_dim}), got {dims:?}"
+            ),
+        };
+        let CpuStorage::U32(meta) = meta else {
+            bail!("paged attention: meta must be u32");
+        };
+        let meta = contiguous(meta, meta_l, "meta")?;
+        let seqs = read_meta(meta, self.num_seqs, tokens, blocks, block_size)?;
+        let geometry = Geometry {
+            heads,
+            block_size,
+            head_dim,
+        };
+        let shape = Shape::from((tokens, heads, head_dim));
+        let storage = match (q, kv) {
+            (CpuStorage::F32(q), CpuStorage::F32(kv)) => CpuStorage::F32(attend(
+                contiguous(q, q_l, "queries")?,
+                contiguous(kv, kv_l, "pool")?,
+                meta,
+                &seqs,
+                geometry,
+            )),
+            (CpuStorage::F16(q), CpuStorage::F16(kv)) => CpuStorage::F16(attend(
+                contiguous(q, q_l, "queries")?,
+                contiguous(kv, kv_l, "pool")?,
+                meta,
+                &seqs,
+                geometry,
+            )),
+            (CpuStorage::BF16(q), CpuStorage::BF16(kv)) => CpuStorage::BF16(attend(
+                contiguous(q, q_l, "queries")?,
+                contiguous(kv, kv_l, "pool")?,
+                meta,
+                &seqs,
+                geometry,
+            )),
+            (q, kv) => bail!(
+                "paged attention: queries {:?} and pool {:?} must be the same float type",
+                q.dtype(),
+                kv.dtype()
+            ),
+        };
+        Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        kv: &candle_core::CudaStorage,
+        kv_l: &Layout,
+        meta: &candle_core::CudaStorage,
+        meta_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::paged_attention_cuda(self, (q, q_l), (kv, kv_l), (meta, meta_l))
+    }
+}
+
+/// The dtypes the ops take.
+pub(crate) fn supported(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Runs every (sequence, head) in parallel and scatters the rows into `(tokens, heads, head_dim)`.
+fn attend<T: Element>(q: &[T], kv: &[T], meta: &[u32], seqs: &[SeqMeta], g: Geometry) -> Vec<T> {
+    let tokens = q.len() / (g.heads * g.head_dim);
+    let work: Vec<(usize, usize)> = (0..seqs.len())
+        .flat_map(|s| (0..g.heads).map(move |h| (s, h)))
+        .collect();
+    let results: Vec<Vec<T>> = work
+        .par_iter()
+        .map(|&(s, head)| attend_head(q, kv, meta, &seqs[s], head, g))
+        .collect();
+    let mut out = vec![T::from_f32(0.0); tokens * g.heads * g.head_dim];
+    for (&(s, head), rows) in work.iter().zip(&results) {
+        let seq = &seqs[s];
+        for (i, row) in rows.chunks_exact(g.head_dim).enumerate() {
+            let at = ((seq.q_start + i) * g.heads + head) * g.head_dim;
+            out[at..at + g.head_dim].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// The `(q_len, head_dim)` output rows of one head of one sequence.
+fn attend_head<T: Element>(
+    q: &[T],
+    kv: &[T],
+    meta: &[u32],
+    seq: &SeqMeta,
+    head: usize,
+    g: Geometry,
+) -> Vec<T> {
+    let d = g.head_dim;
+    let table = &meta[seq.table_offset..seq.table_offset + seq.context_len.div_ceil(g.block_size)];
+    let past = seq.context_len - seq.q_len;
+    let mut out = Vec::with_capacity(seq.q_len * d);
+    let mut query = vec![0f32; d];
+    let mut acc = vec![0f32; d];
+    let mut scores = vec![0f32; g.block_size];
+    for i in 0..seq.q_len {
+        let row = ((seq.q_start + i) * g.heads + head) * d;
+        for (slot, value) in query.iter_mut().zip(&q[row..row + d]) {
+            *slot = value.to_f32();
+        }
+        acc.fill(0.0);
+        let (mut max, mut total) = (f32::NEG_INFINITY, 0f32);
+        // Keys 0..=past + i.
+        let visible = past + i + 1;
+        for (b, &block) in table
+            .iter()
+            .enumerate()
+            .take(visible.div_ceil(g.block_size))
+        {
+            let in_block = (visible - b * g.block_size).min(g.block_size);
+            let keys = g.pool_offset(block as usize, 0, head, 0);
+            let values = g.pool_offset(block as usize, 1, head, 0);
+            let mut block_max = f32::NEG_INFINITY;
+            for (j, score) in scores.iter_mut().enumerate().take(in_block) {
+                *score = dot(&query, &kv[keys + j * d..keys + (j + 1) * d]);
+                block_max = block_max.max(*score);
+            }
+            let new_max = max.max(block_max);
+            if new_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let rescale = (max - new_max).exp();
+            if rescale != 1.0 {
+                total *= rescale;
+                acc.iter_mut().for_each(|value| *value *= rescale);
+            }
+            max = new_max;
+            for (j, &score) in scores.iter().enumerate().take(in_block) {
+                let weight = (score - max).exp();
+                total += weight;
+                axpy(&mut acc, weight, &kv[values + j * d..values + (j + 1) * d]);
+            }
+        }
+        let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
+        out.extend(acc.iter().map(|&value| T::from_f32(value * norm)));
+    }
+    out
+}
+
+/// `Σ a[i]·b[i]` with eight independent partial sums (vectorisable, and a fixed summation order).
+#[inline(always)]
+fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut a_chunks = a.chunks_exact(8);
+    let mut b_chunks = b.chunks_exact(8);
+    for (a, b) in a_chunks.by_ref().zip(b_chunks.by_ref()) {
+        for lane in 0..8 {
+            lanes[lane] += a[lane] * b[lane].to_f32();
+        }
+    }
+    let mut tail = 0f32;
+    for (a, b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        tail += a * b.to_f32();
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
+
+/// `acc += weight · values`.
+#[inline(always)]
+fn axpy<T: Element>(acc: &mut [f32], weight: f32, values: &[T]) {
+    for (slot, value) in acc.iter_mut().zip(values) {
+        *slot += weight * value.to_f32();
+    }
+}
