@@ -22,7 +22,8 @@ fn main() {
         println!("cargo::rerun-if-env-changed={var}");
     }
 
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("paged_attention.ptx");
+    let out =
+        PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("paged_attention.ptx");
     let arch = format!("compute_{}", compute_cap());
     let nvcc = nvcc();
     let status = Command::new(&nvcc)
@@ -32,8 +33,17 @@ fn main() {
         .arg(&out)
         .arg(KERNEL)
         .status()
-        .unwrap_or_else(|err| panic!("cannot run {}: {err} (set NVCC or put nvcc on PATH)", nvcc.display()));
-    assert!(status.success(), "{} failed on {KERNEL} for {arch}: {status}", nvcc.display());
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot run {}: {err} (set NVCC or put nvcc on PATH)",
+                nvcc.display()
+            )
+        });
+    assert!(
+        status.success(),
+        "{} failed on {KERNEL} for {arch}: {status}",
+        nvcc.display()
+    );
 }
 
 /// The numeric compute capability of `CUDA_COMPUTE_CAP` ("90", "90a", "sm_90a", "9.0"), 80 when unset.
