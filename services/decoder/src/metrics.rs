@@ -129,6 +129,9 @@ pub struct Load {
     pub prefix_hit_blocks: u64,
 }
 
+/// An instrument read from the [`Load`] at each scrape: name, help text, and how to read it.
+type LoadInstrument = (&'static str, &'static str, fn(&Load) -> u64);
+
 /// The decoder's instruments on its own [`Registry`].
 #[derive(Debug)]
 pub struct DecoderMetrics {
@@ -235,7 +238,7 @@ impl DecoderMetrics {
             )
             .with_callback(move |observer| observer.observe(usage().kv_usage.clamp(0.0, 1.0), &[]))
             .build();
-        let gauges: [(&'static str, &'static str, fn(&Load) -> u64); 3] = [
+        let gauges: [LoadInstrument; 3] = [
             (
                 names::KV_CACHE_BLOCKS_CAPACITY,
                 "Blocks in the KV cache's pool.",
@@ -260,7 +263,7 @@ impl DecoderMetrics {
                 .with_callback(move |observer| observer.observe(read(&load()), &[]))
                 .build();
         }
-        let counters: [(&'static str, &'static str, fn(&Load) -> u64); 3] = [
+        let counters: [LoadInstrument; 3] = [
             (
                 names::PREEMPTIONS,
                 "Requests preempted because the KV cache ran out of blocks (resumed later by recomputation).",

@@ -374,8 +374,8 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
         spawn_kosmos(
             "encoder",
             &[
-                format!("model={}", quoted(&model)),
-                format!("listen={}", quoted(&encoder.to_string())),
+                format!("model_dir={}", quoted(&model)),
+                format!("server.listen={}", quoted(&encoder.to_string())),
                 metrics_listen("encoder"),
             ],
             &scratch.join("encoder.log"),
@@ -384,7 +384,7 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
             "decoder",
             &[
                 format!("model_dir={}", quoted(&model)),
-                format!("listen={}", quoted(&decoder.to_string())),
+                format!("server.listen={}", quoted(&decoder.to_string())),
                 metrics_listen("decoder"),
             ],
             &scratch.join("decoder.log"),
@@ -393,7 +393,7 @@ fn autoscaling_and_dashboard_queries_follow_an_image_burst_then_a_text_burst() {
             "gateway",
             &[
                 format!("model_dir={}", quoted(&model)),
-                format!("listen={}", quoted(&gateway.to_string())),
+                format!("server.listen={}", quoted(&gateway.to_string())),
                 format!(
                     "encoder.endpoints=[{}]",
                     quoted(&format!("http://{encoder}"))

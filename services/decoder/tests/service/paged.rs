@@ -127,37 +127,28 @@ async fn a_repeated_prefix_is_reused_and_gives_the_same_tokens() {
         ..pb::SamplingParams::default()
     };
     let mut client = cached.client().await;
-    let first = generate(
-        &mut client,
-        request(prompt.clone(), sampling.clone(), 12, true),
-    )
-    .await
-    .expect("first")
-    .ids();
+    let first = generate(&mut client, request(prompt.clone(), sampling, 12, true))
+        .await
+        .expect("first")
+        .ids();
     let after_first = wait_until_idle(&cached).await;
     assert_eq!(after_first.prefix_cache_hits_total, 0);
     assert!(
         after_first.kv_blocks_cached > 0,
         "full blocks stay cached: {after_first:?}"
     );
-    let second = generate(
-        &mut client,
-        request(prompt.clone(), sampling.clone(), 12, true),
-    )
-    .await
-    .expect("second")
-    .ids();
+    let second = generate(&mut client, request(prompt.clone(), sampling, 12, true))
+        .await
+        .expect("second")
+        .ids();
     let after_second = wait_until_idle(&cached).await;
     // 18 prompt positions: the first four blocks (16 positions, the image's three among them) are reused.
     assert_eq!(after_second.prefix_cache_hits_total, 4, "{after_second:?}");
     let mut plain = uncached.client().await;
-    let expected = generate(
-        &mut plain,
-        request(prompt.clone(), sampling.clone(), 12, true),
-    )
-    .await
-    .expect("uncached")
-    .ids();
+    let expected = generate(&mut plain, request(prompt.clone(), sampling, 12, true))
+        .await
+        .expect("uncached")
+        .ids();
     assert_eq!(first, expected);
     assert_eq!(second, expected);
 
@@ -167,7 +158,7 @@ async fn a_repeated_prefix_is_reused_and_gives_the_same_tokens() {
         image_segment(&images[0], &fingerprint),
         tokens_segment(&pseudo_random_ids(2, 9)),
     ];
-    generate(&mut client, request(other, sampling.clone(), 4, true))
+    generate(&mut client, request(other, sampling, 4, true))
         .await
         .expect("other image");
     let after_other = wait_until_idle(&cached).await;

@@ -290,7 +290,8 @@ impl PagedKvCache {
             table.ensure_hashes(full, &tokens, bs);
             table.tokens = tokens;
             for index in table.registered..full {
-                self.blocks.register(table.blocks[index], table.hashes[index]);
+                self.blocks
+                    .register(table.blocks[index], table.hashes[index]);
             }
             table.registered = full;
         }

@@ -79,11 +79,11 @@ impl Scheduler {
             match self.preempted.pop_front() {
                 Some(Preempted::Generate(mut sequence)) => {
                     sequence.attach_prefix(&mut self.cache);
-                    self.running.push(sequence);
+                    self.running.push(*sequence);
                 }
                 Some(Preempted::Score(mut task)) => {
                     task.attach_prefix(&mut self.cache);
-                    self.scoring.push(task);
+                    self.scoring.push(*task);
                 }
                 None => self.admit_waiting(),
             }
@@ -170,10 +170,8 @@ impl Scheduler {
             Member::Generate(order) | Member::Score(order) => *order,
         });
         for member in members {
-            loop {
-                let Some(needed) = self.blocks_needed(member) else {
-                    break; // preempted or gone
-                };
+            // `None`: the member was preempted meanwhile (or failed).
+            while let Some(needed) = self.blocks_needed(member) {
                 if needed <= self.cache.counts().available {
                     if let Err(error) = self.reserve(member) {
                         self.fail_member(member, error);
@@ -279,7 +277,7 @@ impl Scheduler {
                 let mut sequence = self.running.remove(index);
                 sequence.release(&mut self.cache);
                 tracing::debug!(parent: &sequence.span, "sequence preempted");
-                Preempted::Generate(sequence)
+                Preempted::Generate(Box::new(sequence))
             }
             Member::Score(order) => {
                 let Some(index) = self.scoring.iter().position(|t| t.admitted == order) else {
@@ -288,7 +286,7 @@ impl Scheduler {
                 let mut task = self.scoring.remove(index);
                 task.preempt(&mut self.cache);
                 tracing::debug!(parent: &task.span, "scoring preempted");
-                Preempted::Score(task)
+                Preempted::Score(Box::new(task))
             }
         };
         self.stats.preemptions_total.fetch_add(1, Ordering::Relaxed);
@@ -316,11 +314,12 @@ impl Scheduler {
         }
         for mut sequence in std::mem::take(&mut self.running) {
             sequence.forget_blocks();
-            self.preempted.push_back(Preempted::Generate(sequence));
+            self.preempted
+                .push_back(Preempted::Generate(Box::new(sequence)));
         }
         for mut task in std::mem::take(&mut self.scoring) {
             task.forget_blocks();
-            self.preempted.push_back(Preempted::Score(task));
+            self.preempted.push_back(Preempted::Score(Box::new(task)));
         }
         for preempted in &mut self.preempted {
             match preempted {

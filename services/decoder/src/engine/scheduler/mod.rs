@@ -81,8 +81,8 @@ impl Command {
 /// An admitted request that was preempted: it holds no block and waits to be recomputed.
 #[derive(Debug)]
 enum Preempted {
-    Generate(Sequence),
-    Score(ScoreTask),
+    Generate(Box<Sequence>),
+    Score(Box<ScoreTask>),
 }
 
 impl Preempted {
@@ -270,13 +270,14 @@ impl Scheduler {
         for preempted in std::mem::take(&mut self.preempted) {
             match preempted {
                 Preempted::Generate(sequence) => {
-                    if let Some(sequence) = self.drop_if_gone(sequence, now) {
-                        self.preempted.push_back(Preempted::Generate(sequence));
+                    if let Some(sequence) = self.drop_if_gone(*sequence, now) {
+                        self.preempted
+                            .push_back(Preempted::Generate(Box::new(sequence)));
                     }
                 }
                 Preempted::Score(task) => {
-                    if let Some(task) = self.drop_task_if_gone(task, now) {
-                        self.preempted.push_back(Preempted::Score(task));
+                    if let Some(task) = self.drop_task_if_gone(*task, now) {
+                        self.preempted.push_back(Preempted::Score(Box::new(task)));
                     }
                 }
             }
