@@ -160,10 +160,6 @@ pub struct SchedulerConfig {
     pub max_running_sequences: NonZeroUsize,
     /// Token positions of the KV pool; `None`: `max_running_sequences` × the context length.
     pub kv_token_budget: Option<NonZeroUsize>,
-    /// Token positions per KV block.
-    pub kv_block_size: NonZeroUsize,
-    /// Whether requests share the KV blocks of a common prompt prefix.
-    pub prefix_caching: bool,
     /// Most requests waiting for admission.
     pub max_waiting_requests: NonZeroUsize,
     /// Most prompt tokens prefilled in one step.
@@ -172,6 +168,10 @@ pub struct SchedulerConfig {
     pub stream_buffer_messages: NonZeroUsize,
     /// Sleep between looks while every running sequence waits for its client.
     pub stalled_poll: Duration,
+    /// Whether requests share the KV blocks of a common prompt prefix.
+    pub prefix_caching: bool,
+    /// Token positions per KV block.
+    pub kv_block_size: NonZeroUsize,
 }
 
 /// The validated configuration.
