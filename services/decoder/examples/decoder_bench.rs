@@ -5,6 +5,7 @@
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run -p kosmos-decoder --example decoder_bench -- --model-dir .ref-cache/bench-model
 //! ```
+//! On a GPU (`--features cuda`): `--device cuda --dtype bf16` (the GPU run, `tools/bench/gpu.sh`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,6 +51,12 @@ struct Args {
     /// Repetitions of each scoring variant (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Device of the model: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight dtype: f32, f16 or bf16 (bf16 needs cuda).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 /// Deterministic ids in `[7, 2000)`: clear of the special tokens and the image placeholders.
@@ -245,6 +252,8 @@ async fn main() -> anyhow::Result<()> {
         .max(args.candidates);
     let mut config = DecoderConfig::for_model(&args.model_dir)?;
     config.scheduler.max_running_sequences = max_streams.try_into()?;
+    config.device = args.device.clone();
+    config.dtype = kosmos_model::parse_dtype(&args.dtype)?;
     let loading = Instant::now();
     let (text, info) = load_model(&config)?;
     let settings = engine_settings(&config.scheduler, info.context_length)?;

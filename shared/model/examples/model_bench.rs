@@ -1,6 +1,7 @@
 //! Candle timings of a KOSMOS model with exactly the protocol of `tools/reference/bench_torch.py` (read its header):
 //! vision images/s on a batch of 8, prefill tokens/s of a 128-token prompt with one image, and decode tokens/s at
-//! batch 1 and 8 (32 greedy steps after the prefill). Median of 5 timed runs after 1 untimed.
+//! batch 1 and 8 (32 greedy steps after the prefill). Median of 5 timed runs after 1 untimed. `--vision-batches` and
+//! `--decode-batches` (like bench_torch.py's) change the batch sizes; the GPU run (`tools/bench/gpu.sh`) uses them.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release -p kosmos-model --example model_bench -- --model DIR --json OUT.json
@@ -19,7 +20,6 @@ use kosmos_model::{
 
 const PROMPT_LEN: usize = 128;
 const DECODE_STEPS: usize = 32;
-const VISION_BATCH: usize = 8;
 const REPS: usize = 5;
 
 #[derive(Debug, Parser)]
@@ -36,6 +36,12 @@ struct Args {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Vision batch sizes, comma separated; the first one is `vision_images_per_s`.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    vision_batches: Vec<usize>,
+    /// Decode batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    decode_batches: Vec<usize>,
 }
 
 fn median_seconds(mut run: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<(f64, Vec<f64>)> {
@@ -69,8 +75,18 @@ fn main() -> anyhow::Result<()> {
     let first_tag = vocab as u32 - 11 - 1024;
     let (begin_image, end_image) = (first_tag + 1, first_tag + 2);
 
-    let pixels = Tensor::randn(0f32, 1f32, (VISION_BATCH, 3, size, size), &Device::Cpu)?
-        .to_device(&device)?;
+    let first_vision_batch = *args
+        .vision_batches
+        .first()
+        .context("--vision-batches needs at least one size")?;
+    let largest_vision_batch = args.vision_batches.iter().copied().max().unwrap_or(1);
+    let pixels = Tensor::randn(
+        0f32,
+        1f32,
+        (largest_vision_batch, 3, size, size),
+        &Device::Cpu,
+    )?
+    .to_device(&device)?;
     let mut ids = vec![0u32, begin_image];
     ids.extend((0..queries as u32).map(|i| 4 + i));
     ids.push(end_image);
@@ -94,10 +110,16 @@ fn main() -> anyhow::Result<()> {
             .to_vec1::<f32>()?;
         Ok(())
     };
-    let (vision_s, vision_runs) = median_seconds(timed(|| {
-        let embeds = model.vision.encode(&pixels)?;
-        sync(&embeds)
-    }))?;
+    // (batch, median seconds, every timed run)
+    let mut vision = Vec::new();
+    for &batch in &args.vision_batches {
+        let batch_pixels = pixels.narrow(0, 0, batch)?;
+        let (seconds, runs) = median_seconds(timed(|| {
+            let embeds = model.vision.encode(&batch_pixels)?;
+            sync(&embeds)
+        }))?;
+        vision.push((batch, seconds, runs));
+    }
     let image = model
         .vision
         .encode(&pixels.narrow(0, 0, 1)?)?
@@ -159,21 +181,36 @@ fn main() -> anyhow::Result<()> {
             Ok(started.elapsed().as_secs_f64())
         })
     };
-    let (decode_b1_s, decode_b1_runs) = decode(1)?;
-    let (decode_b8_s, decode_b8_runs) = decode(8)?;
+    let mut decodes = Vec::new();
+    for &batch in &args.decode_batches {
+        let (seconds, runs) = decode(batch)?;
+        decodes.push((batch, seconds, runs));
+    }
 
-    let result = serde_json::json!({
-        "vision_images_per_s": VISION_BATCH as f64 / vision_s,
+    // The keys of bench_torch.py: vision_images_per_s is the first vision batch, the rest carry their batch.
+    let mut result = serde_json::json!({
+        "vision_images_per_s": first_vision_batch as f64 / vision[0].1,
         "prefill_tokens_per_s": PROMPT_LEN as f64 / prefill_s,
-        "decode_tokens_per_s_b1": DECODE_STEPS as f64 / decode_b1_s,
-        "decode_tokens_per_s_b8": (8 * DECODE_STEPS) as f64 / decode_b8_s,
         "threads": candle_core::utils::get_num_threads(),
         "device": args.device,
         "dtype": args.dtype,
         "model": args.model,
-        "median_s": {"vision": vision_s, "prefill": prefill_s, "decode_b1": decode_b1_s, "decode_b8": decode_b8_s},
-        "runs_s": {"vision": vision_runs, "prefill": prefill_runs, "decode_b1": decode_b1_runs, "decode_b8": decode_b8_runs},
+        "median_s": {"vision": vision[0].1, "prefill": prefill_s},
+        "runs_s": {"vision": vision[0].2, "prefill": prefill_runs},
     });
+    for (index, (batch, seconds, runs)) in vision.iter().enumerate() {
+        result[format!("vision_images_per_s_b{batch}")] = (*batch as f64 / seconds).into();
+        if index > 0 {
+            result["median_s"][format!("vision_b{batch}")] = (*seconds).into();
+            result["runs_s"][format!("vision_b{batch}")] = runs.clone().into();
+        }
+    }
+    for (batch, seconds, runs) in &decodes {
+        result[format!("decode_tokens_per_s_b{batch}")] =
+            ((batch * DECODE_STEPS) as f64 / seconds).into();
+        result["median_s"][format!("decode_b{batch}")] = (*seconds).into();
+        result["runs_s"][format!("decode_b{batch}")] = runs.clone().into();
+    }
     let text = serde_json::to_string_pretty(&result)?;
     println!("{text}");
     if let Some(path) = args.json {
