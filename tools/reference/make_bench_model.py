@@ -107,7 +107,7 @@ def main() -> None:
 
     n = sum(p.numel() for p in model.parameters())
     n_text = sum(p.numel() for p in model.text_model.parameters())
-    print(f"wrote {out}: {n / 1e6:.1f} M parameters ({n_text / 1e6:.1f} M text), vocab {len(tok)}, {size}")
+    print(f"wrote {out}: {n / 1e6:.1f} M parameters ({n_text / 1e6:.1f} M text), vocab {config.text_config.vocab_size}, {args.preset} {size}")
     for p in sorted(out.iterdir()):
         print(f"  {p.name}  {p.stat().st_size} bytes")
 
