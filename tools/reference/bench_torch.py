@@ -2,6 +2,13 @@
 """PyTorch (HF transformers) timings of a Kosmos-2 model, the baseline the Rust bench is compared with.
 
     tools/reference/run.sh bench-torch --model DIR --threads N --json OUT
+        [--device cpu|cuda] [--dtype f32|f16|bf16] [--attn best|eager|sdpa] [--vision-batches 8] [--decode-batches 1,8]
+
+The defaults are the protocol below (CPU, f32, best of eager and sdpa). The options vary only what they name, for
+the GPU run (tools/bench/gpu.sh): the device (each timed run then ends with torch.cuda.synchronize()), the weight
+dtype, one attention implementation instead of the best of both, and the vision / decode batch sizes (keys
+vision_images_per_s_b{N} for the vision batches after the first, whose rate stays vision_images_per_s, and
+decode_tokens_per_s_b{N} for each decode batch).
 
 Protocol (the Rust bench replicates it exactly):
   * Model: Kosmos2ForConditionalGeneration.from_pretrained(DIR, attn_implementation=IMPL), float32, eval(), loaded
@@ -65,6 +72,28 @@ RATES = {  # measurement -> (JSON key, work units per timed run)
 }
 
 
+DEVICE = "cpu"  # set by main (--device); timings on cuda end with torch.cuda.synchronize()
+DTYPE = "f32"  # set by main (--dtype)
+VISION_BATCHES = [VISION_BATCH]  # set by main (--vision-batches); the first is "vision"
+DECODE_BATCHES = [1, 8]  # set by main (--decode-batches)
+
+
+def set_rates() -> None:
+    """RATES for the chosen batch lists (the defaults give the four measurements of the header)."""
+    RATES.clear()
+    for b in VISION_BATCHES:
+        name = "vision" if b == VISION_BATCHES[0] else f"vision_b{b}"
+        RATES[name] = ("vision_images_per_s" if b == VISION_BATCHES[0] else f"vision_images_per_s_b{b}", b)
+    RATES["prefill"] = ("prefill_tokens_per_s", PROMPT_LEN)
+    for b in DECODE_BATCHES:
+        RATES[f"decode_b{b}"] = (f"decode_tokens_per_s_b{b}", b * DECODE_STEPS)
+
+
+def sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup: int, reps: int) -> tuple[float, list[float]]:
     """Median seconds of `reps` calls of fn() after `warmup` untimed ones (fn may return its own duration), and
     every timed run."""
@@ -74,6 +103,7 @@ def timed(fn, warmup: int, reps: int) -> tuple[float, list[float]]:
     for _ in range(reps):
         t0 = time.perf_counter()
         own = fn()
+        sync()
         times.append(own if isinstance(own, float) else time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -92,16 +122,17 @@ class Protocol:
         boi, eoi = tag0 + 1, tag0 + 2
 
         torch.manual_seed(0)
-        self.pixel_values = torch.randn(VISION_BATCH, 3, S, S)
+        dev = torch.device(DEVICE)
+        self.pixel_values = torch.randn(max(VISION_BATCHES), 3, S, S).to(dev, model.dtype)
         text = torch.randint(4 + Q, tag0, (L - Q - 3,))
-        ids = torch.cat([torch.tensor([0, boi]), torch.arange(4, 4 + Q), torch.tensor([eoi]), text])[None]
+        ids = torch.cat([torch.tensor([0, boi]), torch.arange(4, 4 + Q), torch.tensor([eoi]), text])[None].to(dev)
         iem = torch.zeros_like(ids)
         iem[0, 2: 2 + Q] = 1
         assert ids.shape == (1, L)
         img = self.image_features(self.pixel_values[:1])
         self.batched = {b: (ids.repeat(b, 1), iem.repeat(b, 1), img.repeat(b, 1, 1),
-                            torch.arange(2, L + 2)[None].repeat(b, 1))
-                        for b in (1, 8)}
+                            torch.arange(2, L + 2, device=dev)[None].repeat(b, 1))
+                        for b in sorted({1, *DECODE_BATCHES})}
 
     def image_features(self, pv):
         # = Kosmos2Model.get_image_features (Kosmos2ForConditionalGeneration.forward/generate inline the same steps)
@@ -113,7 +144,7 @@ class Protocol:
     def prefill(self, b):
         b_ids, b_iem, b_img, b_pos = self.batched[b]
         return self.model.text_model(
-            input_ids=b_ids, attention_mask=torch.ones(b, PROMPT_LEN, dtype=torch.long), image_embeds=b_img,
+            input_ids=b_ids, attention_mask=torch.ones(b, PROMPT_LEN, dtype=torch.long, device=DEVICE), image_embeds=b_img,
             image_embeds_position_mask=b_iem, position_ids=b_pos, use_cache=True, logits_to_keep=1)
 
     def decode_run(self, b):
@@ -121,23 +152,25 @@ class Protocol:
         out = self.prefill(b)
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t0 = time.perf_counter()
         for s in range(DECODE_STEPS):
             o = self.model.text_model(
-                input_ids=nxt, attention_mask=torch.ones(b, L + s + 1, dtype=torch.long),
-                past_key_values=cache, position_ids=torch.full((b, 1), L + s + 2), use_cache=True,
+                input_ids=nxt, attention_mask=torch.ones(b, L + s + 1, dtype=torch.long, device=DEVICE),
+                past_key_values=cache, position_ids=torch.full((b, 1), L + s + 2, device=DEVICE), use_cache=True,
                 logits_to_keep=1)
             cache = o.past_key_values
             nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         return time.perf_counter() - t0
 
     def measure(self, name: str) -> tuple[float, list[float]]:
-        work = {
-            "vision": (lambda: self.image_features(self.pixel_values), 5),
-            "prefill": (lambda: self.prefill(1), 5),
-            "decode_b1": (lambda: self.decode_run(1), DECODE_REPS),
-            "decode_b8": (lambda: self.decode_run(8), DECODE_REPS),
-        }
+        work = {"prefill": (lambda: self.prefill(1), 5)}
+        for b in VISION_BATCHES:
+            work["vision" if b == VISION_BATCHES[0] else f"vision_b{b}"] = (
+                lambda b=b: self.image_features(self.pixel_values[:b]), 5)
+        for b in DECODE_BATCHES:
+            work[f"decode_b{b}"] = (lambda b=b: self.decode_run(b), DECODE_REPS)
         fn, reps = work[name]
         return timed(fn, warmup=1, reps=reps)
 
@@ -147,7 +180,20 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32")
+    ap.add_argument("--attn", choices=("best", *IMPLEMENTATIONS), default="best",
+                    help="one attention implementation, or the faster of eager and sdpa (default)")
+    ap.add_argument("--vision-batches", default=str(VISION_BATCH), help="comma separated (default 8)")
+    ap.add_argument("--decode-batches", default="1,8", help="comma separated (default 1,8)")
     args = ap.parse_args()
+    global DEVICE, DTYPE, VISION_BATCHES, DECODE_BATCHES
+    DEVICE, DTYPE = args.device, args.dtype
+    VISION_BATCHES = [int(b) for b in args.vision_batches.split(",")]
+    DECODE_BATCHES = [int(b) for b in args.decode_batches.split(",")]
+    set_rates()
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    impls = IMPLEMENTATIONS if args.attn == "best" else (args.attn,)
 
     import transformers
     from transformers import Kosmos2ForConditionalGeneration
@@ -155,13 +201,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     protocols: dict[str, Protocol] = {}
     skipped: dict[str, str] = {}
-    for impl in IMPLEMENTATIONS:
+    for impl in impls:
         try:
             model = Kosmos2ForConditionalGeneration.from_pretrained(args.model, attn_implementation=impl,
-                                                                    dtype=torch.float32)
+                                                                    dtype=dtype)
         except (ValueError, ImportError) as error:  # this transformers version does not offer impl for Kosmos-2
             skipped[impl] = str(error).splitlines()[0]
             continue
+        model.to(DEVICE)
         model.eval()
         with torch.inference_mode():
             protocols[impl] = Protocol(model)
@@ -191,6 +238,9 @@ def main() -> None:
             by_impl[other][key] = units / by_impl[other]["median_s"][name]
     result.update({
         "attn_implementation": chosen,
+        "device": args.device,
+        "dtype": args.dtype,
+        "attn": args.attn,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
