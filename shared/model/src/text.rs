@@ -291,6 +291,7 @@ impl TextModel {
             meta.extend_from_slice(table);
         }
         let tokens = all_ids.len();
+        let meta_len = meta.len();
         let xpos = if xpos_parts.is_empty() {
             None
         } else {
@@ -300,7 +301,7 @@ impl TextModel {
         let step = StepInputs {
             cache,
             slots: Tensor::from_vec(slots, tokens, &device)?,
-            meta: Tensor::from_vec(meta.clone(), meta.len(), &device)?,
+            meta: Tensor::from_vec(meta, meta_len, &device)?,
             op: PagedAttention {
                 num_seqs: chunks.len(),
                 block_size,
