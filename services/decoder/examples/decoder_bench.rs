@@ -132,6 +132,7 @@ async fn measure_streams(
     let mut tasks = Vec::with_capacity(streams);
     for stream in 0..streams {
         let job = GenerateJob {
+            tenant: String::new(),
             prompt: prompt(ids(stream as u64 * 7919 + streams as u64, prompt_tokens)),
             sampling: SamplingParams::default(),
             stopping: StoppingRule {
@@ -187,6 +188,7 @@ async fn score(
     candidates: Vec<Vec<u32>>,
 ) -> anyhow::Result<ScoreOutput> {
     let job = ScoreJob {
+        tenant: String::new(),
         context: prompt(context.to_vec()),
         candidates,
         deadline: None,

@@ -16,6 +16,7 @@
 //! max_prefill_tokens_per_step = 4096
 //! stream_buffer_messages = 16
 //! stalled_poll_seconds = 0.002
+//! paused_timeout_seconds = 60.0    # a stream whose client has not read for this long is dropped, its KV freed
 //!
 //! [limits]
 //! max_score_candidates = 64
@@ -69,6 +70,8 @@ pub struct RawConfig {
     pub grpc: RawGrpc,
     /// Prometheus metrics (shared section).
     pub metrics: RawMetrics,
+    /// `[tls]`, shared: the server's certificate, and the client CA for mTLS.
+    pub tls: kosmos_runtime::tls::RawTls,
 }
 
 impl Default for RawConfig {
@@ -83,6 +86,7 @@ impl Default for RawConfig {
             server: RawServer::on_port(50053),
             grpc: RawGrpc::default(),
             metrics: RawMetrics::default(),
+            tls: kosmos_runtime::tls::RawTls::default(),
         }
     }
 }
@@ -108,6 +112,9 @@ pub struct RawScheduler {
     /// Sleep between looks while every running sequence waits for its client.
     #[serde(rename = "stalled_poll_seconds", with = "seconds")]
     pub stalled_poll: Duration,
+    /// A sequence whose client has not taken a message for this long is dropped and its KV freed.
+    #[serde(rename = "paused_timeout_seconds", with = "seconds")]
+    pub paused_timeout: Duration,
 }
 
 impl Default for RawScheduler {
@@ -121,6 +128,7 @@ impl Default for RawScheduler {
             max_prefill_tokens_per_step: 4096,
             stream_buffer_messages: 16,
             stalled_poll: Duration::from_millis(2),
+            paused_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -168,6 +176,8 @@ pub struct SchedulerConfig {
     pub stream_buffer_messages: NonZeroUsize,
     /// Sleep between looks while every running sequence waits for its client.
     pub stalled_poll: Duration,
+    /// How long a sequence may wait for its client to read before it is dropped.
+    pub paused_timeout: Duration,
     /// Whether requests share the KV blocks of a common prompt prefix.
     pub prefix_caching: bool,
     /// Token positions per KV block.
@@ -201,7 +211,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics, &raw.tls)?;
         let model_dir = required_path("model_dir", &raw.model_dir)?;
         let dtype = kosmos_model::parse_dtype(&raw.dtype)
             .map_err(|err| invalid("dtype", err.to_string()))?;
@@ -214,6 +224,9 @@ impl TryFrom<RawConfig> for DecoderConfig {
                     scheduler.stalled_poll.as_secs_f64()
                 ),
             ));
+        }
+        if scheduler.paused_timeout.is_zero() {
+            return Err(invalid("scheduler.paused_timeout_seconds", "must be > 0"));
         }
         Ok(Self {
             model_dir,
@@ -241,6 +254,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
                     scheduler.stream_buffer_messages,
                 )?,
                 stalled_poll: scheduler.stalled_poll,
+                paused_timeout: scheduler.paused_timeout,
             },
             limits: RequestLimits {
                 max_score_candidates: positive(

@@ -49,6 +49,15 @@ pub enum RequestError {
     /// The model or the scheduler failed while running the request; other requests are unaffected.
     #[error("engine step failed: {0}")]
     Engine(String),
+    /// The client left a message untaken for `scheduler.paused_timeout_seconds`; its sequence was dropped.
+    #[error(
+        "stream abandoned: the client did not read for {seconds} s (scheduler.paused_timeout_seconds); its \
+         sequence was dropped"
+    )]
+    Abandoned {
+        /// The configured timeout.
+        seconds: f64,
+    },
 }
 
 impl RequestError {
@@ -63,6 +72,7 @@ impl RequestError {
             Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Self::EngineStopped => tonic::Code::Unavailable,
             Self::Engine(_) => tonic::Code::Internal,
+            Self::Abandoned { .. } => tonic::Code::Cancelled,
         }
     }
 }

@@ -91,6 +91,7 @@ pub fn engine_settings(
         max_prefill_tokens_per_step: config.max_prefill_tokens_per_step,
         stream_buffer_messages: config.stream_buffer_messages,
         stalled_poll: config.stalled_poll,
+        paused_timeout: config.paused_timeout,
     })
 }
 

@@ -37,6 +37,7 @@ async fn request_spans_nest_under_the_call_and_steps_link_to_their_requests() {
     assert_eq!(tokens, 3);
     client
         .score(pb::ScoreRequest {
+            tenant: String::new(),
             context: vec![tokens_segment(&pseudo_random_ids(4, 5))],
             candidates: vec![pb::Candidate {
                 ids: pseudo_random_ids(5, 2),

@@ -75,6 +75,8 @@ pub struct RawConfig {
     pub grpc: RawGrpc,
     /// Prometheus metrics (shared section).
     pub metrics: RawMetrics,
+    /// `[tls]`, shared: the server's certificate, and the client CA for mTLS.
+    pub tls: kosmos_runtime::tls::RawTls,
 }
 
 /// `[limits]`.
@@ -128,6 +130,7 @@ impl Default for RawConfig {
             server: RawServer::on_port(50052),
             grpc: RawGrpc::default(),
             metrics: RawMetrics::default(),
+            tls: kosmos_runtime::tls::RawTls::default(),
         }
     }
 }
@@ -262,7 +265,7 @@ impl TryFrom<RawConfig> for EncoderConfig {
             Some(workers) => workers,
             None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
         };
-        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics, &raw.tls)?;
         Ok(Self {
             model_dir,
             device: raw.device,

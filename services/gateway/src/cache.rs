@@ -23,9 +23,13 @@ impl ContentHash {
     }
 }
 
-/// What an embedding is cached under: the image and the model that encoded it.
+/// What an embedding is cached under: the caller's tenant, the image and the model that encoded it. The tenant
+/// partitions the cache: one API key's images never hit for another, so neither hits nor timings
+/// (`timings.encode_seconds`) tell a caller what others sent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
+    /// The API key id (empty on an open gateway).
+    pub tenant: Arc<str>,
     /// The image's content hash.
     pub hash: ContentHash,
     /// The fingerprint of the model the embedding is valid for.
@@ -197,6 +201,7 @@ mod tests {
 
     fn key(byte: u8) -> CacheKey {
         CacheKey {
+            tenant: Arc::from(""),
             hash: ContentHash::of(&[byte]),
             fingerprint: Arc::from("fp"),
         }
@@ -248,6 +253,18 @@ mod tests {
             ..key(1)
         };
         assert!(cache.get(&other).is_none());
+    }
+
+    #[test]
+    fn the_same_image_of_another_tenant_is_another_entry() {
+        let cache = EmbeddingCache::new(10_000);
+        cache.insert(key(1), embedding(40));
+        let other = CacheKey {
+            tenant: Arc::from("team-b"),
+            ..key(1)
+        };
+        assert!(cache.get(&other).is_none());
+        assert!(cache.get(&key(1)).is_some());
     }
 
     #[test]

@@ -59,7 +59,9 @@ impl ImageEncoder {
         images: &[ValidImage],
         model: &ModelInfo,
         deadline: Option<Instant>,
+        tenant: &str,
     ) -> Result<Embeddings, RequestError> {
+        let tenant: Arc<str> = Arc::from(tenant);
         let mut found: HashMap<ContentHash, Arc<Tensor>> = HashMap::new();
         let mut calls: JoinSet<(ContentHash, Result<Arc<Tensor>, RequestError>)> = JoinSet::new();
         let mut cached = 0;
@@ -69,6 +71,7 @@ impl ImageEncoder {
                 continue;
             }
             let key = CacheKey {
+                tenant: tenant.clone(),
                 hash: image.hash,
                 fingerprint: model.fingerprint.clone(),
             };
@@ -102,6 +105,7 @@ impl ImageEncoder {
             let embedding = result?;
             self.cache.insert(
                 CacheKey {
+                    tenant: tenant.clone(),
                     hash,
                     fingerprint: model.fingerprint.clone(),
                 },

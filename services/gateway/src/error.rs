@@ -42,6 +42,21 @@ pub enum RequestError {
     /// A bug or an inconsistent answer from a pool.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No valid API key.
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::auth::AuthError),
+    /// The caller's key has spent one of its quotas.
+    #[error("API key `{key}` is over its quota `{quota}` ({limit}); retry in {:.1} s", retry_after.as_secs_f64())]
+    QuotaExceeded {
+        /// The key's id.
+        key: String,
+        /// `requests_per_minute`, `tokens_per_minute` or `max_concurrent_requests`.
+        quota: &'static str,
+        /// The quota's value.
+        limit: u64,
+        /// When a retry may succeed.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl RequestError {
@@ -49,7 +64,10 @@ impl RequestError {
     pub fn code(&self) -> tonic::Code {
         match self {
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            Self::Overloaded { .. } | Self::PoolOverloaded { .. } => tonic::Code::ResourceExhausted,
+            Self::Overloaded { .. } | Self::PoolOverloaded { .. } | Self::QuotaExceeded { .. } => {
+                tonic::Code::ResourceExhausted
+            }
+            Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Self::NotReady(_) | Self::Unavailable { .. } => tonic::Code::Unavailable,
             Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Self::Internal(_) => tonic::Code::Internal,
@@ -62,7 +80,30 @@ impl RequestError {
     }
 }
 
-kosmos_runtime::status_from!(RequestError);
+impl RequestError {
+    /// When a retry may succeed, for errors that know (a spent quota).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl From<RequestError> for tonic::Status {
+    /// The error's code and message; a spent quota also carries a `google.rpc.RetryInfo` detail.
+    fn from(error: RequestError) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt as _};
+        match error.retry_after() {
+            Some(after) => tonic::Status::with_error_details(
+                error.code(),
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(after)),
+            ),
+            None => tonic::Status::new(error.code(), error.to_string()),
+        }
+    }
+}
 
 /// Why the gateway could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +127,18 @@ pub enum StartError {
         endpoint: String,
         /// The cause.
         message: String,
+    },
+    /// The API keys file could not be read or is invalid.
+    #[error("auth.api_keys_file: {0}")]
+    ApiKeys(#[source] kosmos_runtime::reload::ReloadError),
+    /// A pool's TLS files could not be read or used.
+    #[error("{pool}.tls: {source}")]
+    Tls {
+        /// `encoder` or `decoder`.
+        pool: &'static str,
+        /// The cause, naming the file.
+        #[source]
+        source: kosmos_runtime::reload::ReloadError,
     },
     /// Binding or serving failed.
     #[error(transparent)]

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
 use tracing::Instrument as _;
 
+use crate::auth::{Caller, QuotaPermit};
 use crate::call::CallContext;
 use crate::domain::{ValidParams, validate_params};
 use crate::encode::Embeddings;
@@ -42,6 +43,7 @@ pub struct Generation {
     stream: Option<tonic::Streaming<dec::GenerateResponse>>,
     call: Option<CallGuard>,
     _permit: OwnedSemaphorePermit,
+    quota: QuotaPermit,
     clock: RequestClock,
     model: Arc<ModelInfo>,
     grounding: bool,
@@ -65,8 +67,10 @@ pub async fn start(
     state: Arc<GatewayState>,
     request: pb::GenerateRequest,
     clock: RequestClock,
+    caller: Caller,
 ) -> Result<Generation, RequestError> {
     let permit = state.admit()?;
+    let quota = caller.admit()?;
     let model = state.model()?;
     let params = tracing::info_span!("gateway.validate")
         .in_scope(|| validate_params(request.params, &state.limits, model.vocab_size))?;
@@ -76,12 +80,15 @@ pub async fn start(
         candidates: Vec::new(),
     };
     let (prepared, tokenize_seconds) = tokenize(&state, &model, input, clock).await?;
+    quota.charge((prepared.encoded.len() + prepared.images.len() * model.num_image_tokens) as u64);
     let prompt_len = prepared.encoded.len();
     let (max_new_tokens, capped_by_context) = max_new_tokens(&params, prompt_len, &model, &state)?;
 
-    let (embeddings, encode_seconds) = encode_images(&state, &prepared, &model, clock).await?;
+    let (embeddings, encode_seconds) =
+        encode_images(&state, &prepared, &model, clock, caller.tenant()).await?;
 
     let decoder_request = dec::GenerateRequest {
+        tenant: caller.tenant().to_string(),
         prompt: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
         sampling: Some(sampling(&params)),
         stopping: Some(dec::StoppingParams {
@@ -113,6 +120,7 @@ pub async fn start(
         stream: Some(stream),
         call: Some(call),
         _permit: permit,
+        quota,
         clock,
         model,
         state,
@@ -156,6 +164,7 @@ pub(crate) async fn encode_images(
     prepared: &PreparedPrompt,
     model: &ModelInfo,
     clock: RequestClock,
+    tenant: &str,
 ) -> Result<(Embeddings, f64), RequestError> {
     let started = Instant::now();
     let embeddings = within(
@@ -163,7 +172,7 @@ pub(crate) async fn encode_images(
         "encoding the images",
         state
             .encoder
-            .embeddings(&prepared.images, model, clock.deadline)
+            .embeddings(&prepared.images, model, clock.deadline, tenant)
             .instrument(tracing::info_span!(
                 "gateway.images",
                 images = prepared.images.len()
@@ -289,6 +298,7 @@ impl Generation {
             if let Some(call) = self.call.as_mut() {
                 call.responded();
             }
+            self.quota.charge(message.tokens.len() as u64);
             let mut out = pb::GenerateStreamResponse::default();
             let mut stopped = false;
             for token in message.tokens {

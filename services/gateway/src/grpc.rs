@@ -1,7 +1,7 @@
 //! The `kosmos.v1.Kosmos` service: reads the caller's deadline, hands the request to [`crate::generate`] or
 //! [`crate::score`], and converts domain values to wire messages.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use kosmos_proto::v1 as pb;
@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::auth::Caller;
 use crate::cache::CacheStats;
 use crate::config::Limits;
 use crate::error::RequestError;
@@ -35,22 +36,40 @@ impl KosmosService {
 }
 
 impl KosmosService {
-    /// The request's clock; a deadline already passed fails (and is counted) here.
-    fn clock_of<T>(
+    /// The caller (from its API key) and the request's clock; no valid key, or a deadline already passed, fails
+    /// (and is counted) here.
+    fn begin<T>(
         &self,
         request: &Request<T>,
         operation: Operation,
-    ) -> Result<RequestClock, Status> {
+    ) -> Result<(Caller, RequestClock), Status> {
         let arrived = Instant::now();
+        let clock = RequestClock {
+            arrived,
+            deadline: None,
+        };
+        let caller = self.failed_if_err(operation, clock, self.caller(request))?;
         let deadline = self.failed_if_err(
             operation,
-            RequestClock {
-                arrived,
-                deadline: None,
-            },
-            deadline_of(request, arrived),
+            clock,
+            deadline_of(request, arrived, &self.state.limits),
         )?;
-        Ok(RequestClock { arrived, deadline })
+        Ok((caller, RequestClock { arrived, deadline }))
+    }
+
+    /// The caller its `authorization` header names (anonymous on an open gateway); UNAUTHENTICATED otherwise.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, RequestError> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        let caller = self.state.auth.authenticate(header).inspect_err(|err| {
+            tracing::info!(%err, "refused a call without a valid API key");
+        })?;
+        if !caller.tenant().is_empty() {
+            tracing::Span::current().record("api_key.id", caller.tenant());
+        }
+        Ok(caller)
     }
 
     /// Counts a failed request in the GenAI duration histogram (successes are counted where they finish, with
@@ -77,11 +96,11 @@ impl Kosmos for KosmosService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let clock = self.clock_of(&request, Operation::TextCompletion)?;
+        let (caller, clock) = self.begin(&request, Operation::TextCompletion)?;
         // If the caller goes away, tonic drops this future, and with it the generation and its decoder stream.
         let result = async {
             let generation =
-                generate::start(self.state.clone(), request.into_inner(), clock).await?;
+                generate::start(self.state.clone(), request.into_inner(), clock, caller).await?;
             generate::collect(generation).await
         }
         .await;
@@ -89,16 +108,24 @@ impl Kosmos for KosmosService {
         Ok(Response::new(response))
     }
 
-    type GenerateStreamStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+    type GenerateStreamStream = ResponseStream;
 
     async fn generate_stream(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let clock = self.clock_of(&request, Operation::TextCompletion)?;
-        let started = generate::start(self.state.clone(), request.into_inner(), clock).await;
+        let (caller, clock) = self.begin(&request, Operation::TextCompletion)?;
+        let started =
+            generate::start(self.state.clone(), request.into_inner(), clock, caller).await;
         let mut generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
         let (sender, receiver) = mpsc::channel(self.state.stream_buffer_messages);
+        let abandoned = Arc::new(OnceLock::new());
+        let stream = ResponseStream {
+            messages: ReceiverStream::new(receiver),
+            abandoned: Arc::clone(&abandoned),
+            ended: false,
+        };
+        let idle_timeout = self.state.limits.stream_idle_timeout;
         let state = self.state.clone();
         let forward = async move {
             let failed = |code| {
@@ -127,11 +154,29 @@ impl Kosmos for KosmosService {
                     }
                 };
                 let is_error = message.is_err();
-                if sender.send(message).await.is_err() {
-                    if !is_error {
-                        failed(tonic::Code::Cancelled);
+                match tokio::time::timeout(idle_timeout, sender.send(message)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        if !is_error {
+                            failed(tonic::Code::Cancelled);
+                        }
+                        return;
                     }
-                    return;
+                    Err(_) => {
+                        // The caller holds a full buffer and reads nothing: end the call (dropping the decoder
+                        // stream frees its sequence) and tell the caller if it ever reads again.
+                        tracing::info!(
+                            stream_idle_timeout_seconds = idle_timeout.as_secs_f64(),
+                            "caller stopped reading, ending its stream"
+                        );
+                        let _ = abandoned.set(Status::cancelled(format!(
+                            "stream abandoned: the caller did not read for {} s \
+                             (`limits.stream_idle_timeout_seconds`)",
+                            idle_timeout.as_secs_f64()
+                        )));
+                        failed(tonic::Code::Cancelled);
+                        return;
+                    }
                 }
                 if is_error {
                     return;
@@ -139,23 +184,24 @@ impl Kosmos for KosmosService {
             }
         };
         tokio::spawn(forward.instrument(tracing::Span::current()));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
     }
 
     async fn score(
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let clock = self.clock_of(&request, Operation::Score)?;
-        let result = score::score(self.state.clone(), request.into_inner(), clock).await;
+        let (caller, clock) = self.begin(&request, Operation::Score)?;
+        let result = score::score(self.state.clone(), request.into_inner(), clock, caller).await;
         let response = self.failed_if_err(Operation::Score, clock, result)?;
         Ok(Response::new(response))
     }
 
     async fn get_model_info(
         &self,
-        _request: Request<pb::GetModelInfoRequest>,
+        request: Request<pb::GetModelInfoRequest>,
     ) -> Result<Response<pb::GetModelInfoResponse>, Status> {
+        self.caller(&request)?;
         let model = self.state.model()?;
         let tokenizer = &self.state.tokenizer;
         Ok(Response::new(pb::GetModelInfoResponse {
@@ -169,6 +215,34 @@ impl Kosmos for KosmosService {
             stats: Some(wire_stats(&self.state.stats())),
             eos_token_id: model.eos_token_id,
         }))
+    }
+}
+
+/// A `GenerateStream` response: the forwarded messages, unless the stream was abandoned because its caller stopped
+/// reading (then that error, once, and the end).
+#[derive(Debug)]
+pub struct ResponseStream {
+    messages: ReceiverStream<Result<pb::GenerateStreamResponse, Status>>,
+    abandoned: Arc<OnceLock<Status>>,
+    ended: bool,
+}
+
+impl tokio_stream::Stream for ResponseStream {
+    type Item = Result<pb::GenerateStreamResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        if let Some(status) = self.abandoned.get() {
+            let status = status.clone();
+            self.ended = true;
+            return std::task::Poll::Ready(Some(Err(status)));
+        }
+        std::pin::Pin::new(&mut self.messages).poll_next(cx)
     }
 }
 

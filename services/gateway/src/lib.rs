@@ -2,7 +2,7 @@
 //! never links candle.
 //!
 //! A request flows through these modules in order:
-//! * [`grpc`]: the service; reads the caller's deadline;
+//! * [`grpc`]: the service; reads the caller's API key ([`auth`]: keys, quotas) and deadline;
 //! * [`state`]: the concurrency limit (RESOURCE_EXHAUSTED beyond it) and the shared state;
 //! * [`domain`]: wire request → validated domain types, image bytes checked from their headers;
 //! * [`prompt`]: tokenization with `kosmos-processor` on the blocking pool, then the decoder's segments;
@@ -16,6 +16,7 @@
 //! * [`metrics`]: everything `/metrics` exports (GenAI request metrics, per-pool queue signals, the cache);
 //! * [`server`]: start, serve with health and reflection, drain; [`config`]: file < environment < flags.
 
+pub mod auth;
 pub mod cache;
 pub mod call;
 pub mod config;

@@ -19,6 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 /// A channel to a replica that propagates the caller's trace context (`traceparent`) on every call.
 pub type UpstreamChannel = InterceptedService<Channel, TracePropagation>;
 
+use kosmos_runtime::tls::TlsConnector;
+
 use crate::config::{Discovery, PoolConfig, endpoint_uri};
 use crate::error::StartError;
 
@@ -33,7 +35,13 @@ pub struct Replica {
 }
 
 impl Replica {
-    fn new(address: String, connect_timeout: Duration) -> Result<Self, StartError> {
+    /// A replica at `address` (`http://host:port`), connected over TLS when `tls` is set (the TLS is made by
+    /// the connector; the URI keeps its `http` scheme, which tonic requires of a custom connector).
+    fn new(
+        address: String,
+        connect_timeout: Duration,
+        tls: Option<&TlsConnector>,
+    ) -> Result<Self, StartError> {
         let endpoint = Endpoint::from_shared(address.clone())
             .map_err(|err| StartError::Endpoint {
                 endpoint: address.clone(),
@@ -44,9 +52,13 @@ impl Replica {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        let channel = match tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.service()),
+            None => endpoint.connect_lazy(),
+        };
         Ok(Self {
             address,
-            channel: endpoint.connect_lazy(),
+            channel,
             // Optimistic until a probe or a call says otherwise: a new replica takes traffic at once.
             healthy: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
@@ -130,6 +142,7 @@ struct Counters {
 struct PoolState {
     name: &'static str,
     config: PoolConfig,
+    tls: Option<TlsConnector>,
     /// Replaced whole on discovery changes; readers clone the `Arc` and never hold the lock across an await.
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     counters: Counters,
@@ -145,10 +158,28 @@ impl Pool {
     /// A pool named `name` (`encoder`, `decoder`); a static list is connected lazily now, a DNS name is resolved
     /// by [`Pool::refresh`].
     pub fn new(name: &'static str, config: PoolConfig) -> Result<Self, StartError> {
+        let tls = match &config.tls {
+            Some(settings) => {
+                let mut settings = settings.clone();
+                // Replicas found by DNS are IP addresses: their certificates name the DNS name.
+                if let (None, Discovery::Dns { name: dns, .. }) =
+                    (&settings.server_name, &config.discovery)
+                {
+                    settings.server_name = dns.rsplit_once(':').map(|(host, _)| host.to_string());
+                }
+                Some(
+                    TlsConnector::load(&settings)
+                        .map_err(|source| StartError::Tls { pool: name, source })?,
+                )
+            }
+            None => None,
+        };
         let replicas = match &config.discovery {
             Discovery::Static(uris) => uris
                 .iter()
-                .map(|uri| Replica::new(uri.clone(), config.connect_timeout).map(Arc::new))
+                .map(|uri| {
+                    Replica::new(uri.clone(), config.connect_timeout, tls.as_ref()).map(Arc::new)
+                })
                 .collect::<Result<Vec<_>, _>>()?,
             Discovery::Dns { .. } => Vec::new(),
         };
@@ -156,6 +187,7 @@ impl Pool {
             state: Arc::new(PoolState {
                 name,
                 config,
+                tls,
                 replicas: RwLock::new(Arc::new(replicas)),
                 counters: Counters::default(),
             }),
@@ -214,7 +246,11 @@ impl Pool {
             if known.contains(address.as_str()) {
                 continue;
             }
-            match Replica::new(address.clone(), self.state.config.connect_timeout) {
+            match Replica::new(
+                address.clone(),
+                self.state.config.connect_timeout,
+                self.state.tls.as_ref(),
+            ) {
                 Ok(replica) => next.push(Arc::new(replica)),
                 Err(err) => {
                     tracing::warn!(pool = self.state.name, %address, %err, "cannot add replica")
@@ -374,6 +410,7 @@ mod tests {
             call_timeout: None,
             max_attempts: NonZeroU32::MIN,
             probe_interval: Duration::from_secs(1),
+            tls: None,
         };
         Pool::new("encoder", config).expect("pool")
     }

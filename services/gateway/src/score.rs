@@ -9,6 +9,7 @@ use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 use tracing::Instrument as _;
 
+use crate::auth::Caller;
 use crate::call::CallContext;
 use crate::domain::validate_candidates;
 use crate::error::RequestError;
@@ -23,8 +24,10 @@ pub async fn score(
     state: Arc<GatewayState>,
     request: pb::ScoreRequest,
     clock: RequestClock,
+    caller: Caller,
 ) -> Result<pb::ScoreResponse, RequestError> {
     let _permit = state.admit()?;
+    let quota = caller.admit()?;
     let model = state.model()?;
     tracing::info_span!("gateway.validate")
         .in_scope(|| validate_candidates(&request.candidates, &state.limits))?;
@@ -34,8 +37,15 @@ pub async fn score(
         candidates: request.candidates.clone(),
     };
     let (prepared, tokenize_seconds) = tokenize(&state, &model, input, clock).await?;
-    let (embeddings, encode_seconds) = encode_images(&state, &prepared, &model, clock).await?;
+    let candidate_tokens: usize = prepared.candidates.iter().map(Vec::len).sum();
+    quota.charge(
+        (prepared.encoded.len() + prepared.images.len() * model.num_image_tokens + candidate_tokens)
+            as u64,
+    );
+    let (embeddings, encode_seconds) =
+        encode_images(&state, &prepared, &model, clock, caller.tenant()).await?;
     let decoder_request = dec::ScoreRequest {
+        tenant: caller.tenant().to_string(),
         context: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
         candidates: prepared
             .candidates

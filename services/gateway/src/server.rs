@@ -10,6 +10,7 @@ use kosmos_runtime::metrics::{Registry, model_name};
 use kosmos_runtime::service::{BoxError, Watcher, watcher};
 use kosmos_runtime::{Bound, Service, Shutdown};
 
+use crate::auth::Authenticator;
 use crate::cache::EmbeddingCache;
 use crate::config::GatewayConfig;
 use crate::encode::ImageEncoder;
@@ -81,6 +82,21 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
     let cache = Arc::new(EmbeddingCache::new(config.cache_capacity_bytes));
     let max_message_bytes = config.server.max_message_bytes.get();
     let encoder = ImageEncoder::new(encoder_pool, cache, max_message_bytes);
+    let auth = match &config.api_keys_file {
+        Some(path) => {
+            let auth = Authenticator::from_file(path, crate::auth::RELOAD_INTERVAL)
+                .map_err(StartError::ApiKeys)?;
+            tracing::info!(file = %path.display(), keys = auth.key_count(), "API keys required");
+            auth
+        }
+        None => {
+            tracing::warn!(
+                "no API keys configured (`auth.api_keys_file` / --api-keys): every caller is served, without \
+                 quotas; fine on a laptop, not on a network"
+            );
+            Authenticator::open()
+        }
+    };
     let model = model_name(&config.model_dir);
     let metrics = GatewayMetrics::new(&model).map_err(kosmos_runtime::ServeError::from)?;
     let registry = Arc::clone(metrics.registry());
@@ -91,6 +107,7 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
         config.limits.clone(),
         config.stream_buffer_messages.get(),
         metrics,
+        auth,
     ));
     let observed = Arc::downgrade(&state);
     state
@@ -101,6 +118,7 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
         .max_encoding_message_size(max_message_bytes);
     let watcher = follow_pools(Arc::clone(&state), writer, Arc::clone(&registry), model);
     let bound = Service::new("gateway", config.server.clone(), registry)?
+        .byte_budget(Arc::clone(&state.budget))
         .add_service(kosmos)
         .watch(watcher)
         .not_live_until_ready()

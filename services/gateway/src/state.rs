@@ -8,6 +8,7 @@ use std::time::Instant;
 use kosmos_processor::KosmosTokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::Authenticator;
 use crate::config::Limits;
 use crate::encode::ImageEncoder;
 use crate::error::RequestError;
@@ -29,6 +30,10 @@ pub struct GatewayState {
     pub stream_buffer_messages: usize,
     /// Request metrics.
     pub metrics: GatewayMetrics,
+    /// API keys and quotas (or none: open).
+    pub auth: Authenticator,
+    /// Request bytes held by all calls (`limits.max_inflight_bytes`).
+    pub budget: Arc<kosmos_runtime::budget::ByteBudget>,
     permits: Arc<Semaphore>,
     rejected: AtomicU64,
 }
@@ -42,9 +47,16 @@ impl GatewayState {
         limits: Limits,
         stream_buffer_messages: usize,
         metrics: GatewayMetrics,
+        auth: Authenticator,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests.get()));
+        let budget = kosmos_runtime::budget::ByteBudget::new(
+            limits.max_inflight_bytes.get() as u64,
+            "limits.max_inflight_bytes",
+        );
         Self {
+            auth,
+            budget,
             tokenizer,
             upstreams,
             encoder,
@@ -96,12 +108,20 @@ impl GatewayState {
     }
 }
 
-/// The caller's deadline (`grpc-timeout`), slightly early; DEADLINE_EXCEEDED when it has already passed.
+/// The caller's deadline (`grpc-timeout`, else `limits.default_deadline_seconds`, bounded by
+/// `limits.max_deadline_seconds`), slightly early; DEADLINE_EXCEEDED when it has already passed.
 pub fn deadline_of<T>(
     request: &tonic::Request<T>,
     arrived: Instant,
+    limits: &Limits,
 ) -> Result<Option<Instant>, RequestError> {
-    match kosmos_runtime::grpc::request_deadline(request, arrived) {
+    let timeout = kosmos_runtime::grpc::request_timeout(request).or(limits.default_deadline);
+    let timeout = match (timeout, limits.max_deadline) {
+        (Some(timeout), Some(max)) => Some(timeout.min(max)),
+        (None, max) => max,
+        (timeout, None) => timeout,
+    };
+    match timeout.map(|timeout| kosmos_runtime::grpc::answer_by(arrived, timeout)) {
         Some(deadline) if deadline <= Instant::now() => {
             Err(RequestError::DeadlineExceeded("waiting to start"))
         }

@@ -98,6 +98,7 @@ fn pool(addrs: &[SocketAddr], max_attempts: u32) -> Pool {
         call_timeout: Some(Duration::from_secs(5)),
         max_attempts: NonZeroU32::new(max_attempts).expect("non-zero"),
         probe_interval: Duration::from_secs(1),
+        tls: None,
     };
     Pool::new("encoder", config).expect("pool")
 }
@@ -134,7 +135,7 @@ async fn an_encode_that_fails_on_one_replica_is_retried_on_another() {
     let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
     for seed in 0..8 {
         let embeddings = encoder
-            .embeddings(&[image(seed)], &model(), None)
+            .embeddings(&[image(seed)], &model(), None, "")
             .await
             .expect("retried");
         assert_eq!(embeddings.tensors.len(), 1);
@@ -166,7 +167,7 @@ async fn the_images_of_a_request_are_encoded_concurrently_and_deduplicated() {
     );
     let images: Vec<ValidImage> = [1, 2, 3, 1, 4, 2].into_iter().map(image).collect();
     let embeddings = encoder
-        .embeddings(&images, &model(), None)
+        .embeddings(&images, &model(), None, "")
         .await
         .expect("encoded");
     assert_eq!(embeddings.tensors.len(), 6);
@@ -177,7 +178,7 @@ async fn the_images_of_a_request_are_encoded_concurrently_and_deduplicated() {
     let calls = first_calls.load(Ordering::SeqCst) + second_calls.load(Ordering::SeqCst);
     assert_eq!(calls, 4, "one call per distinct image");
     encoder
-        .embeddings(&images, &model(), None)
+        .embeddings(&images, &model(), None, "")
         .await
         .expect("cached");
     let again = first_calls.load(Ordering::SeqCst) + second_calls.load(Ordering::SeqCst);
@@ -192,7 +193,7 @@ async fn a_refused_image_is_not_retried_and_names_the_field() {
     let encoder = ImageEncoder::new(pool, Arc::new(EmbeddingCache::new(0)), 1 << 20);
     let mut refused = 0;
     for seed in 0..6 {
-        if let Err(err) = encoder.embeddings(&[image(seed)], &model(), None).await {
+        if let Err(err) = encoder.embeddings(&[image(seed)], &model(), None, "").await {
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.to_string().contains("`prompt[0].image.data`"), "{err}");
             refused += 1;
@@ -216,7 +217,7 @@ async fn with_every_replica_down_the_pool_is_unavailable() {
     let (b, _) = start_fake(Behaviour::Down).await;
     let encoder = ImageEncoder::new(pool(&[a, b], 3), Arc::new(EmbeddingCache::new(0)), 1 << 20);
     let err = encoder
-        .embeddings(&[image(0)], &model(), None)
+        .embeddings(&[image(0)], &model(), None, "")
         .await
         .expect_err("all down");
     assert_eq!(err.code(), tonic::Code::Unavailable);
@@ -233,7 +234,7 @@ async fn with_every_replica_full_the_pool_is_overloaded_and_stays_in_rotation() 
     let pool = pool(&[a, b], 3);
     let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
     let err = encoder
-        .embeddings(&[image(0)], &model(), None)
+        .embeddings(&[image(0)], &model(), None, "")
         .await
         .expect_err("all full");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
@@ -261,6 +262,7 @@ async fn a_dns_name_is_resolved_into_replicas() {
         call_timeout: None,
         max_attempts: NonZeroU32::MIN,
         probe_interval: Duration::from_secs(1),
+        tls: None,
     };
     let pool = Pool::new("decoder", config).expect("pool");
     assert!(

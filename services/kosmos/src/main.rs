@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod eval;
+mod keys;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ enum Command {
     /// Loads a running gateway (open loop at Poisson rates, or closed loop) and reports throughput, time to first
     /// token, time per output token, inter-token and end-to-end latency, goodput and errors.
     Bench(Box<bench::BenchArgs>),
+    /// Manages the gateway's API keys (`kosmos keys new --id NAME --file keys.toml`).
+    Keys(keys::KeysArgs),
 }
 
 #[tokio::main]
@@ -76,6 +79,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Score(args) => client::score(args).await,
         Command::Eval(args) => eval::run(args).await,
         Command::Bench(args) => bench::run(*args).await,
+        Command::Keys(args) => keys::run(args),
     }
 }
 

@@ -35,6 +35,19 @@ pub struct ServeArgs {
     /// exporter's usual port, clear of a local Prometheus on 9090.)
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9464")]
     metrics_listen: SocketAddr,
+    /// Serve the public API over TLS with this PEM certificate chain (with --tls-key). The loopback hops between
+    /// the three services stay plaintext.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mTLS); needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Require API keys from this TOML file (see `kosmos keys new`); without it every caller is served.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<PathBuf>,
     /// Device of the encoder and the decoder: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -53,6 +66,8 @@ pub struct ServeArgs {
 struct Running {
     name: &'static str,
     address: SocketAddr,
+    /// Where its health answers in plaintext: the gRPC address, or its health-only port when that is TLS.
+    health: SocketAddr,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -86,10 +101,11 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
         .await
         .with_context(|| format!("the {} could not start", S::NAME))?;
     let address = bound.local_addr();
+    let tls = if bound.is_tls() { " over TLS" } else { "" };
     step(
         S::NAME,
         format!(
-            "listening on {address} (metrics http://{}/metrics) after {:.1} s",
+            "listening on {address}{tls} (metrics http://{}/metrics) after {:.1} s",
             bound.metrics_addr(),
             started.elapsed().as_secs_f64()
         ),
@@ -97,6 +113,7 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
     Ok(Running {
         name: S::NAME,
         address,
+        health: bound.health_addr().unwrap_or(address),
         task: tokio::spawn(bound.serve(stop)),
     })
 }
@@ -145,8 +162,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         backends.clone(),
     )
     .await?;
+    let mut gateway_settings = common(&model, args.listen, args.metrics_listen);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        gateway_settings = gateway_settings
+            .path("tls.cert_file", cert)
+            .path("tls.key_file", key)
+            // Readiness is checked here in plaintext, on a loopback health-only port.
+            .string(
+                "server.health_listen",
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+            );
+        if let Some(ca) = &args.tls_client_ca {
+            gateway_settings = gateway_settings.path("tls.client_ca_file", ca);
+        }
+    }
+    if let Some(keys) = &args.api_keys {
+        gateway_settings = gateway_settings.path("auth.api_keys_file", keys);
+    }
     let gateway = start::<kosmos_gateway::Gateway>(
-        common(&model, args.listen, args.metrics_listen)
+        gateway_settings
             .strings(
                 "encoder.endpoints",
                 &[format!("http://{}", encoder.address)],
@@ -160,10 +194,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     let gateway_addr = gateway.address;
+    let gateway_health = gateway.health;
     let mut services = vec![gateway, encoder, decoder];
 
-    if wait_until_ready(gateway_addr, &shutdown, &services, started).await {
-        print_ready(gateway_addr, started).await;
+    if wait_until_ready(gateway_health, &shutdown, &services, started).await {
+        let plaintext = args.tls_cert.is_none() && args.api_keys.is_none();
+        print_ready(gateway_addr, started, plaintext).await;
         shutdown.wait().await;
         eprintln!("shutting down: finishing the requests in flight…");
     }
@@ -202,9 +238,11 @@ async fn report(service: Running) -> bool {
     }
 }
 
-/// The model the gateway serves, and how to reach it.
-async fn print_ready(gateway_addr: SocketAddr, started: Instant) {
-    if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
+/// The model the gateway serves (when it can be asked without a key or TLS), and how to reach it.
+async fn print_ready(gateway_addr: SocketAddr, started: Instant, open: bool) {
+    if !open {
+        eprintln!("ready in {:.1} s", started.elapsed().as_secs_f64());
+    } else if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
         && let Ok(info) = client
             .get_model_info(kosmos_proto::v1::GetModelInfoRequest {})
             .await
@@ -224,17 +262,17 @@ async fn print_ready(gateway_addr: SocketAddr, started: Instant) {
     );
 }
 
-/// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it), printing a line every
-/// few seconds; false if shutdown comes first or a service stops.
+/// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it, at `health_addr`),
+/// printing a line every few seconds; false if shutdown comes first or a service stops.
 async fn wait_until_ready(
-    gateway_addr: SocketAddr,
+    health_addr: SocketAddr,
     shutdown: &Shutdown,
     services: &[Running],
     started: Instant,
 ) -> bool {
     let mut last_note = Instant::now();
     loop {
-        if readiness(gateway_addr).await == Some(ServingStatus::Serving) {
+        if readiness(health_addr).await == Some(ServingStatus::Serving) {
             return true;
         }
         if let Some(service) = services.iter().find(|service| service.task.is_finished()) {

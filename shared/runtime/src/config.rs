@@ -294,6 +294,9 @@ pub struct RawServer {
     pub drain_timeout: Duration,
     /// Log JSON lines instead of text.
     pub log_json: bool,
+    /// A second, plaintext port serving grpc.health.v1 only (the kubelet's gRPC probes cannot speak TLS);
+    /// empty: none.
+    pub health_listen: String,
 }
 
 impl RawServer {
@@ -303,6 +306,7 @@ impl RawServer {
             listen: format!("0.0.0.0:{port}"),
             drain_timeout: Duration::from_secs(30),
             log_json: false,
+            health_listen: String::new(),
         }
     }
 }
@@ -325,14 +329,18 @@ pub struct RawGrpc {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[serde(rename = "keepalive_timeout_seconds", with = "seconds")]
     pub keepalive_timeout: Duration,
+    /// Most concurrent HTTP/2 streams (calls) one connection may open.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for RawGrpc {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 << 20,
-            keepalive_interval: Duration::ZERO,
+            // Pings find peers that vanished without closing (a node lost, a NAT entry expired).
+            keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -376,18 +384,28 @@ pub struct ServerSettings {
     pub metrics_listen: SocketAddr,
     /// Whether a taken `metrics.listen` falls back to a free port (`metrics.fallback_to_free_port`).
     pub metrics_fallback: bool,
+    /// Concurrent calls per connection (`grpc.max_concurrent_streams`).
+    pub max_concurrent_streams: u32,
+    /// TLS, when `[tls]` is set.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// The plaintext health-only port (`server.health_listen`), if any.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// The smallest `grpc.max_message_bytes` accepted.
 const MIN_MESSAGE_BYTES: u64 = 1024;
 
 impl ServerSettings {
-    /// Validates the three shared sections; every error names its key.
+    /// Validates the shared sections; every error names its key.
     pub fn from_raw(
         server: &RawServer,
         grpc: &RawGrpc,
         metrics: &RawMetrics,
+        tls: &crate::tls::RawTls,
     ) -> Result<Self, ConfigError> {
+        if grpc.max_concurrent_streams == 0 {
+            return Err(invalid("grpc.max_concurrent_streams", "must be at least 1"));
+        }
         // tonic takes the message limit as a usize and HTTP/2 frames count it in u32.
         let max_message_bytes = positive("grpc.max_message_bytes", grpc.max_message_bytes)?;
         if grpc.max_message_bytes < MIN_MESSAGE_BYTES
@@ -412,6 +430,12 @@ impl ServerSettings {
             keepalive_timeout: grpc.keepalive_timeout,
             metrics_listen: address("metrics.listen", &metrics.listen)?,
             metrics_fallback: metrics.fallback_to_free_port,
+            max_concurrent_streams: grpc.max_concurrent_streams,
+            tls: crate::tls::TlsSettings::from_raw(tls)?,
+            health_listen: match server.health_listen.trim() {
+                "" => None,
+                text => Some(address("server.health_listen", text)?),
+            },
         })
     }
 }
@@ -505,24 +529,50 @@ mod section_tests {
             &RawServer::on_port(50053),
             &RawGrpc::default(),
             &RawMetrics::default(),
+            &crate::tls::RawTls::default(),
         )
         .expect("defaults are valid");
         assert_eq!(settings.listen, SocketAddr::from(([0, 0, 0, 0], 50053)));
-        assert_eq!(settings.keepalive_interval, None);
+        assert_eq!(settings.keepalive_interval, Some(Duration::from_secs(60)));
+        assert_eq!(settings.tls, None);
         let bad_listen = RawServer {
             listen: "nowhere".into(),
             ..RawServer::default()
         };
-        let err =
-            ServerSettings::from_raw(&bad_listen, &RawGrpc::default(), &RawMetrics::default())
-                .expect_err("rejects");
+        let err = ServerSettings::from_raw(
+            &bad_listen,
+            &RawGrpc::default(),
+            &RawMetrics::default(),
+            &crate::tls::RawTls::default(),
+        )
+        .expect_err("rejects");
         assert!(err.to_string().contains("server.listen"), "{err}");
         let tiny = RawGrpc {
             max_message_bytes: 10,
             ..RawGrpc::default()
         };
-        let err = ServerSettings::from_raw(&RawServer::default(), &tiny, &RawMetrics::default())
-            .expect_err("rejects");
+        let err = ServerSettings::from_raw(
+            &RawServer::default(),
+            &tiny,
+            &RawMetrics::default(),
+            &crate::tls::RawTls::default(),
+        )
+        .expect_err("rejects");
         assert!(err.to_string().contains("grpc.max_message_bytes"), "{err}");
+        let closed = RawGrpc {
+            max_concurrent_streams: 0,
+            ..RawGrpc::default()
+        };
+        let err = ServerSettings::from_raw(
+            &RawServer::default(),
+            &closed,
+            &RawMetrics::default(),
+            &crate::tls::RawTls::default(),
+        )
+        .expect_err("rejects");
+        assert!(
+            err.to_string().contains("grpc.max_concurrent_streams"),
+            "{err}"
+        );
     }
 }

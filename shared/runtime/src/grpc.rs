@@ -103,11 +103,12 @@ pub fn reflection() -> Result<
     Ok((v1, v1alpha))
 }
 
-/// Serves `router` (with any layers, e.g. [`crate::rpc::RpcLayer`]) on `listener` until `shutdown` trips, then
-/// stops accepting and lets in-flight calls finish.
+/// Serves `router` (with any layers, e.g. [`crate::rpc::RpcLayer`]) on `listener` (over TLS when `tls` is set)
+/// until `shutdown` trips, then stops accepting and lets in-flight calls finish.
 pub async fn serve<L, ResBody>(
     router: tonic::transport::server::Router<L>,
     listener: TcpListener,
+    tls: Option<&crate::tls::TlsAcceptor>,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -123,6 +124,11 @@ where
     ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use tokio_stream::StreamExt as _;
+    let stopped = async move { shutdown.wait().await };
+    if let Some(tls) = tls {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(tls.incoming(listener));
+        return router.serve_with_incoming_shutdown(incoming, stopped).await;
+    }
     // tonic does not set TCP_NODELAY on connections from a listener it did not bind; without it a streamed
     // response's first message waits for the peer's delayed ACK (~40 ms on Linux).
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
@@ -132,9 +138,7 @@ where
             }
         })
     });
-    router
-        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
-        .await
+    router.serve_with_incoming_shutdown(incoming, stopped).await
 }
 
 /// `impl From<$error> for tonic::Status` through the error's own `code()` (an exhaustive match in the service's

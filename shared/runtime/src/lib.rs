@@ -8,17 +8,22 @@
 //! * [`rpc`]: the server layer that continues the caller's trace and meters every call;
 //! * [`metrics`]: a per-service metrics registry served as Prometheus text on `/metrics`;
 //! * [`service`]: the one lifecycle of every service: describe, bind, serve until shutdown, drain;
+//! * [`tls`], [`reload`]: TLS and mTLS with rustls, certificates (and other files) re-read when they change;
+//! * [`budget`]: admission weighted by request bytes (a server layer);
 //! * [`cli`]: the one `main` of every service binary and `kosmos` subcommand: flags, config layers, telemetry.
 
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
+pub mod reload;
 pub mod rpc;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tensor;
+pub mod tls;
 
 pub use service::{Bound, ServeError, Service};
 pub use shutdown::Shutdown;

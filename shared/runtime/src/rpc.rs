@@ -65,6 +65,8 @@ fn server_span(method: &str, headers: &http::HeaderMap) -> Span {
         rpc.method = %method,
         rpc.response.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        // The caller's API key id, recorded by a service that authenticates (never the secret).
+        api_key.id = tracing::field::Empty,
     );
     let _ = span.set_parent(extract(headers));
     if let Some(id) = trace_id(&span) {

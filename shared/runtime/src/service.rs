@@ -60,6 +60,9 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or CA could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::reload::ReloadError),
     /// The gRPC server failed.
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -79,10 +82,12 @@ pub struct Service {
     registry: Arc<Registry>,
     routes: tonic::service::Routes,
     health: Health,
+    health_service: HealthService,
     watcher: Option<Watcher>,
     on_drain: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<BoxFuture<()>>,
     live_before_ready: bool,
+    byte_budget: Option<Arc<crate::budget::ByteBudget>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -104,7 +109,7 @@ impl Service {
     ) -> Result<Self, ServeError> {
         let (health, health_service): (Health, HealthService) = Health::detached();
         let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection()?;
-        let routes = tonic::service::Routes::new(health_service)
+        let routes = tonic::service::Routes::new(health_service.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         Ok(Self {
@@ -113,10 +118,12 @@ impl Service {
             registry,
             routes,
             health,
+            health_service,
             watcher: None,
             on_drain: None,
             on_stop: None,
             live_before_ready: true,
+            byte_budget: None,
         })
     }
 
@@ -163,6 +170,12 @@ impl Service {
         self
     }
 
+    /// Charges every call's request bytes to `budget` (see [`crate::budget`]).
+    pub fn byte_budget(mut self, budget: Arc<crate::budget::ByteBudget>) -> Self {
+        self.byte_budget = Some(budget);
+        self
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.name
@@ -195,8 +208,27 @@ impl Service {
         };
         let local_addr = address_of(&listener, listen)?;
         let metrics_addr = address_of(&metrics_listener, self.settings.metrics_listen)?;
+        let tls = match &self.settings.tls {
+            Some(settings) => Some(crate::tls::TlsAcceptor::load(settings)?),
+            None => None,
+        };
+        let health_listener = match self.settings.health_listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServeError::Bind { address, source })?,
+            ),
+            None => None,
+        };
+        let health_addr = match &health_listener {
+            Some(listener) => Some(address_of(listener, listen)?),
+            None => None,
+        };
         Ok(Bound {
             service: self,
+            tls,
+            health_listener,
+            health_addr,
             listener,
             metrics_listener,
             local_addr,
@@ -216,6 +248,9 @@ fn address_of(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, S
 #[derive(Debug)]
 pub struct Bound {
     service: Service,
+    tls: Option<crate::tls::TlsAcceptor>,
+    health_listener: Option<TcpListener>,
+    health_addr: Option<SocketAddr>,
     listener: TcpListener,
     metrics_listener: TcpListener,
     local_addr: SocketAddr,
@@ -233,6 +268,16 @@ impl Bound {
         self.metrics_addr
     }
 
+    /// The plaintext health-only address (`server.health_listen`), if any.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
+    }
+
+    /// Whether the gRPC port speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.service.name
@@ -243,6 +288,9 @@ impl Bound {
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), ServeError> {
         let Self {
             service,
+            tls,
+            health_listener,
+            health_addr: _,
             listener,
             metrics_listener,
             local_addr,
@@ -279,11 +327,36 @@ impl Bound {
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(service.settings.keepalive_interval)
             .http2_keepalive_timeout(Some(service.settings.keepalive_timeout))
-            .layer(RpcLayer::new(RpcMetrics::new(&service.registry)));
+            .max_concurrent_streams(Some(service.settings.max_concurrent_streams))
+            .layer(RpcLayer::new(RpcMetrics::new(&service.registry)))
+            .layer(crate::budget::ByteBudgetLayer::new(
+                service.byte_budget.clone(),
+            ));
         let router = builder.add_routes(service.routes);
         let stop_serving = Shutdown::new();
-        let mut server = tokio::spawn(crate::grpc::serve(router, listener, stop_serving.clone()));
-        tracing::info!(service = name, %local_addr, %metrics_addr, "serving");
+        // The health-only port answers the same statuses; it stops after the main server has drained, so probes
+        // see NOT_SERVING throughout the drain.
+        let health_stop = Shutdown::new();
+        let health_server = health_listener.map(|listener| {
+            let router =
+                tonic::transport::Server::builder().add_service(service.health_service.clone());
+            tokio::spawn(crate::grpc::serve(
+                router,
+                listener,
+                None,
+                health_stop.clone(),
+            ))
+        });
+        let tls_mode = match &tls {
+            None => "off",
+            Some(tls) if tls.is_mutual() => "mutual (client certificates required)",
+            Some(_) => "on",
+        };
+        let serving = stop_serving.clone();
+        let mut server = tokio::spawn(async move {
+            crate::grpc::serve(router, listener, tls.as_ref(), serving).await
+        });
+        tracing::info!(service = name, %local_addr, %metrics_addr, tls = tls_mode, "serving");
 
         let mut server_result = None;
         tokio::select! {
@@ -316,6 +389,12 @@ impl Bound {
             },
         };
         watcher.abort();
+        health_stop.trigger();
+        if let Some(health_server) = health_server
+            && let Ok(Err(err)) = health_server.await
+        {
+            tracing::warn!(service = name, %err, "the health server failed");
+        }
         if let Some(hook) = service.on_stop {
             hook.await;
         }

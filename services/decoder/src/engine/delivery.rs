@@ -1,6 +1,8 @@
 //! A generation stream's outbox: the tokens (and finish) its client has not taken yet, coalesced into one message,
 //! so that a client that stops reading pauses its sequence instead of buffering without bound.
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::mpsc;
 
 use super::types::{GenerateEvent, GenerateUpdate};
@@ -22,6 +24,8 @@ pub(crate) enum Flush {
 pub(crate) struct Delivery {
     events: mpsc::Sender<GenerateEvent>,
     pub(crate) pending: GenerateUpdate,
+    /// Since when the client's buffer has been full, if it is.
+    blocked_since: Option<Instant>,
 }
 
 impl Delivery {
@@ -29,6 +33,7 @@ impl Delivery {
         Self {
             events,
             pending: GenerateUpdate::default(),
+            blocked_since: None,
         }
     }
 
@@ -42,13 +47,20 @@ impl Delivery {
         self.events.is_closed()
     }
 
+    /// Whether the client has left a message untaken for `timeout` or longer.
+    pub(crate) fn stalled(&self, now: Instant, timeout: Duration) -> bool {
+        self.blocked_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= timeout)
+    }
+
     /// Offers the pending message to the client without blocking.
     pub(crate) fn flush(&mut self) -> Flush {
         if !self.is_pending() {
+            self.blocked_since = None;
             return Flush::Done;
         }
         let update = std::mem::take(&mut self.pending);
-        match self.events.try_send(Ok(update)) {
+        let flush = match self.events.try_send(Ok(update)) {
             Ok(()) => Flush::Done,
             Err(mpsc::error::TrySendError::Full(Ok(update))) => {
                 self.pending = update;
@@ -56,7 +68,14 @@ impl Delivery {
             }
             Err(mpsc::error::TrySendError::Full(Err(_))) => Flush::Blocked,
             Err(mpsc::error::TrySendError::Closed(_)) => Flush::Closed,
+        };
+        match flush {
+            Flush::Blocked => {
+                self.blocked_since.get_or_insert_with(Instant::now);
+            }
+            Flush::Done | Flush::Closed => self.blocked_since = None,
         }
+        flush
     }
 
     /// Ends the stream with `error`, best effort: a client whose buffer is full sees the stream end instead.

@@ -72,7 +72,7 @@ impl ScoreTask {
             span,
             phase_span: tracing::Span::none(),
             admitted,
-            context_table: cache.new_table("", content_keys(&job.context)),
+            context_table: cache.new_table(&job.tenant, content_keys(&job.context)),
             context: job.context,
             images,
             chunk_images: None,

@@ -126,13 +126,14 @@ impl Sequence {
             Ok(images) => images,
             Err(error) => return Err((error, events)),
         };
-        let table = cache.new_table("", content_keys(&job.prompt));
+        let table = cache.new_table(&job.tenant, content_keys(&job.prompt));
         let GenerateJob {
             prompt,
             sampling,
             stopping,
             deadline,
             arrived,
+            tenant: _,
         } = job;
         Ok(Self {
             span,

@@ -53,6 +53,8 @@ pub struct EngineSettings {
     pub stream_buffer_messages: NonZeroUsize,
     /// How often the engine looks again when every running sequence waits for its client.
     pub stalled_poll: Duration,
+    /// How long a sequence may wait for its client to read before it is dropped and its blocks freed.
+    pub paused_timeout: Duration,
 }
 
 /// A prompt laid out for the model: token ids (placeholder ids at image positions), the image mask and the image
@@ -117,6 +119,8 @@ pub struct GenerateJob {
     pub sampling: SamplingParams,
     /// When to stop.
     pub stopping: StoppingRule,
+    /// The caller's tenant (empty: none); the prefix cache is partitioned by it.
+    pub tenant: String,
     /// The caller's deadline.
     pub deadline: Option<Instant>,
     /// When the request arrived.
@@ -138,6 +142,8 @@ pub struct ScoreJob {
     pub context: Prompt,
     /// The candidate continuations (each non-empty).
     pub candidates: Vec<Vec<u32>>,
+    /// The caller's tenant (empty: none); the prefix cache is partitioned by it.
+    pub tenant: String,
     /// The caller's deadline.
     pub deadline: Option<Instant>,
     /// When the request arrived.

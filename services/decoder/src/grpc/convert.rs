@@ -183,6 +183,19 @@ fn stopping(
     })
 }
 
+/// The longest tenant name accepted (the gateway's key ids are at most 64 characters).
+const MAX_TENANT_BYTES: usize = 128;
+
+fn tenant(wire: &str) -> Result<String, RequestError> {
+    if wire.len() > MAX_TENANT_BYTES {
+        return Err(invalid(format!(
+            "`tenant` must be <= {MAX_TENANT_BYTES} bytes, got {}",
+            wire.len()
+        )));
+    }
+    Ok(wire.to_string())
+}
+
 /// A validated generation job.
 pub(crate) fn generate_job(
     request: &pb::GenerateRequest,
@@ -197,6 +210,7 @@ pub(crate) fn generate_job(
         prompt,
         sampling,
         stopping,
+        tenant: tenant(&request.tenant)?,
         deadline,
         arrived,
     })
@@ -259,6 +273,7 @@ pub(crate) fn score_job(
     Ok(ScoreJob {
         context,
         candidates,
+        tenant: tenant(&request.tenant)?,
         deadline,
         arrived,
     })

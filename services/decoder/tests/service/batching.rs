@@ -131,6 +131,7 @@ async fn scoring_eight_candidates_together_equals_scoring_each_alone() {
         .collect();
     let together = client
         .score(pb::ScoreRequest {
+            tenant: String::new(),
             context: context.clone(),
             candidates: candidates.clone(),
         })
@@ -140,6 +141,7 @@ async fn scoring_eight_candidates_together_equals_scoring_each_alone() {
     for (index, candidate) in candidates.into_iter().enumerate() {
         let alone = client
             .score(pb::ScoreRequest {
+                tenant: String::new(),
                 context: context.clone(),
                 candidates: vec![candidate],
             })

@@ -249,6 +249,7 @@ pub fn request(
     ignore_eos: bool,
 ) -> pb::GenerateRequest {
     pb::GenerateRequest {
+        tenant: String::new(),
         prompt,
         sampling: Some(sampling),
         stopping: Some(pb::StoppingParams {

@@ -124,6 +124,7 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     );
     let refused = client
         .score(pb::ScoreRequest {
+            tenant: String::new(),
             context: vec![tokens_segment(&[7, 8, 9])],
             candidates: vec![pb::Candidate { ids: vec![10] }],
         })
@@ -175,6 +176,7 @@ async fn an_expired_deadline_answers_deadline_exceeded() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     let mut timed = tonic::Request::new(pb::ScoreRequest {
+        tenant: String::new(),
         context: vec![tokens_segment(&[7, 8, 9])],
         candidates: vec![pb::Candidate { ids: vec![10, 11] }],
     });
@@ -202,6 +204,7 @@ async fn an_expired_deadline_answers_deadline_exceeded() {
 async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
     let server = start(&["scheduler.stream_buffer_messages=1"]).await;
     let job = GenerateJob {
+        tenant: String::new(),
         prompt: Prompt {
             ids: pseudo_random_ids(8, 6),
             image_mask: vec![false; 6],
@@ -361,6 +364,7 @@ async fn reflection_lists_the_decoder_and_health_services() {
 /// does) makes the model fail inside a step.
 fn broken_job() -> GenerateJob {
     GenerateJob {
+        tenant: String::new(),
         prompt: Prompt {
             ids: vec![0, 4, 5, 6, 9],
             image_mask: vec![false, true, true, true, false],

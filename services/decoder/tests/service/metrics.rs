@@ -44,6 +44,7 @@ async fn metrics_count_the_traffic_and_match_the_catalogue() {
     // A 10-token context and candidates of 1 and 3 tokens.
     client
         .score(pb::ScoreRequest {
+            tenant: String::new(),
             context: vec![tokens_segment(&pseudo_random_ids(9, 10))],
             candidates: vec![
                 pb::Candidate {

@@ -89,6 +89,7 @@ async fn score_equals_the_reference_continuation_logprobs() {
     let mut client = server.client().await;
     let response = client
         .score(pb::ScoreRequest {
+            tenant: String::new(),
             context: segments(&ids[..start_at], &mask[..start_at], &images, &fingerprint),
             candidates,
         })

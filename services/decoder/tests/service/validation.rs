@@ -109,6 +109,7 @@ async fn malformed_embeddings_are_rejected_naming_the_segment_and_the_service_ke
         );
         let error = client
             .score(pb::ScoreRequest {
+                tenant: String::new(),
                 context: prompt,
                 candidates: vec![pb::Candidate { ids: vec![10] }],
             })
@@ -248,6 +249,7 @@ async fn bad_parameters_are_rejected_naming_the_field_and_the_limit() {
     for (candidates, needles) in score_cases {
         let error = client
             .score(pb::ScoreRequest {
+                tenant: String::new(),
                 context: vec![ten.clone()],
                 candidates,
             })

@@ -1,8 +1,9 @@
 //! `[limits]`: every request limit, as `kosmos.v1.Limits` publishes them.
 
 use std::num::NonZeroUsize;
+use std::time::Duration;
 
-use kosmos_runtime::config::{ConfigError, invalid};
+use kosmos_runtime::config::{ConfigError, invalid, seconds};
 use serde::{Deserialize, Serialize};
 
 /// `[limits]`, as `kosmos.v1.Limits` publishes them.
@@ -47,6 +48,18 @@ pub struct RawLimits {
     pub max_candidate_bytes: u32,
     /// Most requests served at once; beyond it RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: u32,
+    /// Most request bytes held at once across all calls (admission weighted by size); beyond it
+    /// RESOURCE_EXHAUSTED. Bounds the gateway's memory in bytes, not only in requests.
+    pub max_inflight_bytes: u64,
+    /// The deadline of a call that sets none (0: none).
+    #[serde(rename = "default_deadline_seconds", with = "seconds")]
+    pub default_deadline: Duration,
+    /// The longest deadline a call may have; a longer one is shortened to this (0: no bound).
+    #[serde(rename = "max_deadline_seconds", with = "seconds")]
+    pub max_deadline: Duration,
+    /// A stream whose caller has not taken a message for this long is ended and its decoder work freed.
+    #[serde(rename = "stream_idle_timeout_seconds", with = "seconds")]
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for RawLimits {
@@ -71,6 +84,10 @@ impl Default for RawLimits {
             max_candidates: 64,
             max_candidate_bytes: 1024,
             max_concurrent_requests: 256,
+            max_inflight_bytes: 1 << 30,
+            default_deadline: Duration::from_secs(300),
+            max_deadline: Duration::from_secs(1800),
+            stream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -118,6 +135,14 @@ pub struct Limits {
     pub max_concurrent_requests: NonZeroUsize,
     /// Largest gRPC message accepted or sent, in bytes (`grpc.max_message_bytes`).
     pub max_message_bytes: NonZeroUsize,
+    /// Request bytes held at once (`limits.max_inflight_bytes`).
+    pub max_inflight_bytes: NonZeroUsize,
+    /// Deadline of a call that sets none, if any.
+    pub default_deadline: Option<Duration>,
+    /// Bound of any call's deadline, if any.
+    pub max_deadline: Option<Duration>,
+    /// How long a stream may wait for its caller to read.
+    pub stream_idle_timeout: Duration,
 }
 
 /// Validates `[limits]`; `max_message_bytes` is the server's (`grpc.max_message_bytes`).
@@ -171,6 +196,35 @@ pub(super) fn limits(
         "limits.max_concurrent_requests",
         raw.max_concurrent_requests.into(),
     )?;
+    let max_inflight_bytes =
+        kosmos_runtime::config::positive("limits.max_inflight_bytes", raw.max_inflight_bytes)?;
+    if raw.max_inflight_bytes < max_message_bytes.get() as u64 {
+        return Err(invalid(
+            "limits.max_inflight_bytes",
+            format!(
+                "({}) must be >= `grpc.max_message_bytes` ({}), or the largest request could never be admitted",
+                raw.max_inflight_bytes,
+                max_message_bytes.get()
+            ),
+        ));
+    }
+    if raw.stream_idle_timeout.is_zero() {
+        return Err(invalid("limits.stream_idle_timeout_seconds", "must be > 0"));
+    }
+    let default_deadline = (!raw.default_deadline.is_zero()).then_some(raw.default_deadline);
+    let max_deadline = (!raw.max_deadline.is_zero()).then_some(raw.max_deadline);
+    if let (Some(default), Some(max)) = (default_deadline, max_deadline)
+        && default > max
+    {
+        return Err(invalid(
+            "limits.default_deadline_seconds",
+            format!(
+                "({}) must be <= `limits.max_deadline_seconds` ({})",
+                default.as_secs_f64(),
+                max.as_secs_f64()
+            ),
+        ));
+    }
     let needed = raw
         .max_image_bytes
         .saturating_mul(u64::from(raw.max_images))
@@ -204,5 +258,9 @@ pub(super) fn limits(
         max_candidate_bytes: raw.max_candidate_bytes as usize,
         max_concurrent_requests,
         max_message_bytes,
+        max_inflight_bytes,
+        default_deadline,
+        max_deadline,
+        stream_idle_timeout: raw.stream_idle_timeout,
     })
 }

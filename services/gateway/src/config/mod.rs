@@ -21,10 +21,28 @@
 //! max_images = 8
 //! max_image_bytes = 10485760
 //! max_concurrent_requests = 256
+//! max_inflight_bytes = 1073741824      # request bytes held at once, across calls
+//! default_deadline_seconds = 300.0     # a call without a deadline gets this one (0: none)
+//! max_deadline_seconds = 1800.0        # longer deadlines are shortened to this (0: no bound)
+//! stream_idle_timeout_seconds = 60.0   # a stream whose caller stops reading ends, its decoder work freed
 //! # … every limit of `Limits` in kosmos.v1
 //!
 //! [cache]
-//! capacity_bytes = 268435456           # 0 disables the embedding cache
+//! capacity_bytes = 268435456           # 0 disables the embedding cache (partitioned by API key)
+//!
+//! [auth]
+//! api_keys_file = "/etc/kosmos/keys/api-keys.toml"  # unset: open to every caller (see `crate::auth`)
+//!
+//! [tls]                                # shared: TLS / mTLS of the public port (kosmos_runtime::tls)
+//! cert_file = "/etc/kosmos/tls/tls.crt"
+//! key_file = "/etc/kosmos/tls/tls.key"
+//! client_ca_file = ""                  # set: client certificates required
+//!
+//! [decoder.tls]                        # and [encoder.tls]: TLS to the pool's replicas
+//! ca_file = "/etc/kosmos/tls/ca.crt"
+//! cert_file = "/etc/kosmos/tls/tls.crt" # the gateway's client certificate (mTLS)
+//! key_file = "/etc/kosmos/tls/tls.key"
+//! server_name = "kosmos-decoder"       # default: the endpoint's host, or the `dns` name
 //!
 //! [server]                             # shared by every service (kosmos_runtime::config)
 //! listen = "0.0.0.0:50051"
@@ -68,6 +86,8 @@ pub struct RawConfig {
     pub grpc: RawGrpc,
     /// `[metrics]`, shared: the Prometheus endpoint.
     pub metrics: RawMetrics,
+    /// `[tls]`, shared: the server's certificate, and the client CA for mTLS.
+    pub tls: kosmos_runtime::tls::RawTls,
     /// Messages buffered per GenerateStream before the gateway stops reading the decoder.
     pub stream_buffer_messages: usize,
     /// The encoder pool.
@@ -78,6 +98,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// The embedding cache.
     pub cache: RawCache,
+    /// API keys.
+    pub auth: RawAuth,
 }
 
 impl Default for RawConfig {
@@ -91,13 +113,23 @@ impl Default for RawConfig {
                 ..RawGrpc::default()
             },
             metrics: RawMetrics::default(),
+            tls: kosmos_runtime::tls::RawTls::default(),
             stream_buffer_messages: 16,
             encoder: RawPool::default(),
             decoder: RawPool::default(),
             limits: RawLimits::default(),
             cache: RawCache::default(),
+            auth: RawAuth::default(),
         }
     }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    /// The API keys file (see [`crate::auth`]); empty: the gateway is open to every caller.
+    pub api_keys_file: PathBuf,
 }
 
 /// `[cache]`.
@@ -131,8 +163,10 @@ pub struct GatewayConfig {
     pub cache_capacity_bytes: u64,
     /// Messages buffered per stream.
     pub stream_buffer_messages: NonZeroUsize,
-    /// `[server]`, `[grpc]` and `[metrics]`.
+    /// `[server]`, `[grpc]`, `[metrics]` and `[tls]`.
     pub server: ServerSettings,
+    /// The API keys file (`auth.api_keys_file`), if any.
+    pub api_keys_file: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -147,7 +181,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics)?;
+        let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics, &raw.tls)?;
         Ok(Self {
             model_dir: required_path("model_dir", &raw.model_dir)?,
             encoder: pool::pool(raw.encoder, "encoder")?,
@@ -159,6 +193,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
                 raw.stream_buffer_messages as u64,
             )?,
             server,
+            api_keys_file: kosmos_runtime::reload::optional_path(&raw.auth.api_keys_file),
         })
     }
 }

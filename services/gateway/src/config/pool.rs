@@ -29,6 +29,8 @@ pub struct RawPool {
     /// How often every replica is probed (its `Info`).
     #[serde(rename = "probe_interval_seconds", with = "seconds")]
     pub probe_interval: Duration,
+    /// `[<pool>.tls]`: TLS (and the gateway's client certificate for mTLS) to the replicas.
+    pub tls: kosmos_runtime::tls::RawClientTls,
 }
 
 impl Default for RawPool {
@@ -41,6 +43,7 @@ impl Default for RawPool {
             call_timeout: Duration::ZERO,
             max_attempts: 3,
             probe_interval: Duration::from_secs(1),
+            tls: kosmos_runtime::tls::RawClientTls::default(),
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct PoolConfig {
     pub max_attempts: NonZeroU32,
     /// Probe period.
     pub probe_interval: Duration,
+    /// TLS to the replicas, if set.
+    pub tls: Option<kosmos_runtime::tls::ClientTlsSettings>,
 }
 
 /// `host:port` or `http://host:port` as a URI tonic accepts.
@@ -141,7 +146,9 @@ pub(super) fn pool(raw: RawPool, name: &str) -> Result<PoolConfig, ConfigError> 
             return Err(invalid(&key(field), "must be > 0"));
         }
     }
+    let tls = kosmos_runtime::tls::ClientTlsSettings::from_raw(&key("tls"), &raw.tls)?;
     Ok(PoolConfig {
+        tls,
         discovery,
         connect_timeout: raw.connect_timeout,
         call_timeout: (!raw.call_timeout.is_zero()).then_some(raw.call_timeout),

@@ -90,6 +90,7 @@ async fn score_equals_the_decoders_direct_scores() -> anyhow::Result<()> {
     );
     let direct = decoder
         .score(dec::ScoreRequest {
+            tenant: String::new(),
             context,
             candidates: response
                 .scores

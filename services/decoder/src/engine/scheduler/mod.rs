@@ -292,19 +292,37 @@ impl Scheduler {
                 self.scoring.push(task);
             }
         }
-        self.finishing.retain(|delivery| !delivery.is_closed());
+        let paused_timeout = self.settings.paused_timeout;
+        self.finishing
+            .retain(|delivery| !delivery.is_closed() && !delivery.stalled(now, paused_timeout));
     }
 
-    /// The sequence back, unless its client went away or its deadline passed (then its blocks are freed).
+    /// The sequence back, unless its client went away, stopped reading for `paused_timeout`, or its deadline
+    /// passed (then its blocks are freed).
     fn drop_if_gone(&mut self, mut sequence: Sequence, now: Instant) -> Option<Sequence> {
         let closed = sequence.delivery.is_closed();
         let expired = sequence.deadline.is_some_and(|deadline| deadline <= now);
-        if !closed && !expired {
+        let stalled = sequence.delivery.stalled(now, self.settings.paused_timeout);
+        if !closed && !expired && !stalled {
             return Some(sequence);
         }
         sequence.release(&mut self.cache);
         self.count_cancelled();
-        if closed {
+        if stalled && !closed && !expired {
+            self.ended(
+                Operation::TextCompletion,
+                Ending::Error(tonic::Code::Cancelled),
+                sequence.arrived(),
+            );
+            tracing::info!(
+                parent: &sequence.span,
+                paused_timeout_seconds = self.settings.paused_timeout.as_secs_f64(),
+                "client stopped reading, sequence dropped and its blocks freed"
+            );
+            sequence.into_delivery().fail(RequestError::Abandoned {
+                seconds: self.settings.paused_timeout.as_secs_f64(),
+            });
+        } else if closed {
             let ending = closed_ending(sequence.deadline, now);
             self.ended(Operation::TextCompletion, ending, sequence.arrived());
             tracing::debug!(parent: &sequence.span, "client went away, sequence removed");
