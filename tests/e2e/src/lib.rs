@@ -28,6 +28,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 pub use kosmos_testkit::tiny_model_dir;
 
+pub mod pki;
+
 /// The bytes of a fixture image (`tests/fixtures/images/<name>`); panics when it cannot be read.
 pub fn fixture_image(name: &str) -> Vec<u8> {
     kosmos_testkit::fixture_image(name).unwrap_or_else(|err| panic!("{err:#}"))
@@ -65,6 +67,8 @@ pub struct ClusterOptions {
     pub decoder_overrides: Vec<String>,
     /// Overrides of the gateway's configuration.
     pub gateway_overrides: Vec<String>,
+    /// mTLS between the gateway and the pools (and for the cluster's direct clients of the pools).
+    pub internal_tls: Option<std::sync::Arc<pki::Pki>>,
 }
 
 impl Default for ClusterOptions {
@@ -77,6 +81,7 @@ impl Default for ClusterOptions {
             decoders: 1,
             decoder_overrides: Vec::new(),
             gateway_overrides: Vec::new(),
+            internal_tls: None,
         }
     }
 }
@@ -103,6 +108,7 @@ pub struct Cluster {
     decoder_shutdowns: Vec<Shutdown>,
     gateway_shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
+    internal_tls: Option<std::sync::Arc<pki::Pki>>,
 }
 
 /// One service started through the runtime's lifecycle and serving in a task.
@@ -157,17 +163,24 @@ impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
         let model = options.model_dir.as_path();
         let mut tasks = Vec::new();
+        let (server_tls, pool_tls) = match &options.internal_tls {
+            Some(pki) => (
+                pki.server_overrides(),
+                [pki.pool_overrides("encoder"), pki.pool_overrides("decoder")].concat(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let mut encoders = Vec::new();
         for _ in 0..options.encoders {
-            let overrides = on_free_ports(model, &options.encoder_overrides);
+            let overrides = on_free_ports(model, &server_tls).raw(&options.encoder_overrides);
             encoders.push(start::<Encoder>(overrides, &mut tasks).await?);
         }
         let mut decoders = Vec::new();
         for _ in 0..options.decoders.max(1) {
-            let overrides = on_free_ports(model, &options.decoder_overrides);
+            let overrides = on_free_ports(model, &server_tls).raw(&options.decoder_overrides);
             decoders.push(start::<Decoder>(overrides, &mut tasks).await?);
         }
-        let gateway_overrides = on_free_ports(model, &[])
+        let gateway_overrides = on_free_ports(model, &pool_tls)
             .strings("encoder.endpoints", &endpoints(&encoders))
             .strings("decoder.endpoints", &endpoints(&decoders))
             .raw([
@@ -202,6 +215,7 @@ impl Cluster {
                 .collect(),
             gateway_shutdown: gateway.shutdown,
             tasks,
+            internal_tls: options.internal_tls.clone(),
         };
         anyhow::ensure!(
             cluster.gateway.wait_ready(Duration::from_secs(120)).await,
@@ -261,17 +275,27 @@ impl Cluster {
 
     /// A client of the decoder, bypassing the gateway.
     pub async fn decoder(&self) -> anyhow::Result<DecoderClient<Channel>> {
-        Ok(DecoderClient::new(channel(self.decoder_addr).await?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            DecoderClient::new(self.internal_channel(self.decoder_addr).await?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// A client of encoder `index`, bypassing the gateway.
     pub async fn encoder(&self, index: usize) -> anyhow::Result<VisionEncoderClient<Channel>> {
         let addr = *self.encoder_addrs.get(index).context("no such encoder")?;
-        Ok(VisionEncoderClient::new(channel(addr).await?)
+        Ok(VisionEncoderClient::new(self.internal_channel(addr).await?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A channel to a replica of a pool (over mTLS when the cluster's internal hops use it).
+    async fn internal_channel(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
+        match &self.internal_tls {
+            Some(pki) => tls_channel(addr, pki, Some("client")).await,
+            None => channel(addr).await,
+        }
     }
 
     /// The gateway's in-process handle (stats, model).
@@ -311,6 +335,32 @@ impl Drop for Cluster {
 async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
+}
+
+/// A TLS channel to `addr` trusting `pki`'s CA for the name `localhost`, with the client certificate `identity`
+/// (`client`, `server`) if any.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    pki: &pki::Pki,
+    identity: Option<&str>,
+) -> anyhow::Result<Channel> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            pki.path("ca.pem"),
+        )?))
+        .domain_name("localhost");
+    if let Some(name) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(pki.path(&format!("{name}.pem")))?,
+            std::fs::read(pki.path(&format!("{name}.key")))?,
+        ));
+    }
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
             .connect()
             .await?,
     )

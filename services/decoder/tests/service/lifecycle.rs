@@ -247,6 +247,53 @@ async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_whose_client_stops_reading_is_dropped_after_the_paused_timeout() {
+    let server = start(&[
+        "scheduler.stream_buffer_messages=1",
+        "scheduler.paused_timeout_seconds=0.5",
+    ])
+    .await;
+    let job = GenerateJob {
+        tenant: String::new(),
+        prompt: Prompt {
+            ids: pseudo_random_ids(9, 6),
+            image_mask: vec![false; 6],
+            ..Prompt::default()
+        },
+        sampling: SamplingParams::default(),
+        stopping: StoppingRule {
+            max_new_tokens: 400,
+            limit_reason: kosmos_decoder::engine::FinishReason::Length,
+            stop_token_ids: Vec::new(),
+            eos_token_id: None,
+        },
+        deadline: None,
+        arrived: Instant::now(),
+    };
+    // The receiver is kept but never read: the sequence pauses, then is dropped.
+    let mut events = server.engine.generate(job).expect("queued");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snapshot = server.engine.snapshot();
+        if snapshot.running == 0 && snapshot.kv_blocks_used == 0 && snapshot.cancelled_total == 1 {
+            assert!(snapshot.generated_tokens_total <= 4, "{snapshot:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dropped: {snapshot:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // What the client finds when it reads again: the buffered tokens, then the end without a finish.
+    let mut finished = false;
+    while let Some(event) = events.recv().await {
+        if let Ok(update) = event {
+            finished |= update.finish.is_some();
+        }
+    }
+    assert!(!finished, "an abandoned sequence must not report a finish");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_engine_and_shutdown_drains_in_flight_streams() {
     let server = start(&[]).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))

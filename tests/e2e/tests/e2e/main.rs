@@ -9,6 +9,7 @@ mod metrics;
 mod resilience;
 mod scale_out;
 mod score;
+mod security;
 
 use kosmos_proto::v1 as pb;
 
