@@ -2,6 +2,7 @@
 
 use std::num::NonZeroUsize;
 
+use kosmos_processor::{AcceptedFormat, ImageLimits};
 use kosmos_runtime::config::{ConfigError, invalid};
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +119,19 @@ pub struct Limits {
     pub max_concurrent_requests: NonZeroUsize,
     /// Largest gRPC message accepted or sent, in bytes (`grpc.max_message_bytes`).
     pub max_message_bytes: NonZeroUsize,
+}
+
+impl Limits {
+    /// The per-image limits, as the shared header checks take them (every format accepted).
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_image_bytes: self.max_image_bytes,
+            max_image_width: self.max_image_width,
+            max_image_height: self.max_image_height,
+            max_image_pixels: self.max_image_pixels,
+            formats: AcceptedFormat::ALL.to_vec(),
+        }
+    }
 }
 
 /// Validates `[limits]`; `max_message_bytes` is the server's (`grpc.max_message_bytes`).
