@@ -203,7 +203,7 @@ fn scan_jpeg(bytes: &[u8], budget: &mut Budget) -> Result<(), DecodeError> {
         if let Some(kind) = kind {
             let (item, sum) = &mut sums[kind];
             *sum += length as u64;
-            budget.check_item(*item, *sum)?;
+            budget.check_item(item, *sum)?;
             budget.add(length as u64)?;
         }
         // After an SOS header come entropy-coded bytes: the marker search above walks through them.

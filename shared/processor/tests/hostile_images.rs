@@ -14,7 +14,7 @@ use kosmos_processor::{
     decode_image, header_alloc_budget,
 };
 use kosmos_testkit::bombs;
-use kosmos_testkit::fuzz::{self, CountingAllocator, Suite, peak_bytes_during};
+use kosmos_testkit::fuzz::{self, CountingAllocator, Mode, Suite, peak_bytes_during};
 use rand::Rng as _;
 use rand_chacha::ChaCha8Rng;
 
@@ -209,28 +209,24 @@ fn mutated_case(seeds: &[Vec<u8>], rng: &mut ChaCha8Rng) -> usize {
     usize::try_from(budget).unwrap_or(usize::MAX) + 4 * bytes.len() + (1 << 20)
 }
 
-fn mutation_suite(cases: u64) {
-    let seeds = seeds();
-    let report = fuzz::run(
-        Suite {
-            name: "image mutations",
-            cases,
-            seed: 0x1a6e_5eed,
-        },
-        |rng| mutated_case(&seeds, rng),
-    );
-    assert_eq!(report.cases, cases);
-}
+const MUTATIONS: Suite<'static> = Suite {
+    name: "image mutations",
+    seed: 0x1a6e_5eed,
+    ci_cases: 3_000,
+    long_cases: 1_000_000,
+};
 
 #[test]
 fn mutated_png_jpeg_and_webp_files_never_panic_or_exceed_their_limits() {
-    mutation_suite(fuzz::case_count(3_000, 1_000_000, false));
+    let seeds = seeds();
+    fuzz::run(MUTATIONS, Mode::Ci, |rng| mutated_case(&seeds, rng));
 }
 
 #[test]
 #[ignore = "long mode: a million mutations, minutes of CPU"]
 fn mutated_png_jpeg_and_webp_files_never_panic_or_exceed_their_limits_long() {
-    mutation_suite(fuzz::case_count(3_000, 1_000_000, true));
+    let seeds = seeds();
+    fuzz::run(MUTATIONS, Mode::Long, |rng| mutated_case(&seeds, rng));
 }
 
 /// Checks `bytes` the way the services do and returns the rejection, the time and the peak bytes held.

@@ -8,7 +8,7 @@
 use kosmos_processor::{
     KosmosTokenizer, PromptError, PromptOptions, Segment, build_prompt, post_process_generation,
 };
-use kosmos_testkit::fuzz::{self, CountingAllocator, Suite};
+use kosmos_testkit::fuzz::{self, CountingAllocator, Mode, Suite};
 use rand::Rng as _;
 use rand_chacha::ChaCha8Rng;
 
@@ -151,50 +151,42 @@ fn text_case(tokenizer: &KosmosTokenizer, rng: &mut ChaCha8Rng) -> usize {
     limit_for(text.len())
 }
 
-fn prompt_suite(cases: u64) {
-    let tokenizer = tokenizer();
-    let report = fuzz::run(
-        Suite {
-            name: "prompt builder tag soup",
-            cases,
-            seed: 0x70_6b,
-        },
-        |rng| prompt_case(&tokenizer, rng),
-    );
-    assert_eq!(report.cases, cases);
-}
+const PROMPTS: Suite<'static> = Suite {
+    name: "prompt builder tag soup",
+    seed: 0x70_6b,
+    ci_cases: 2_000,
+    long_cases: 1_000_000,
+};
 
-fn text_suite(cases: u64) {
-    let tokenizer = tokenizer();
-    let report = fuzz::run(
-        Suite {
-            name: "tokenizer and grounding tag soup",
-            cases,
-            seed: 0x7e_47,
-        },
-        |rng| text_case(&tokenizer, rng),
-    );
-    assert_eq!(report.cases, cases);
-}
+const TEXTS: Suite<'static> = Suite {
+    name: "tokenizer and grounding tag soup",
+    seed: 0x7e_47,
+    ci_cases: 2_000,
+    long_cases: 1_000_000,
+};
 
 #[test]
 fn the_prompt_builder_survives_random_utf8_and_tag_soup() {
-    prompt_suite(fuzz::case_count(2_000, 1_000_000, false));
+    let tokenizer = tokenizer();
+    fuzz::run(PROMPTS, Mode::Ci, |rng| prompt_case(&tokenizer, rng));
 }
 
 #[test]
 fn the_tokenizer_and_grounding_survive_random_utf8_and_tag_soup() {
-    text_suite(fuzz::case_count(2_000, 1_000_000, false));
+    let tokenizer = tokenizer();
+    fuzz::run(TEXTS, Mode::Ci, |rng| text_case(&tokenizer, rng));
 }
 
 #[test]
 #[ignore = "long mode: a million prompts"]
 fn the_prompt_builder_survives_random_utf8_and_tag_soup_long() {
-    prompt_suite(fuzz::case_count(2_000, 1_000_000, true));
+    let tokenizer = tokenizer();
+    fuzz::run(PROMPTS, Mode::Long, |rng| prompt_case(&tokenizer, rng));
 }
 
 #[test]
 #[ignore = "long mode: a million texts"]
 fn the_tokenizer_and_grounding_survive_random_utf8_and_tag_soup_long() {
-    text_suite(fuzz::case_count(2_000, 1_000_000, true));
+    let tokenizer = tokenizer();
+    fuzz::run(TEXTS, Mode::Long, |rng| text_case(&tokenizer, rng));
 }

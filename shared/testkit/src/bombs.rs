@@ -51,24 +51,26 @@ pub fn png_with_chunks(chunks: &[(&[u8; 4], Vec<u8>)]) -> Vec<u8> {
 
 /// The PNG of issue 13: an iCCP profile of compressed zeros that inflates to `inflated` bytes.
 pub fn png_iccp_bomb(inflated: u64) -> Vec<u8> {
-    let mut data = b"icc\0\0".to_vec();
-    data.extend(zlib_of_zeros(inflated));
-    png_with_chunks(&[(b"iCCP", data)])
+    // profile name, NUL, compression method, zlib stream
+    png_with_compressed_chunk(b"iCCP", b"icc\0\0", inflated)
 }
 
 /// A zTXt chunk of compressed zeros that inflates to `inflated` bytes.
 pub fn png_ztxt_bomb(inflated: u64) -> Vec<u8> {
-    let mut data = b"Comment\0\0".to_vec();
-    data.extend(zlib_of_zeros(inflated));
-    png_with_chunks(&[(b"zTXt", data)])
+    // keyword, NUL, compression method, zlib stream
+    png_with_compressed_chunk(b"zTXt", b"Comment\0\0", inflated)
 }
 
 /// A compressed iTXt chunk (XMP's keyword) of zeros that inflates to `inflated` bytes.
 pub fn png_itxt_bomb(inflated: u64) -> Vec<u8> {
     // keyword, NUL, compressed, method, language, NUL, translated keyword, NUL, text
-    let mut data = b"XML:com.adobe.xmp\0\x01\0\0\0".to_vec();
+    png_with_compressed_chunk(b"iTXt", b"XML:com.adobe.xmp\0\x01\0\0\0", inflated)
+}
+
+fn png_with_compressed_chunk(kind: &[u8; 4], header: &[u8], inflated: u64) -> Vec<u8> {
+    let mut data = header.to_vec();
     data.extend(zlib_of_zeros(inflated));
-    png_with_chunks(&[(b"iTXt", data)])
+    png_with_chunks(&[(kind, data)])
 }
 
 /// An eXIf chunk of `bytes` bytes (a big-endian TIFF header, then zeros).

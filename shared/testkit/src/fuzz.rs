@@ -1,8 +1,8 @@
 //! Fuzz-style property runs on stable Rust: every case draws its input from its own seeded ChaCha stream (so a
 //! failure names a seed that replays it alone), runs under a measured allocation and time, and may not panic.
 //!
-//! A suite runs a fixed, small number of cases in CI and millions in its long mode (an `#[ignore]` test:
-//! `cargo test -- --ignored`, `KOSMOS_FUZZ_CASES` overrides the count). Memory is measured by
+//! A suite runs a fixed, small number of cases in CI ([`Mode::Ci`]) and millions in its long mode ([`Mode::Long`],
+//! an `#[ignore]` test: `cargo test -- --ignored`); `KOSMOS_FUZZ_CASES` overrides either count. Memory is measured by
 //! [`CountingAllocator`], which the test binary installs as its `#[global_allocator]`; it counts per thread, so
 //! tests running in parallel do not see each other's allocations.
 
@@ -95,27 +95,40 @@ fn counting_is_installed() -> bool {
     peak >= 4096
 }
 
-/// How many cases a suite runs: `ci` normally, `long` in its long mode, `KOSMOS_FUZZ_CASES` when set.
-pub fn case_count(ci: u64, long: u64, long_mode: bool) -> u64 {
-    match std::env::var("KOSMOS_FUZZ_CASES")
-        .ok()
-        .and_then(|value| value.parse().ok())
-    {
-        Some(cases) => cases,
-        None if long_mode => long,
-        None => ci,
-    }
+/// Which budget a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The fixed, small budget of CI.
+    Ci,
+    /// The long mode (an `#[ignore]` test).
+    Long,
 }
 
-/// One suite's run: its name, number of cases and base seed.
+/// One suite: its name, base seed and case counts.
 #[derive(Debug, Clone, Copy)]
 pub struct Suite<'a> {
     /// Printed with the case count, and named in failures.
     pub name: &'a str,
-    /// Cases to run.
-    pub cases: u64,
     /// Case `i` draws from `ChaCha8Rng::seed_from_u64(seed + i)`.
     pub seed: u64,
+    /// Cases in CI.
+    pub ci_cases: u64,
+    /// Cases in the long mode.
+    pub long_cases: u64,
+}
+
+impl Suite<'_> {
+    /// The cases of a run in `mode`, or `KOSMOS_FUZZ_CASES` when set.
+    pub fn cases(&self, mode: Mode) -> u64 {
+        let configured = std::env::var("KOSMOS_FUZZ_CASES")
+            .ok()
+            .and_then(|value| value.parse().ok());
+        match (configured, mode) {
+            (Some(cases), _) => cases,
+            (None, Mode::Ci) => self.ci_cases,
+            (None, Mode::Long) => self.long_cases,
+        }
+    }
 }
 
 /// What a finished suite measured.
@@ -129,10 +142,11 @@ pub struct Report {
     pub peak_bytes: usize,
 }
 
-/// Runs `suite.cases` cases of `case` and prints the count, the slowest case and the largest peak. `case`
-/// returns the most bytes it may hold at once (its limit, computed from its input); a case that panics, holds
-/// more, or takes longer than [`MAX_CASE_TIME`] fails the suite with its seed.
-pub fn run(suite: Suite<'_>, mut case: impl FnMut(&mut ChaCha8Rng) -> usize) -> Report {
+/// Runs the cases of `suite` in `mode` and prints the count, the slowest case and the largest peak. `case` returns
+/// the most bytes it may hold at once (its limit, computed from its input); a case that panics, holds more, or
+/// takes longer than [`MAX_CASE_TIME`] fails the suite with its seed.
+pub fn run(suite: Suite<'_>, mode: Mode, mut case: impl FnMut(&mut ChaCha8Rng) -> usize) -> Report {
+    let cases = suite.cases(mode);
     assert!(
         counting_is_installed(),
         "{}: install kosmos_testkit::fuzz::CountingAllocator as the test binary's #[global_allocator]",
@@ -143,7 +157,7 @@ pub fn run(suite: Suite<'_>, mut case: impl FnMut(&mut ChaCha8Rng) -> usize) -> 
         slowest: Duration::ZERO,
         peak_bytes: 0,
     };
-    for index in 0..suite.cases {
+    for index in 0..cases {
         let seed = suite.seed.wrapping_add(index);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let started = Instant::now();
@@ -180,7 +194,7 @@ pub fn run(suite: Suite<'_>, mut case: impl FnMut(&mut ChaCha8Rng) -> usize) -> 
         suite.name,
         report.cases,
         suite.seed,
-        suite.seed.wrapping_add(suite.cases),
+        suite.seed.wrapping_add(cases),
         report.slowest.as_secs_f64() * 1e3,
         report.peak_bytes
     );

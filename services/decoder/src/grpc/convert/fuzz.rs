@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use kosmos_proto::decoder::v1 as pb;
 use kosmos_proto::tensor::v1::{DType as WireDType, Tensor};
-use kosmos_testkit::fuzz::{self, CountingAllocator, Suite};
+use kosmos_testkit::fuzz::{self, CountingAllocator, Mode, Suite};
 use rand::Rng as _;
 use rand_chacha::ChaCha8Rng;
 
@@ -202,25 +202,20 @@ fn case(rng: &mut ChaCha8Rng) -> usize {
     4 * input_bytes + (64 << 10)
 }
 
-fn suite(cases: u64) {
-    let report = fuzz::run(
-        Suite {
-            name: "decoder segment and tensor validation",
-            cases,
-            seed: 0xdec0de,
-        },
-        case,
-    );
-    assert_eq!(report.cases, cases);
-}
+const VALIDATION: Suite<'static> = Suite {
+    name: "decoder segment and tensor validation",
+    seed: 0xdec0de,
+    ci_cases: 5_000,
+    long_cases: 1_000_000,
+};
 
 #[test]
 fn random_segments_shapes_and_bytes_never_panic_and_valid_requests_pass() {
-    suite(fuzz::case_count(5_000, 1_000_000, false));
+    fuzz::run(VALIDATION, Mode::Ci, case);
 }
 
 #[test]
 #[ignore = "long mode: a million requests"]
 fn random_segments_shapes_and_bytes_never_panic_and_valid_requests_pass_long() {
-    suite(fuzz::case_count(5_000, 1_000_000, true));
+    fuzz::run(VALIDATION, Mode::Long, case);
 }
