@@ -52,7 +52,9 @@ pub fn rejection_reason(error: &RequestError) -> Option<&'static str> {
         _ => return None,
     };
     Some(match reason {
-        ImageRejection::TooManyBytes { .. } | ImageRejection::MetadataTooLarge { .. } => "bytes",
+        ImageRejection::TooManyBytes { .. }
+        | ImageRejection::MetadataTooLarge { .. }
+        | ImageRejection::TooManyMetadataItems { .. } => "bytes",
         ImageRejection::Empty
         | ImageRejection::UnsupportedFormat { .. }
         | ImageRejection::FormatNotAccepted { .. }

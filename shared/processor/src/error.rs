@@ -55,6 +55,14 @@ pub enum DecodeError {
         /// The limit.
         max_bytes: u64,
     },
+    /// The image holds more metadata items (chunks or segments) than allowed.
+    #[error(
+        "image holds more than {max_items} metadata items (ICC, EXIF, XMP, text chunks or segments)"
+    )]
+    TooManyMetadataItems {
+        /// The limit.
+        max_items: u64,
+    },
     /// The bytes claim a supported format but could not be decoded.
     #[error("image is corrupt: {0}")]
     Corrupt(String),

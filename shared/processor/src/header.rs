@@ -90,6 +90,12 @@ pub enum ImageRejection {
         /// The limit.
         max: u64,
     },
+    /// The image holds more metadata items (chunks or segments) than allowed.
+    #[error("more than {max} metadata items (ICC, EXIF, XMP, text chunks or segments)")]
+    TooManyMetadataItems {
+        /// The limit.
+        max: u64,
+    },
     /// The header's width exceeds `limits.max_image_width`.
     #[error("{width} pixels wide, above the limit `limits.max_image_width` = {max}")]
     TooWide {
@@ -181,6 +187,9 @@ impl From<DecodeError> for ImageRejection {
                 bytes,
                 max: max_bytes,
             },
+            DecodeError::TooManyMetadataItems { max_items } => {
+                Self::TooManyMetadataItems { max: max_items }
+            }
             DecodeError::Corrupt(message) => Self::Corrupt(message),
         }
     }

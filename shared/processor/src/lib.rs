@@ -50,7 +50,7 @@ pub use header::{
     ImageHeader, ImageLimits, ImageRejection, check_encoded, check_header, check_image,
 };
 pub use image::RgbImage;
-pub use metadata::{MAX_METADATA_BYTES, MAX_TOTAL_METADATA_BYTES};
+pub use metadata::{MAX_METADATA_BYTES, MAX_METADATA_ITEMS, MAX_TOTAL_METADATA_BYTES};
 pub use preprocess::{PixelValues, decode_and_preprocess, preprocess, resize_output_size};
 pub use processor::KosmosProcessor;
 pub use prompt::{

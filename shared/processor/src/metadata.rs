@@ -1,6 +1,7 @@
 //! A walk over an encoded image's container (PNG chunks, JPEG segments, WebP RIFF chunks) that measures its
 //! ancillary metadata (ICC profiles, EXIF, XMP, text, comments) before any decoder parses it, and refuses an item
-//! above [`MAX_METADATA_BYTES`] or a file whose metadata together exceed [`MAX_TOTAL_METADATA_BYTES`].
+//! above [`MAX_METADATA_BYTES`], a file whose metadata together exceed [`MAX_TOTAL_METADATA_BYTES`], and a file
+//! of more than [`MAX_METADATA_ITEMS`] items.
 //!
 //! Why here and not in the decoders: the `png` crate inflates an iCCP profile while it reads the header, bounded
 //! only by the one allocation budget it shares with the pixels, and it keeps zTXt / iTXt compressed until
@@ -23,14 +24,27 @@ pub const MAX_METADATA_BYTES: u64 = 1 << 20;
 /// Largest sum of every metadata item of one image, inflated.
 pub const MAX_TOTAL_METADATA_BYTES: u64 = 4 << 20;
 
-/// Running totals of one walk; every item goes through [`Budget::charge`].
+/// Most metadata items (chunks or segments) in one image: bytes alone would let a file of a million empty
+/// compressed chunks cost a million inflater set-ups, and the `png` crate a record each. Real files hold a few,
+/// an ICC profile split over JPEG segments at most 255.
+pub const MAX_METADATA_ITEMS: u64 = 1024;
+
+/// Running totals of one walk; every item goes through [`Budget::check_item`].
 struct Budget {
     total: u64,
+    items: u64,
 }
 
 impl Budget {
-    /// Refuses one item of `bytes` over the per-item limit, without counting it.
-    fn check_item(&self, item: &'static str, bytes: u64) -> Result<(), DecodeError> {
+    /// Counts one item and refuses it when it is one too many or holds more than the per-item limit; its
+    /// bytes are added to the total by [`Budget::add`].
+    fn check_item(&mut self, item: &'static str, bytes: u64) -> Result<(), DecodeError> {
+        self.items += 1;
+        if self.items > MAX_METADATA_ITEMS {
+            return Err(DecodeError::TooManyMetadataItems {
+                max_items: MAX_METADATA_ITEMS,
+            });
+        }
         if bytes > MAX_METADATA_BYTES {
             return Err(DecodeError::MetadataTooLarge {
                 item,
@@ -44,6 +58,18 @@ impl Budget {
     /// Checks one item and adds it to the total.
     fn charge(&mut self, item: &'static str, bytes: u64) -> Result<(), DecodeError> {
         self.check_item(item, bytes)?;
+        self.add(bytes)
+    }
+
+    /// Checks the inflated size of an item already counted by [`Budget::check_item`], and adds it.
+    fn charge_inflated(&mut self, item: &'static str, bytes: u64) -> Result<(), DecodeError> {
+        if bytes > MAX_METADATA_BYTES {
+            return Err(DecodeError::MetadataTooLarge {
+                item,
+                bytes,
+                max_bytes: MAX_METADATA_BYTES,
+            });
+        }
         self.add(bytes)
     }
 
@@ -63,7 +89,7 @@ impl Budget {
 
 /// Refuses `bytes` (already sniffed as `format`) when a metadata item or their sum is over the limits.
 pub(crate) fn check_metadata(bytes: &[u8], format: AcceptedFormat) -> Result<(), DecodeError> {
-    let mut budget = Budget { total: 0 };
+    let mut budget = Budget { total: 0, items: 0 };
     match format {
         AcceptedFormat::Png => scan_png(bytes, &mut budget),
         AcceptedFormat::Jpeg => scan_jpeg(bytes, &mut budget),
@@ -100,7 +126,7 @@ fn charge_zlib(budget: &mut Budget, item: &'static str, zlib: &[u8]) -> Result<(
         }
         Err(fdeflate::BoundedDecompressionError::DecompressionError { .. }) => zlib.len() as u64,
     };
-    budget.charge(item, inflated)
+    budget.charge_inflated(item, inflated)
 }
 
 fn scan_png(bytes: &[u8], budget: &mut Budget) -> Result<(), DecodeError> {

@@ -327,6 +327,25 @@ fn metadata_under_the_limit_is_accepted_and_decodes() {
 }
 
 #[test]
+fn a_flood_of_tiny_compressed_chunks_is_refused_by_count() {
+    // 20,000 empty zTXt chunks: a few hundred kilobytes, each one an inflater set-up and a record in the decoder.
+    let empty = {
+        let mut data = b"k\0\0".to_vec();
+        data.extend(bombs::zlib_of_zeros(1));
+        data
+    };
+    let chunks: Vec<(&[u8; 4], Vec<u8>)> = (0..20_000).map(|_| (b"zTXt", empty.clone())).collect();
+    let (rejection, elapsed, _) = refused(&bombs::png_with_chunks(&chunks));
+    assert_eq!(
+        rejection,
+        ImageRejection::TooManyMetadataItems {
+            max: kosmos_processor::MAX_METADATA_ITEMS
+        }
+    );
+    assert!(elapsed < fuzz::MAX_CASE_TIME, "took {elapsed:?}");
+}
+
+#[test]
 fn metadata_are_also_limited_all_together() {
     // Five text chunks of 1 MiB each: every one within the limit, 5 MiB together above the 4 MiB total.
     let chunk = vec![b'a'; MAX_METADATA_BYTES as usize - 8];
