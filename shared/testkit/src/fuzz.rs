@@ -8,6 +8,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::io::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -189,7 +190,10 @@ pub fn run(suite: Suite<'_>, mode: Mode, mut case: impl FnMut(&mut ChaCha8Rng) -
         report.slowest = report.slowest.max(elapsed);
         report.peak_bytes = report.peak_bytes.max(peak);
     }
-    println!(
+    // Straight to the stderr handle: libtest captures `println!` and `eprintln!` of passing tests, and CI should
+    // show every suite's case count.
+    let _ = writeln!(
+        std::io::stderr(),
         "{}: {} cases (seeds {}..{}), slowest {:.1} ms, largest peak {} bytes",
         suite.name,
         report.cases,
