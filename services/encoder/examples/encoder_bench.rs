@@ -23,7 +23,7 @@ use kosmos_encoder::config::{Batching, Limits};
 use kosmos_encoder::engine::{self, BatchEncoder, VisionEngine};
 use kosmos_encoder::images::{Preprocessor, check_image};
 use kosmos_model::{ModelFiles, VisionHalf, parse_device, parse_dtype};
-use kosmos_processor::{AcceptedFormat, ImageProcessorConfig, PixelValues};
+use kosmos_processor::{AcceptedFormat, ImageLimits, ImageProcessorConfig, PixelValues};
 
 /// Encoder benchmark.
 #[derive(Debug, Parser)]
@@ -70,12 +70,14 @@ fn main() -> Result<()> {
 
     let jpeg = test_jpeg(640, 480)?;
     let limits = Limits {
-        max_image_bytes: 20 << 20,
-        max_width: 8192,
-        max_height: 8192,
-        max_pixels: 32 << 20,
+        image: ImageLimits {
+            max_image_bytes: 20 << 20,
+            max_image_width: 8192,
+            max_image_height: 8192,
+            max_image_pixels: 32 << 20,
+            formats: vec![AcceptedFormat::Jpeg],
+        },
         max_images_per_request: NonZeroUsize::MIN,
-        formats: vec![AcceptedFormat::Jpeg],
     };
     let preprocessor = Preprocessor::new(limits.clone(), processor, size, NonZeroUsize::MIN);
     let checked = check_image(0, jpeg.clone(), "image/jpeg", &limits)?;

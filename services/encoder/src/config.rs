@@ -8,9 +8,9 @@
 //!
 //! [limits]
 //! max_image_bytes = 20971520
-//! max_width = 8192
-//! max_height = 8192
-//! max_pixels = 33554432
+//! max_image_width = 8192
+//! max_image_height = 8192
+//! max_image_pixels = 33554432
 //! max_images_per_request = 16
 //! formats = ["image/jpeg", "image/png", "image/webp"]
 //!
@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kosmos_model::DType;
-use kosmos_processor::AcceptedFormat;
+use kosmos_processor::{AcceptedFormat, ImageLimits};
 use kosmos_runtime::config::{
     ConfigError, Layers, RawGrpc, RawMetrics, RawServer, ServerSettings, invalid, positive,
     required_path, seconds,
@@ -86,11 +86,11 @@ pub struct RawLimits {
     /// Most bytes per encoded image.
     pub max_image_bytes: u64,
     /// Largest width in pixels.
-    pub max_width: u32,
+    pub max_image_width: u32,
     /// Largest height in pixels.
-    pub max_height: u32,
+    pub max_image_height: u32,
     /// Largest width × height.
-    pub max_pixels: u64,
+    pub max_image_pixels: u64,
     /// Most images per request.
     pub max_images_per_request: u32,
     /// Accepted formats: `image/jpeg`, `image/png`, `image/webp` (or `jpeg`, `png`, `webp`).
@@ -139,9 +139,9 @@ impl Default for RawLimits {
     fn default() -> Self {
         Self {
             max_image_bytes: 20 * 1024 * 1024,
-            max_width: 8192,
-            max_height: 8192,
-            max_pixels: 32 * 1024 * 1024,
+            max_image_width: 8192,
+            max_image_height: 8192,
+            max_image_pixels: 32 * 1024 * 1024,
             max_images_per_request: 16,
             formats: vec!["image/jpeg".into(), "image/png".into(), "image/webp".into()],
         }
@@ -180,18 +180,10 @@ pub struct EncoderConfig {
 /// Limits enforced on every request, each named in the error that reports a violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Most bytes per encoded image, checked before decoding.
-    pub max_image_bytes: u64,
-    /// Largest width, read from the header.
-    pub max_width: u32,
-    /// Largest height, read from the header.
-    pub max_height: u32,
-    /// Largest width × height, read from the header.
-    pub max_pixels: u64,
+    /// Per image: bytes, accepted formats (in the configured order), width, height and pixels from the header.
+    pub image: ImageLimits,
     /// Most images per request.
     pub max_images_per_request: NonZeroUsize,
-    /// Accepted formats, in the configured order.
-    pub formats: Vec<AcceptedFormat>,
 }
 
 /// Dynamic batching settings.
@@ -280,9 +272,9 @@ impl TryFrom<RawConfig> for EncoderConfig {
 
 fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
     positive("limits.max_image_bytes", raw.max_image_bytes)?;
-    positive("limits.max_width", raw.max_width.into())?;
-    positive("limits.max_height", raw.max_height.into())?;
-    positive("limits.max_pixels", raw.max_pixels)?;
+    positive("limits.max_image_width", raw.max_image_width.into())?;
+    positive("limits.max_image_height", raw.max_image_height.into())?;
+    positive("limits.max_image_pixels", raw.max_image_pixels)?;
     let mut formats = Vec::with_capacity(raw.formats.len());
     for name in &raw.formats {
         let format = AcceptedFormat::from_name(name).ok_or_else(|| {
@@ -299,15 +291,17 @@ fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
         return Err(invalid("limits.formats", "at least one format is required"));
     }
     Ok(Limits {
-        max_image_bytes: raw.max_image_bytes,
-        max_width: raw.max_width,
-        max_height: raw.max_height,
-        max_pixels: raw.max_pixels,
+        image: ImageLimits {
+            max_image_bytes: raw.max_image_bytes,
+            max_image_width: raw.max_image_width,
+            max_image_height: raw.max_image_height,
+            max_image_pixels: raw.max_image_pixels,
+            formats,
+        },
         max_images_per_request: positive(
             "limits.max_images_per_request",
             raw.max_images_per_request.into(),
         )?,
-        formats,
     })
 }
 
@@ -320,7 +314,7 @@ mod tests {
         let config = EncoderConfig::from_overrides(&["model_dir=/m"]).expect("valid");
         assert_eq!(config.batching.max_batch_images.get(), 16);
         assert_eq!(config.batching.max_queue_delay, Duration::from_millis(5));
-        assert_eq!(config.limits.formats.len(), 3);
+        assert_eq!(config.limits.image.formats.len(), 3);
         assert_eq!(config.dtype, DType::F32);
         assert_eq!(config.server.listen.port(), 50052);
         assert_eq!(config.server.metrics_listen.port(), 9090);
@@ -349,7 +343,7 @@ mod tests {
         let config = EncoderConfig::load(&layers).expect("valid");
         assert_eq!(config.model_dir, PathBuf::from("/env"));
         assert_eq!(config.batching.max_queue_delay, Duration::from_millis(50));
-        assert_eq!(config.limits.formats, vec![AcceptedFormat::Png]);
+        assert_eq!(config.limits.image.formats, vec![AcceptedFormat::Png]);
     }
 
     #[test]

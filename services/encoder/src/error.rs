@@ -1,138 +1,11 @@
-//! Errors of the encoder: what one request can fail with (each maps to one gRPC code, in [`RequestError::code`]),
-//! why one image was refused, and what stops the service from starting.
+//! Errors of the encoder: what one request can fail with (each maps to one gRPC code, in [`RequestError::code`])
+//! and what stops the service from starting. Why one image was refused is `kosmos_processor`'s
+//! [`ImageRejection`], as in the gateway.
 
 use std::path::PathBuf;
 
-/// Why one image of a request was refused. Every message names the limit and the value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ImageRejection {
-    /// The encoded image is larger than `limits.max_image_bytes` (checked before decoding).
-    #[error("{bytes} bytes exceeds max_image_bytes {max}")]
-    TooManyBytes {
-        /// Bytes sent.
-        bytes: u64,
-        /// The limit.
-        max: u64,
-    },
-    /// No bytes at all.
-    #[error("image is empty (0 bytes)")]
-    Empty,
-    /// The bytes are not JPEG, PNG or WebP.
-    #[error("unsupported image format {format} (supported: image/jpeg, image/png, image/webp)")]
-    UnsupportedFormat {
-        /// What the bytes look like, or `unknown`.
-        format: String,
-    },
-    /// The format is supported but not in `limits.formats`.
-    #[error("format {format} is not accepted (limits.formats: {accepted})")]
-    FormatNotAccepted {
-        /// The detected format's MIME type.
-        format: &'static str,
-        /// The accepted MIME types, comma separated.
-        accepted: String,
-    },
-    /// `mime_type` names no supported format.
-    #[error("mime_type `{mime_type}` is not one of image/jpeg, image/png, image/webp")]
-    UnknownMimeType {
-        /// The declared type.
-        mime_type: String,
-    },
-    /// `mime_type` disagrees with the bytes.
-    #[error("mime_type {declared} disagrees with the bytes, which are {detected}")]
-    MimeTypeMismatch {
-        /// The declared type.
-        declared: String,
-        /// The detected type.
-        detected: &'static str,
-    },
-    /// The header's width exceeds `limits.max_width`.
-    #[error("width {width} exceeds max_width {max}")]
-    TooWide {
-        /// Width from the header.
-        width: u32,
-        /// The limit.
-        max: u32,
-    },
-    /// The header's height exceeds `limits.max_height`.
-    #[error("height {height} exceeds max_height {max}")]
-    TooTall {
-        /// Height from the header.
-        height: u32,
-        /// The limit.
-        max: u32,
-    },
-    /// The header's width × height exceeds `limits.max_pixels`.
-    #[error("{pixels} pixels ({width}x{height}) exceeds max_pixels {max}")]
-    TooManyPixels {
-        /// Width × height.
-        pixels: u64,
-        /// Width from the header.
-        width: u32,
-        /// Height from the header.
-        height: u32,
-        /// The limit.
-        max: u64,
-    },
-    /// The header announces a zero width or height.
-    #[error("image has a zero dimension ({width}x{height})")]
-    ZeroSized {
-        /// Width from the header.
-        width: u32,
-        /// Height from the header.
-        height: u32,
-    },
-    /// Decoding would allocate more than the decoder's budget (derived from `limits.max_pixels`).
-    #[error("decoding needs {needed} bytes, more than the decoder budget of {max} bytes")]
-    DecoderMemory {
-        /// Bytes needed, as far as known.
-        needed: u64,
-        /// The budget.
-        max: u64,
-    },
-    /// The bytes claim a supported format but do not decode.
-    #[error("corrupt image data: {0}")]
-    Corrupt(String),
-    /// The decoded image could not be preprocessed.
-    #[error("cannot preprocess the image: {0}")]
-    Preprocess(String),
-}
-
-impl From<kosmos_processor::DecodeError> for ImageRejection {
-    fn from(error: kosmos_processor::DecodeError) -> Self {
-        use kosmos_processor::DecodeError;
-        match error {
-            DecodeError::Empty => Self::Empty,
-            DecodeError::UnsupportedFormat { format } => Self::UnsupportedFormat { format },
-            DecodeError::TooLarge {
-                width,
-                max_width,
-                height,
-                max_height,
-            } => {
-                if width > max_width {
-                    Self::TooWide {
-                        width,
-                        max: max_width,
-                    }
-                } else {
-                    Self::TooTall {
-                        height,
-                        max: max_height,
-                    }
-                }
-            }
-            DecodeError::TooManyBytes {
-                needed_bytes,
-                max_bytes,
-            } => Self::DecoderMemory {
-                needed: needed_bytes,
-                max: max_bytes,
-            },
-            DecodeError::ZeroSized { width, height } => Self::ZeroSized { width, height },
-            DecodeError::Corrupt(message) => Self::Corrupt(message),
-        }
-    }
-}
+/// Why one image of a request was refused: the workspace's one vocabulary, shared with the gateway.
+pub use kosmos_processor::ImageRejection;
 
 /// Why one Encode or Info call failed.
 ///
@@ -160,6 +33,14 @@ pub enum RequestError {
         index: usize,
         /// Why.
         reason: ImageRejection,
+    },
+    /// One decoded image could not be preprocessed.
+    #[error("images[{index}]: cannot preprocess the image: {message}")]
+    Preprocess {
+        /// Index of the image in the request.
+        index: usize,
+        /// Why.
+        message: String,
     },
     /// The batching queue cannot take the request's images now.
     #[error(
@@ -200,7 +81,8 @@ impl RequestError {
             Self::NoImages
             | Self::TooManyImages { .. }
             | Self::UnknownDtype(_)
-            | Self::Image { .. } => tonic::Code::InvalidArgument,
+            | Self::Image { .. }
+            | Self::Preprocess { .. } => tonic::Code::InvalidArgument,
             Self::QueueFull { .. } => tonic::Code::ResourceExhausted,
             Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Self::Loading | Self::ShuttingDown | Self::EngineStopped => tonic::Code::Unavailable,
@@ -258,7 +140,7 @@ mod tests {
         };
         assert_eq!(
             error.to_string(),
-            "images[2]: 31457280 bytes exceeds max_image_bytes 20971520"
+            "images[2]: 31457280 bytes, above the limit `limits.max_image_bytes` = 20971520"
         );
         assert_eq!(error.code(), tonic::Code::InvalidArgument);
     }
@@ -271,6 +153,9 @@ mod tests {
             max_width: 8192,
             max_height: 8192,
         });
-        assert_eq!(tall.to_string(), "height 9000 exceeds max_height 8192");
+        assert_eq!(
+            tall.to_string(),
+            "9000 pixels high, above the limit `limits.max_image_height` = 8192"
+        );
     }
 }

@@ -153,9 +153,7 @@ impl EncoderService {
             ValidEncodeRequest::parse(request, &self.state.limits).inspect_err(|err| {
                 // The first image that fails the cheap checks (the others are not looked at); the ones failing later
                 // on the blocking pool are counted there.
-                if let RequestError::Image { reason, .. } = err {
-                    self.state.metrics.image_rejected(reason);
-                }
+                self.state.metrics.image_rejected(err);
             })?;
         let preprocess_started = Instant::now();
         let pixels = self.state.preprocessor.process_all(request.images).await?;
@@ -200,12 +198,13 @@ impl EncoderService {
             tokens_per_image: model.tokens_per_image as u32,
             hidden_size: model.hidden_size as u32,
             limits: Some(EncoderLimits {
-                max_image_bytes: limits.max_image_bytes,
-                max_width: limits.max_width,
-                max_height: limits.max_height,
-                max_pixels: limits.max_pixels,
+                max_image_bytes: limits.image.max_image_bytes,
+                max_width: limits.image.max_image_width,
+                max_height: limits.image.max_image_height,
+                max_pixels: limits.image.max_image_pixels,
                 max_images_per_request: saturating_u32(limits.max_images_per_request.get()),
                 formats: limits
+                    .image
                     .formats
                     .iter()
                     .map(|format| format.mime_type().to_string())

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kosmos_processor::{
-    AcceptedFormat, DecodeLimits, ImageProcessorConfig, PixelValues, decode_image, preprocess,
-    read_dimensions, sniff_format,
+    AcceptedFormat, DecodeLimits, ImageProcessorConfig, ImageRejection, PixelValues, check_encoded,
+    check_header, decode_image, preprocess,
 };
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
-use crate::error::{ImageRejection, RequestError};
+use crate::error::RequestError;
 use crate::metrics::EncoderMetrics;
 
 /// Allocation slack the decoder may use beyond the decoded pixels (row buffers, JPEG component planes).
@@ -36,61 +36,21 @@ fn rejected(index: usize, reason: ImageRejection) -> RequestError {
     RequestError::Image { index, reason }
 }
 
-/// Checks the bytes of image `index` against the limits without decoding anything.
-///
-/// Order: size (so an oversized image costs nothing more), emptiness, the format sniffed from the bytes, the
-/// declared `mime_type` (when set it must name the same format), then `limits.formats`.
+/// Checks the bytes of image `index` against the limits without decoding anything
+/// ([`kosmos_processor::check_encoded`]: size, emptiness, sniffed format, declared `mime_type`,
+/// `limits.formats`).
 pub fn check_image(
     index: usize,
     bytes: Vec<u8>,
     declared_mime_type: &str,
     limits: &Limits,
 ) -> Result<CheckedImage, RequestError> {
-    let size = bytes.len() as u64;
-    if size > limits.max_image_bytes {
-        return Err(rejected(
-            index,
-            ImageRejection::TooManyBytes {
-                bytes: size,
-                max: limits.max_image_bytes,
-            },
-        ));
-    }
-    let detected = sniff_format(&bytes).map_err(|err| rejected(index, err.into()))?;
-    let declared = declared_mime_type.trim();
-    if !declared.is_empty() {
-        let declared_format = AcceptedFormat::from_name(declared).ok_or_else(|| {
-            rejected(
-                index,
-                ImageRejection::UnknownMimeType {
-                    mime_type: declared.to_string(),
-                },
-            )
-        })?;
-        if declared_format != detected {
-            return Err(rejected(
-                index,
-                ImageRejection::MimeTypeMismatch {
-                    declared: declared.to_string(),
-                    detected: detected.mime_type(),
-                },
-            ));
-        }
-    }
-    if !limits.formats.contains(&detected) {
-        let accepted: Vec<&str> = limits.formats.iter().map(|f| f.mime_type()).collect();
-        return Err(rejected(
-            index,
-            ImageRejection::FormatNotAccepted {
-                format: detected.mime_type(),
-                accepted: accepted.join(", "),
-            },
-        ));
-    }
+    let format = check_encoded(&bytes, declared_mime_type, &limits.image)
+        .map_err(|reason| rejected(index, reason))?;
     Ok(CheckedImage {
         index,
         bytes,
-        format: detected,
+        format,
     })
 }
 
@@ -131,11 +91,12 @@ impl Preprocessor {
     /// The limits the decoder enforces on its own, a second line behind the header checks.
     pub fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
-            max_width: self.limits.max_width,
-            max_height: self.limits.max_height,
+            max_width: self.limits.image.max_image_width,
+            max_height: self.limits.image.max_image_height,
             max_alloc_bytes: self
                 .limits
-                .max_pixels
+                .image
+                .max_image_pixels
                 .saturating_mul(MAX_BYTES_PER_PIXEL)
                 .saturating_add(DECODER_SLACK_BYTES),
         }
@@ -144,38 +105,8 @@ impl Preprocessor {
     /// Header check, decode and preprocessing of one image, on the calling thread (blocking, CPU-bound).
     pub fn process_one(&self, image: &CheckedImage) -> Result<PixelValues, RequestError> {
         let index = image.index;
-        let (width, height) =
-            read_dimensions(&image.bytes).map_err(|err| rejected(index, err.into()))?;
-        if width > self.limits.max_width {
-            return Err(rejected(
-                index,
-                ImageRejection::TooWide {
-                    width,
-                    max: self.limits.max_width,
-                },
-            ));
-        }
-        if height > self.limits.max_height {
-            return Err(rejected(
-                index,
-                ImageRejection::TooTall {
-                    height,
-                    max: self.limits.max_height,
-                },
-            ));
-        }
-        let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.limits.max_pixels {
-            return Err(rejected(
-                index,
-                ImageRejection::TooManyPixels {
-                    pixels,
-                    width,
-                    height,
-                    max: self.limits.max_pixels,
-                },
-            ));
-        }
+        check_header(&image.bytes, image.format, &self.limits.image)
+            .map_err(|reason| rejected(index, reason))?;
         let decode_started = Instant::now();
         let rgb = decode_image(&image.bytes, &self.decode_limits())
             .map_err(|err| rejected(index, err.into()))?;
@@ -183,8 +114,10 @@ impl Preprocessor {
         if let Some(metrics) = &self.metrics {
             metrics.image_decoded(preprocess_started - decode_started);
         }
-        let values = preprocess(&rgb, &self.config)
-            .map_err(|err| rejected(index, ImageRejection::Preprocess(err.to_string())))?;
+        let values = preprocess(&rgb, &self.config).map_err(|err| RequestError::Preprocess {
+            index,
+            message: err.to_string(),
+        })?;
         if let Some(metrics) = &self.metrics {
             metrics.image_preprocessed(preprocess_started.elapsed());
         }
@@ -232,10 +165,8 @@ impl Preprocessor {
             match task.await {
                 Ok(Ok(values)) => pixels.push(values),
                 Ok(Err(err)) => {
-                    if let (Some(metrics), RequestError::Image { reason, .. }) =
-                        (&self.metrics, &err)
-                    {
-                        metrics.image_rejected(reason);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.image_rejected(&err);
                     }
                     first_error.get_or_insert(err);
                 }
@@ -259,12 +190,14 @@ mod tests {
 
     fn limits() -> Limits {
         Limits {
-            max_image_bytes: 100,
-            max_width: 64,
-            max_height: 64,
-            max_pixels: 1024,
+            image: kosmos_processor::ImageLimits {
+                max_image_bytes: 100,
+                max_image_width: 64,
+                max_image_height: 64,
+                max_image_pixels: 1024,
+                formats: vec![AcceptedFormat::Png, AcceptedFormat::Jpeg],
+            },
             max_images_per_request: NonZeroUsize::MIN,
-            formats: vec![AcceptedFormat::Png, AcceptedFormat::Jpeg],
         }
     }
 
@@ -275,7 +208,7 @@ mod tests {
         let err = check_image(3, vec![0; 101], "", &limits()).expect_err("too big");
         assert_eq!(
             err.to_string(),
-            "images[3]: 101 bytes exceeds max_image_bytes 100"
+            "images[3]: 101 bytes, above the limit `limits.max_image_bytes` = 100"
         );
     }
 
@@ -283,10 +216,9 @@ mod tests {
     fn a_declared_mime_type_must_agree_with_the_bytes() {
         let err =
             check_image(0, PNG_SIGNATURE.to_vec(), "image/jpeg", &limits()).expect_err("mismatch");
-        assert!(
-            err.to_string()
-                .contains("mime_type image/jpeg disagrees with the bytes, which are image/png"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "images[0]: mime_type `image/jpeg` disagrees with the bytes, which are image/png"
         );
         let ok = check_image(0, PNG_SIGNATURE.to_vec(), "image/png", &limits()).expect("agrees");
         assert_eq!(ok.format, AcceptedFormat::Png);
@@ -301,7 +233,7 @@ mod tests {
         let err = check_image(1, webp, "", &limits()).expect_err("webp not accepted");
         assert_eq!(
             err.to_string(),
-            "images[1]: format image/webp is not accepted (limits.formats: image/png, image/jpeg)"
+            "images[1]: format image/webp is not accepted (`limits.formats` = image/png, image/jpeg)"
         );
     }
 }

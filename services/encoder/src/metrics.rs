@@ -14,7 +14,9 @@ use kosmos_runtime::metrics::{Registry, STAGE_BUCKETS, histogram};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
-use crate::error::ImageRejection;
+use kosmos_processor::ImageRejection;
+
+use crate::error::RequestError;
 
 /// The OpenTelemetry names of the encoder's instruments (Prometheus adds `_seconds` / `_total`).
 pub mod names {
@@ -41,10 +43,18 @@ pub mod names {
 /// Bucket boundaries of the batch size histogram (images per batch).
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// The `reason` label of a rejected image: `bytes`, `format`, `width`, `height`, `pixels` or `decode`.
-pub fn rejection_reason(rejection: &ImageRejection) -> &'static str {
-    match rejection {
-        ImageRejection::TooManyBytes { .. } => "bytes",
+/// The `reason` label of a rejected image (`bytes`, `format`, `width`, `height`, `pixels` or `decode`); `None`
+/// when the error is not about one image. Oversized metadata counts as `bytes`.
+pub fn rejection_reason(error: &RequestError) -> Option<&'static str> {
+    let reason = match error {
+        RequestError::Image { reason, .. } => reason,
+        RequestError::Preprocess { .. } => return Some("decode"),
+        _ => return None,
+    };
+    Some(match reason {
+        ImageRejection::TooManyBytes { .. }
+        | ImageRejection::MetadataTooLarge { .. }
+        | ImageRejection::TooManyMetadataItems { .. } => "bytes",
         ImageRejection::Empty
         | ImageRejection::UnsupportedFormat { .. }
         | ImageRejection::FormatNotAccepted { .. }
@@ -52,12 +62,10 @@ pub fn rejection_reason(rejection: &ImageRejection) -> &'static str {
         | ImageRejection::MimeTypeMismatch { .. } => "format",
         ImageRejection::TooWide { .. } => "width",
         ImageRejection::TooTall { .. } => "height",
-        // The decoder's allocation budget is derived from max_pixels.
+        // The decoder's budget is derived from `limits.max_image_pixels`.
         ImageRejection::TooManyPixels { .. } | ImageRejection::DecoderMemory { .. } => "pixels",
-        ImageRejection::ZeroSized { .. }
-        | ImageRejection::Corrupt(_)
-        | ImageRejection::Preprocess(_) => "decode",
-    }
+        ImageRejection::ZeroSized { .. } | ImageRejection::Corrupt(_) => "decode",
+    })
 }
 
 /// The encoder's instruments on its own [`Registry`].
@@ -176,9 +184,11 @@ impl EncoderMetrics {
             .record(elapsed.as_secs_f64(), &[]);
     }
 
-    /// One image refused.
-    pub fn image_rejected(&self, rejection: &ImageRejection) {
-        self.images_rejected
-            .add(1, &[KeyValue::new("reason", rejection_reason(rejection))]);
+    /// Counts `error` when it refuses one image (nothing otherwise).
+    pub fn image_rejected(&self, error: &RequestError) {
+        if let Some(reason) = rejection_reason(error) {
+            self.images_rejected
+                .add(1, &[KeyValue::new("reason", reason)]);
+        }
     }
 }

@@ -6,6 +6,10 @@
 //! replicated, palettes are expanded, and alpha is composited onto white (`Image.alpha_composite`).
 //! EXIF orientation is ignored, as Pillow and HF ignore it.
 //!
+//! Every header read is bounded: the container's metadata is measured first ([`crate::metadata`]: ICC profiles,
+//! EXIF, XMP and text, 1 MiB each as Pillow caps them), and the decoder's header parsing runs under an
+//! allocation budget of [`header_alloc_budget`] bytes.
+//!
 //! Pixels match Pillow exactly for PNG. JPEG goes through `zune-jpeg`, whose IDCT rounds differently from
 //! libjpeg-turbo's (Pillow's decoder; the colour conversion agrees): a few samples differ by a level or two.
 
@@ -14,6 +18,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::DecodeError;
+use crate::metadata::{MAX_METADATA_BYTES, check_metadata};
 
 /// Caller-chosen bounds on what an encoded image may expand to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +54,9 @@ pub enum AcceptedFormat {
 }
 
 impl AcceptedFormat {
+    /// Every format, in the order error messages list them.
+    pub const ALL: [Self; 3] = [Self::Jpeg, Self::Png, Self::WebP];
+
     /// The MIME type of the format (`image/jpeg`, `image/png`, `image/webp`).
     pub fn mime_type(self) -> &'static str {
         match self {
@@ -66,6 +74,20 @@ impl AcceptedFormat {
             "image/png" | "png" => Some(Self::Png),
             "image/webp" | "webp" => Some(Self::WebP),
             _ => None,
+        }
+    }
+
+    /// The format a MIME type stands for (`image/png`, `image/jpeg`, `image/jpg`, `image/webp`; any case), as a
+    /// request's `mime_type` may name it; `None` for anything else, short names included.
+    pub fn from_mime_type(mime_type: &str) -> Option<Self> {
+        let trimmed = mime_type.trim();
+        let is_image_type = trimmed
+            .get(.."image/".len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("image/"));
+        if is_image_type {
+            Self::from_name(trimmed)
+        } else {
+            None
         }
     }
 }
@@ -88,11 +110,21 @@ pub fn sniff_format(bytes: &[u8]) -> Result<AcceptedFormat, DecodeError> {
     }
 }
 
-/// Reads only the header: `(width, height)`, after checking the format is accepted.
+/// Reads only the header: `(width, height)`, after checking the format is accepted and its metadata are
+/// within the limits, under an allocation budget of [`header_alloc_budget`] bytes.
 pub fn read_dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
     let format = sniff_format(bytes)?;
-    let decoder = header_decoder(bytes, format, u64::MAX)?;
+    check_metadata(bytes, format)?;
+    let decoder = header_decoder(bytes, format, header_alloc_budget(bytes.len()))?;
     Ok(decoder.dimensions())
+}
+
+/// What reading the header of `input_bytes` bytes may allocate: a copy of the input twice over (JPEG reads the
+/// whole input; PNG buffers its largest chunk in a doubling buffer) and metadata items of the maximum size.
+pub fn header_alloc_budget(input_bytes: usize) -> u64 {
+    (input_bytes as u64)
+        .saturating_mul(2)
+        .saturating_add(4 * MAX_METADATA_BYTES)
 }
 
 fn image_format(format: AcceptedFormat) -> ImageFormat {
@@ -155,7 +187,9 @@ pub fn decode_dynamic_image(
     limits: &DecodeLimits,
 ) -> Result<DynamicImage, DecodeError> {
     let format = sniff_format(bytes)?;
-    let mut decoder = header_decoder(bytes, format, limits.max_alloc_bytes)?;
+    check_metadata(bytes, format)?;
+    let header_budget = header_alloc_budget(bytes.len()).min(limits.max_alloc_bytes);
+    let mut decoder = header_decoder(bytes, format, header_budget)?;
     let (width, height) = decoder.dimensions();
     if width > limits.max_width || height > limits.max_height {
         return Err(DecodeError::TooLarge {

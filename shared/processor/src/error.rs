@@ -44,6 +44,25 @@ pub enum DecodeError {
         /// Height from the header.
         height: u32,
     },
+    /// A metadata item (ICC profile, EXIF, XMP, text) or all of them together, as declared or inflated, is
+    /// above its limit; nothing was inflated beyond it.
+    #[error("{item} holds at least {bytes} bytes, above the metadata limit of {max_bytes} bytes")]
+    MetadataTooLarge {
+        /// What was measured (`PNG iCCP chunk`, `WebP EXIF chunk`, `all metadata together`, ...).
+        item: &'static str,
+        /// Bytes measured when the limit was crossed.
+        bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// The image holds more metadata items (chunks or segments) than allowed.
+    #[error(
+        "image holds more than {max_items} metadata items (ICC, EXIF, XMP, text chunks or segments)"
+    )]
+    TooManyMetadataItems {
+        /// The limit.
+        max_items: u64,
+    },
     /// The bytes claim a supported format but could not be decoded.
     #[error("image is corrupt: {0}")]
     Corrupt(String),

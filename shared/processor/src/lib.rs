@@ -4,6 +4,8 @@
 //! (`docs/MODEL_SPEC.md` §2.6–2.7); every step reproduces HF's output for the same input:
 //! - [`decode_image`]: untrusted JPEG/PNG/WebP bytes to RGB within [`DecodeLimits`], checked from the
 //!   header before allocating;
+//! - [`check_image`]: the header checks every service runs on untrusted image bytes (size, format, declared
+//!   MIME type, metadata, dimensions) before anything is decoded, with one [`ImageRejection`] vocabulary;
 //! - [`preprocess`]: CLIP resize (bit-exact ports of torchvision's uint8 antialiased resize, the
 //!   transformers 5 default, and of Pillow's resampler), center crop, rescale, normalize, to
 //!   channels-first f32 [`PixelValues`];
@@ -18,6 +20,8 @@ mod config;
 mod decode;
 mod error;
 mod grounding;
+mod header;
+mod metadata;
 mod preprocess;
 mod processor;
 mod prompt;
@@ -31,7 +35,7 @@ pub use config::{
 };
 pub use decode::{
     AcceptedFormat, AlphaHandling, DecodeLimits, decode_dynamic_image, decode_image,
-    flatten_to_rgb, read_dimensions, sniff_format,
+    flatten_to_rgb, header_alloc_budget, read_dimensions, sniff_format,
 };
 pub use error::{
     ConfigError, DecodeError, GroundingError, PreprocessError, ProcessorError, PromptError,
@@ -42,7 +46,11 @@ pub use grounding::{
     char_span_to_byte_range, clean_text_and_extract_entities, coordinate_to_patch_index,
     patch_index_to_coordinate, post_process_generation, remove_tags,
 };
+pub use header::{
+    ImageHeader, ImageLimits, ImageRejection, check_encoded, check_header, check_image,
+};
 pub use image::RgbImage;
+pub use metadata::{MAX_METADATA_BYTES, MAX_METADATA_ITEMS, MAX_TOTAL_METADATA_BYTES};
 pub use preprocess::{PixelValues, decode_and_preprocess, preprocess, resize_output_size};
 pub use processor::KosmosProcessor;
 pub use prompt::{

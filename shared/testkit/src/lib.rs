@@ -3,9 +3,13 @@
 //! * fixture paths: the repository root, the tiny model, the fixture images;
 //! * [`png`]: PNG chunks with their CRC, header-only PNGs and header rewrites (decompression bombs as far as a
 //!   header check is concerned);
+//! * [`bombs`]: 1×1 images whose ICC profile, text or EXIF inflates to (or declares) far more than they weigh;
+//! * [`fuzz`]: seeded fuzz-style property runs with a per-case allocation and time bound;
 //! * [`metrics`]: scraping `/metrics`, the catalogue of `docs/metrics.md`, `promtool check metrics`;
 //! * [`traces`]: a subscriber that collects every ended span in memory.
 
+pub mod bombs;
+pub mod fuzz;
 pub mod metrics;
 pub mod png;
 pub mod traces;

@@ -417,3 +417,6 @@ pub(crate) fn info_response(
 pub(crate) fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -8,7 +8,7 @@ use crate::common::{DirectModel, TestServer};
 #[tokio::test]
 async fn info_reports_the_model_the_limits_and_the_batching_settings() -> Result<()> {
     let server = TestServer::start(&[
-        "limits.max_width=1000",
+        "limits.max_image_width=1000",
         "limits.formats=[\"png\", \"jpeg\"]",
         "batching.max_batch_images=8",
         "batching.max_queue_delay_seconds=0.02",

@@ -9,9 +9,9 @@ use crate::common::{TestServer, flat_png, jpeg, png, png_claiming, request};
 
 const SMALL_LIMITS: [&str; 5] = [
     "limits.max_image_bytes=4096",
-    "limits.max_width=100",
-    "limits.max_height=80",
-    "limits.max_pixels=6000",
+    "limits.max_image_width=100",
+    "limits.max_image_height=80",
+    "limits.max_image_pixels=6000",
     "limits.max_images_per_request=3",
 ];
 
@@ -49,36 +49,38 @@ async fn rejects_an_image_over_max_image_bytes_before_decoding() -> Result<()> {
     assert_refused(
         &server,
         call,
-        "images[1]: 5000 bytes exceeds max_image_bytes 4096",
+        "images[1]: 5000 bytes, above the limit `limits.max_image_bytes` = 4096",
     )
     .await?;
     server.stop().await
 }
 
 #[tokio::test]
-async fn rejects_an_image_wider_than_max_width() -> Result<()> {
+async fn rejects_an_image_wider_than_max_image_width() -> Result<()> {
     let server = TestServer::start(&SMALL_LIMITS).await?;
     let call = second_is(flat_png(101, 10)?)?;
-    assert_refused(&server, call, "images[1]: width 101 exceeds max_width 100").await?;
+    let expected = "images[1]: 101 pixels wide, above the limit `limits.max_image_width` = 100";
+    assert_refused(&server, call, expected).await?;
     server.stop().await
 }
 
 #[tokio::test]
-async fn rejects_an_image_taller_than_max_height() -> Result<()> {
+async fn rejects_an_image_taller_than_max_image_height() -> Result<()> {
     let server = TestServer::start(&SMALL_LIMITS).await?;
     let call = second_is(flat_png(10, 81)?)?;
-    assert_refused(&server, call, "images[1]: height 81 exceeds max_height 80").await?;
+    let expected = "images[1]: 81 pixels high, above the limit `limits.max_image_height` = 80";
+    assert_refused(&server, call, expected).await?;
     server.stop().await
 }
 
 #[tokio::test]
-async fn rejects_an_image_with_more_than_max_pixels() -> Result<()> {
+async fn rejects_an_image_with_more_than_max_image_pixels() -> Result<()> {
     let server = TestServer::start(&SMALL_LIMITS).await?;
     let call = second_is(flat_png(90, 70)?)?;
     assert_refused(
         &server,
         call,
-        "images[1]: 6300 pixels (90x70) exceeds max_pixels 6000",
+        "images[1]: 90x70 = 6300 pixels, above the limit `limits.max_image_pixels` = 6000",
     )
     .await?;
     server.stop().await
@@ -110,7 +112,7 @@ async fn rejects_a_request_without_images() -> Result<()> {
 async fn rejects_a_format_outside_limits_formats() -> Result<()> {
     let server = TestServer::start(&["limits.formats=[\"image/png\"]"]).await?;
     let call = second_is(jpeg(16, 16, 6)?)?;
-    let expected = "images[1]: format image/jpeg is not accepted (limits.formats: image/png)";
+    let expected = "images[1]: format image/jpeg is not accepted (`limits.formats` = image/png)";
     assert_refused(&server, call, expected).await?;
     server.stop().await
 }
@@ -125,7 +127,8 @@ async fn rejects_a_mime_type_that_disagrees_with_the_bytes() -> Result<()> {
         }],
         dtype: DType::DtypeUnspecified as i32,
     };
-    let expected = "images[0]: mime_type image/jpeg disagrees with the bytes, which are image/png";
+    let expected =
+        "images[0]: mime_type `image/jpeg` disagrees with the bytes, which are image/png";
     assert_refused(&server, call, expected).await?;
     server.stop().await
 }
@@ -153,7 +156,12 @@ async fn rejects_an_unsupported_format() -> Result<()> {
     let server = TestServer::start(&[]).await?;
     let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
     let call = second_is(gif)?;
-    assert_refused(&server, call, "images[1]: unsupported image format gif").await?;
+    assert_refused(
+        &server,
+        call,
+        "images[1]: not a JPEG, PNG or WebP image (recognised: gif)",
+    )
+    .await?;
     server.stop().await
 }
 
@@ -166,15 +174,18 @@ async fn rejects_a_30000_square_png_of_a_few_dozen_bytes_from_its_header() -> Re
     assert_refused(
         &server,
         call,
-        "images[1]: width 30000 exceeds max_width 8192",
+        "images[1]: 30000 pixels wide, above the limit `limits.max_image_width` = 8192",
     )
     .await?;
     server.stop().await?;
     // With the width and height limits out of the way, the pixel limit still stops it before any allocation.
-    let server =
-        TestServer::start(&["limits.max_width=100000", "limits.max_height=100000"]).await?;
+    let server = TestServer::start(&[
+        "limits.max_image_width=100000",
+        "limits.max_image_height=100000",
+    ])
+    .await?;
     let call = second_is(bomb)?;
-    let expected = "images[1]: 900000000 pixels (30000x30000) exceeds max_pixels 33554432";
+    let expected = "images[1]: 30000x30000 = 900000000 pixels, above the limit `limits.max_image_pixels` = 33554432";
     assert_refused(&server, call, expected).await?;
     server.stop().await
 }

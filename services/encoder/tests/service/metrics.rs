@@ -37,9 +37,9 @@ async fn metrics_count_the_traffic_and_match_the_catalogue() -> Result<()> {
     for (bad, expected) in [
         (
             b"definitely not an image".to_vec(),
-            "unsupported image format",
+            "not a JPEG, PNG or WebP image",
         ),
-        (png_claiming(100_000, 10)?, "exceeds max_width"),
+        (png_claiming(100_000, 10)?, "`limits.max_image_width`"),
     ] {
         match server
             .encode(request(vec![bad], DType::DtypeUnspecified))

@@ -3,6 +3,7 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use kosmos_processor::{AcceptedFormat, ImageLimits};
 use kosmos_runtime::config::{ConfigError, invalid, seconds};
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +144,19 @@ pub struct Limits {
     pub max_deadline: Option<Duration>,
     /// How long a stream may wait for its caller to read.
     pub stream_idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The per-image limits, as the shared header checks take them (every format accepted).
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_image_bytes: self.max_image_bytes,
+            max_image_width: self.max_image_width,
+            max_image_height: self.max_image_height,
+            max_image_pixels: self.max_image_pixels,
+            formats: AcceptedFormat::ALL.to_vec(),
+        }
+    }
 }
 
 /// Validates `[limits]`; `max_message_bytes` is the server's (`grpc.max_message_bytes`).

@@ -1,14 +1,15 @@
 //! Parse, don't validate: wire requests become `Valid…` domain types here, and every violation is an
 //! INVALID_ARGUMENT naming the field, the limit and the value.
 //!
-//! Image bytes are checked before anything is forwarded: the size, the format from the magic bytes (never from
-//! a name or the MIME type alone), and the width and height from the header, so that a decompression bomb costs
-//! the encoder pool nothing. Checking the headers and hashing the bytes is CPU work that grows with the request,
+//! Image bytes are checked before anything is forwarded, by the checks the encoder runs too
+//! ([`kosmos_processor::check_image`]): the size, the format from the magic bytes (never from a name or the MIME
+//! type alone), the metadata, and the width and height from the header, so that a decompression bomb costs the
+//! encoder pool nothing. Checking the headers and hashing the bytes is CPU work that grows with the request,
 //! so [`validate_prompt`] runs on the blocking pool.
 
 use std::sync::Arc;
 
-use kosmos_processor::{AcceptedFormat, DecodeError, read_dimensions, sniff_format};
+use kosmos_processor::{AcceptedFormat, ImageRejection, check_image};
 use kosmos_proto::v1 as pb;
 
 mod params;
@@ -140,18 +141,16 @@ pub fn validate_prompt(
     Ok(ValidPrompt { parts, images })
 }
 
-fn decode_error(field: &str, err: DecodeError) -> RequestError {
-    let message = match err {
-        DecodeError::Empty => format!("`{field}.data` is empty"),
-        DecodeError::UnsupportedFormat { format } => {
-            format!("`{field}.data` is not a JPEG, PNG or WebP image (recognised: {format})")
+/// An image refused by the shared header checks, reported after the field it concerns: the MIME type's
+/// refusals name `mime_type` themselves, every other one is about `data`.
+fn image_error(field: &str, rejection: ImageRejection) -> RequestError {
+    let subject = match rejection {
+        ImageRejection::UnknownMimeType { .. } | ImageRejection::MimeTypeMismatch { .. } => {
+            format!("`{field}`")
         }
-        DecodeError::ZeroSized { width, height } => {
-            format!("`{field}.data` has a zero dimension ({width}x{height})")
-        }
-        other => format!("`{field}.data` is not a readable image: {other}"),
+        _ => format!("`{field}.data`"),
     };
-    RequestError::invalid(message)
+    RequestError::invalid(format!("{subject}: {rejection}"))
 }
 
 fn validate_image(
@@ -160,74 +159,15 @@ fn validate_image(
     field: &str,
     segment: usize,
 ) -> Result<ValidImage, RequestError> {
-    let bytes = image.data.len() as u64;
-    if bytes > limits.max_image_bytes {
-        return Err(over(
-            &format!("{field}.data"),
-            format!("{bytes} bytes"),
-            "max_image_bytes",
-            limits.max_image_bytes,
-        ));
-    }
-    let format = sniff_format(&image.data).map_err(|err| decode_error(field, err))?;
-    let declared = image.mime_type.trim().to_ascii_lowercase();
-    if !declared.is_empty() {
-        // MIME types only here (not the short names `png`, `jpg` a config file may use).
-        let known = AcceptedFormat::from_name(&declared).filter(|_| declared.starts_with("image/"));
-        match known {
-            None => {
-                return Err(RequestError::invalid(format!(
-                    "`{field}.mime_type` must be image/jpeg, image/png or image/webp, got `{declared}`"
-                )));
-            }
-            Some(declared_format) if declared_format != format => {
-                return Err(RequestError::invalid(format!(
-                    "`{field}.mime_type` says `{declared}` but the bytes are {}",
-                    format.mime_type()
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    let (width, height) = read_dimensions(&image.data).map_err(|err| decode_error(field, err))?;
-    if width == 0 || height == 0 {
-        return Err(decode_error(
-            field,
-            DecodeError::ZeroSized { width, height },
-        ));
-    }
-    if width > limits.max_image_width {
-        return Err(over(
-            &format!("{field}.data"),
-            format!("{width} pixels wide"),
-            "max_image_width",
-            limits.max_image_width,
-        ));
-    }
-    if height > limits.max_image_height {
-        return Err(over(
-            &format!("{field}.data"),
-            format!("{height} pixels high"),
-            "max_image_height",
-            limits.max_image_height,
-        ));
-    }
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > limits.max_image_pixels {
-        return Err(over(
-            &format!("{field}.data"),
-            format!("{width}x{height} = {pixels} pixels"),
-            "max_image_pixels",
-            limits.max_image_pixels,
-        ));
-    }
+    let header = check_image(&image.data, &image.mime_type, &limits.image_limits())
+        .map_err(|rejection| image_error(field, rejection))?;
     let hash = ContentHash::of(&image.data);
     Ok(ValidImage {
         segment,
         data: Arc::new(image.data),
-        format,
-        width,
-        height,
+        format: header.format,
+        width: header.width,
+        height: header.height,
         hash,
     })
 }
@@ -311,7 +251,10 @@ mod tests {
             &limits,
             "prompt",
         ));
-        assert!(err.contains("mime_type"), "{err}");
+        assert_eq!(
+            err,
+            "`prompt[0].image`: mime_type `image/jpeg` disagrees with the bytes, which are image/png"
+        );
         let mut small = limits.clone();
         small.max_image_width = 40;
         let err = message(validate_prompt(
