@@ -83,6 +83,7 @@ pub struct Service {
     on_drain: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<BoxFuture<()>>,
     live_before_ready: bool,
+    http: Option<(SocketAddr, axum::Router)>,
 }
 
 impl std::fmt::Debug for Service {
@@ -117,6 +118,7 @@ impl Service {
             on_drain: None,
             on_stop: None,
             live_before_ready: true,
+            http: None,
         })
     }
 
@@ -163,12 +165,19 @@ impl Service {
         self
     }
 
+    /// Also serves `router` over HTTP/1.1 and HTTP/2 on `listen` (the gateway's OpenAI-compatible API): bound
+    /// with the gRPC port, drained with it, stopped with it.
+    pub fn http(mut self, listen: SocketAddr, router: axum::Router) -> Self {
+        self.http = Some((listen, router));
+        self
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.name
     }
 
-    /// Binds `server.listen` and `metrics.listen` (falling back to a free port for `/metrics` when
+    /// Binds `server.listen`, `metrics.listen` and the HTTP address if any (falling back to a free port for `/metrics` when
     /// `metrics.fallback_to_free_port` is set and the port is taken).
     pub async fn bind(self) -> Result<Bound, ServeError> {
         let listen = self.settings.listen;
@@ -195,12 +204,27 @@ impl Service {
         };
         let local_addr = address_of(&listener, listen)?;
         let metrics_addr = address_of(&metrics_listener, self.settings.metrics_listen)?;
+        let http = match &self.http {
+            None => None,
+            Some((http_listen, _)) => {
+                let http_listener =
+                    TcpListener::bind(http_listen)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            address: *http_listen,
+                            source,
+                        })?;
+                let http_addr = address_of(&http_listener, *http_listen)?;
+                Some((http_listener, http_addr))
+            }
+        };
         Ok(Bound {
             service: self,
             listener,
             metrics_listener,
             local_addr,
             metrics_addr,
+            http,
         })
     }
 }
@@ -220,6 +244,7 @@ pub struct Bound {
     metrics_listener: TcpListener,
     local_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    http: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Bound {
@@ -233,6 +258,11 @@ impl Bound {
         self.metrics_addr
     }
 
+    /// The HTTP API's address, when the service serves one ([`Service::http`]).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, address)| *address)
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.service.name
@@ -242,11 +272,12 @@ impl Bound {
     /// in-flight calls get the drain timeout, then the stop hook.
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), ServeError> {
         let Self {
-            service,
+            mut service,
             listener,
             metrics_listener,
             local_addr,
             metrics_addr,
+            http,
         } = self;
         let name = service.name;
         let health = service.health.clone();
@@ -283,6 +314,19 @@ impl Bound {
         let router = builder.add_routes(service.routes);
         let stop_serving = Shutdown::new();
         let mut server = tokio::spawn(crate::grpc::serve(router, listener, stop_serving.clone()));
+        // The HTTP API stops accepting with the gRPC server and drains within the same timeout.
+        let http_server = match (http, service.http.take()) {
+            (Some((http_listener, http_addr)), Some((_, http_router))) => {
+                tracing::info!(service = name, %http_addr, "serving http");
+                let stop = stop_serving.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(http_listener, http_router)
+                        .with_graceful_shutdown(async move { stop.wait().await })
+                        .await
+                }))
+            }
+            _ => None,
+        };
         tracing::info!(service = name, %local_addr, %metrics_addr, "serving");
 
         let mut server_result = None;
@@ -315,6 +359,16 @@ impl Bound {
                 }
             },
         };
+        if let Some(mut http_server) = http_server {
+            match tokio::time::timeout(service.settings.drain_timeout, &mut http_server).await {
+                Ok(Ok(Err(err))) => tracing::warn!(service = name, %err, "the http server failed"),
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(service = name, "drain timeout passed, dropping http requests");
+                    http_server.abort();
+                }
+            }
+        }
         watcher.abort();
         if let Some(hook) = service.on_stop {
             hook.await;
