@@ -97,47 +97,11 @@ impl Kosmos for KosmosService {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let clock = self.clock_of(&request, Operation::TextCompletion)?;
         let started = generate::start(self.state.clone(), request.into_inner(), clock).await;
-        let mut generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
+        let generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
         let (sender, receiver) = mpsc::channel(self.state.stream_buffer_messages);
-        let state = self.state.clone();
-        let forward = async move {
-            let failed = |code| {
-                state
-                    .metrics
-                    .failed(Operation::TextCompletion, clock.arrived, code)
-            };
-            loop {
-                // Waiting on the decoder and on the caller at once: a caller that goes away ends the task (and
-                // drops the decoder stream) even while the decoder is silent.
-                let next = tokio::select! {
-                    next = generation.next() => next,
-                    () = sender.closed() => {
-                        tracing::debug!("caller went away, dropping the decoder stream");
-                        failed(tonic::Code::Cancelled);
-                        return;
-                    }
-                };
-                let message = match next {
-                    Ok(Some(message)) => Ok(message),
-                    Ok(None) => return,
-                    Err(err) => {
-                        let status = Status::from(err);
-                        failed(status.code());
-                        Err(status)
-                    }
-                };
-                let is_error = message.is_err();
-                if sender.send(message).await.is_err() {
-                    if !is_error {
-                        failed(tonic::Code::Cancelled);
-                    }
-                    return;
-                }
-                if is_error {
-                    return;
-                }
-            }
-        };
+        let forward = generate::forward(generation, sender, |message| {
+            vec![message.map_err(Status::from)]
+        });
         tokio::spawn(forward.instrument(tracing::Span::current()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
