@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Address of the public API (kosmos.v1.Kosmos); port 0: any free port (printed).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, …); `off` disables it; port 0: any
+    /// free port (printed).
+    #[arg(long, value_name = "HOST:PORT|off", default_value = "127.0.0.1:8000")]
+    http_listen: String,
     /// Where the gateway serves `GET /metrics`; the encoder and the decoder take the next two ports. A taken
     /// port falls back to a free one; every address is printed at startup. (9464: the OpenTelemetry Prometheus
     /// exporter's usual port, clear of a local Prometheus on 9090.)
@@ -53,6 +57,7 @@ pub struct ServeArgs {
 struct Running {
     name: &'static str,
     address: SocketAddr,
+    http_address: Option<SocketAddr>,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -86,6 +91,7 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
         .await
         .with_context(|| format!("the {} could not start", S::NAME))?;
     let address = bound.local_addr();
+    let http_address = bound.http_addr();
     step(
         S::NAME,
         format!(
@@ -97,6 +103,7 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
     Ok(Running {
         name: S::NAME,
         address,
+        http_address,
         task: tokio::spawn(bound.serve(stop)),
     })
 }
@@ -155,15 +162,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 "decoder.endpoints",
                 &[format!("http://{}", decoder.address)],
             )
+            .string("http.listen", &args.http_listen)
             .raw(&args.gateway_overrides),
         shutdown.clone(),
     )
     .await?;
     let gateway_addr = gateway.address;
+    let http_addr = gateway.http_address;
     let mut services = vec![gateway, encoder, decoder];
 
     if wait_until_ready(gateway_addr, &shutdown, &services, started).await {
-        print_ready(gateway_addr, started).await;
+        print_ready(gateway_addr, http_addr, started).await;
         shutdown.wait().await;
         eprintln!("shutting down: finishing the requests in flight…");
     }
@@ -203,7 +212,7 @@ async fn report(service: Running) -> bool {
 }
 
 /// The model the gateway serves, and how to reach it.
-async fn print_ready(gateway_addr: SocketAddr, started: Instant) {
+async fn print_ready(gateway_addr: SocketAddr, http_addr: Option<SocketAddr>, started: Instant) {
     if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
         && let Ok(info) = client
             .get_model_info(kosmos_proto::v1::GetModelInfoRequest {})
@@ -222,6 +231,9 @@ async fn print_ready(gateway_addr: SocketAddr, started: Instant) {
     eprintln!(
         "  try: kosmos ask --addr http://{gateway_addr} --image photo.jpg \"What is in this picture?\""
     );
+    if let Some(http_addr) = http_addr {
+        eprintln!("serving the OpenAI-compatible API on http://{http_addr}/v1");
+    }
 }
 
 /// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it), printing a line every
