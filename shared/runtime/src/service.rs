@@ -364,7 +364,10 @@ impl Bound {
                 Ok(Ok(Err(err))) => tracing::warn!(service = name, %err, "the http server failed"),
                 Ok(_) => {}
                 Err(_) => {
-                    tracing::warn!(service = name, "drain timeout passed, dropping http requests");
+                    tracing::warn!(
+                        service = name,
+                        "drain timeout passed, dropping http requests"
+                    );
                     http_server.abort();
                 }
             }

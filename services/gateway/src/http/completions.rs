@@ -105,8 +105,16 @@ async fn read_prompt(
 }
 
 /// The pipeline's error as an API error, counted in the request metrics.
-fn failed(api: &HttpApi, operation: Operation, clock: RequestClock, names: &FieldNames, err: RequestError) -> ApiError {
-    api.state.metrics.failed(operation, clock.arrived, err.code());
+fn failed(
+    api: &HttpApi,
+    operation: Operation,
+    clock: RequestClock,
+    names: &FieldNames,
+    err: RequestError,
+) -> ApiError {
+    api.state
+        .metrics
+        .failed(operation, clock.arrived, err.code());
     ApiError::from_request(&err, names)
 }
 
@@ -117,7 +125,11 @@ pub(super) async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = request_span("/v1/chat/completions", &headers);
-    serve(span.clone(), complete(api, headers, body, Shape::Chat, span)).await
+    serve(
+        span.clone(),
+        complete(api, headers, body, Shape::Chat, span),
+    )
+    .await
 }
 
 /// `POST /v1/completions`.
@@ -127,7 +139,11 @@ pub(super) async fn text(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = request_span("/v1/completions", &headers);
-    serve(span.clone(), complete(api, headers, body, Shape::Text, span)).await
+    serve(
+        span.clone(),
+        complete(api, headers, body, Shape::Text, span),
+    )
+    .await
 }
 
 async fn complete(
@@ -168,7 +184,11 @@ async fn complete(
         shape,
         id: format!(
             "{}-{:032x}",
-            if shape == Shape::Chat { "chatcmpl" } else { "cmpl" },
+            if shape == Shape::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
             rand::random::<u128>()
         ),
         created: unix_now(),

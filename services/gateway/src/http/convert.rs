@@ -46,7 +46,10 @@ pub enum PromptField {
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
 
 /// The prompt of `body` as the endpoint `field` takes it.
-pub fn prompt_segments(body: &mut RequestBody, field: PromptField) -> Result<PromptSegments, ApiError> {
+pub fn prompt_segments(
+    body: &mut RequestBody,
+    field: PromptField,
+) -> Result<PromptSegments, ApiError> {
     let messages = body.messages.take();
     let prompt = body.prompt.take();
     match (field, messages, prompt) {
@@ -65,9 +68,9 @@ pub fn prompt_segments(body: &mut RequestBody, field: PromptField) -> Result<Pro
         (PromptField::Either, Some(_), Some(_)) => Err(ApiError::bad_request(
             "`messages` and `prompt` are exclusive: send one of them",
         )),
-        (PromptField::Either, None, None) => Err(ApiError::bad_request(
-            "`messages` or `prompt` is required",
-        )),
+        (PromptField::Either, None, None) => {
+            Err(ApiError::bad_request("`messages` or `prompt` is required"))
+        }
     }
 }
 
@@ -285,7 +288,12 @@ mod tests {
         );
         let params = generation_params(&body, true).expect("valid");
         assert_eq!(
-            (params.max_new_tokens, params.logprobs, params.top_k, params.seed),
+            (
+                params.max_new_tokens,
+                params.logprobs,
+                params.top_k,
+                params.seed
+            ),
             (7, 3, 0, 9)
         );
         assert_eq!(params.stop, vec!["a", "b"]);

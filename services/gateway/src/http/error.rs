@@ -176,7 +176,8 @@ impl FieldNames {
         let mut renamed = message.to_string();
         for (index, path) in self.segments.iter().enumerate() {
             for suffix in [".image.data", ".image.mime_type", ".image", ".text", ""] {
-                renamed = renamed.replace(&format!("`prompt[{index}]{suffix}`"), &format!("`{path}`"));
+                renamed =
+                    renamed.replace(&format!("`prompt[{index}]{suffix}`"), &format!("`{path}`"));
             }
         }
         renamed = renamed.replace("`prompt`", &format!("`{}`", self.prompt));
@@ -209,7 +210,9 @@ mod tests {
     fn grpc_field_names_become_the_json_requests() {
         let names = names();
         assert_eq!(
-            names.rename("`prompt[1].image.data` is 11 bytes, above the limit `limits.max_image_bytes` = 10"),
+            names.rename(
+                "`prompt[1].image.data` is 11 bytes, above the limit `limits.max_image_bytes` = 10"
+            ),
             "`messages[1].content[0].image_url` is 11 bytes, above the limit `limits.max_image_bytes` = 10"
         );
         assert_eq!(
@@ -245,6 +248,10 @@ mod tests {
         assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
         let body = down.body();
         assert_eq!(body["error"]["type"], "service_unavailable_error");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("no decoder")));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no decoder"))
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! The client is hyper's own connection over a tokio socket (no pool: one image, one connection). `https://`
 //! URLs are refused: the build carries no TLS client (see the README's stack section).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http::Uri;
 use http_body_util::{BodyExt as _, Empty, Limited};
@@ -62,7 +62,11 @@ pub async fn fetch(url: &str, config: &FetchConfig, max_bytes: u64) -> Result<Ve
         .unwrap_or(Err(FetchError::Timeout(config.timeout.as_secs_f64())))
 }
 
-async fn fetch_hops(url: &str, config: &FetchConfig, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+async fn fetch_hops(
+    url: &str,
+    config: &FetchConfig,
+    max_bytes: u64,
+) -> Result<Vec<u8>, FetchError> {
     let mut uri: Uri = url
         .parse()
         .map_err(|err: http::uri::InvalidUri| FetchError::BadUrl(err.to_string()))?;
@@ -157,10 +161,14 @@ async fn check_hop(uri: &Uri, config: &FetchConfig) -> Result<SocketAddr, FetchE
 /// Whether `host` is allowed: any host when the list is empty, else an exact name or a `*.` suffix.
 fn host_allowed(host: &str, allow_hosts: &[String]) -> bool {
     allow_hosts.is_empty()
-        || allow_hosts.iter().any(|allowed| match allowed.strip_prefix("*.") {
-            Some(domain) => host.strip_suffix(domain).is_some_and(|rest| rest.ends_with('.')),
-            None => allowed == host,
-        })
+        || allow_hosts
+            .iter()
+            .any(|allowed| match allowed.strip_prefix("*.") {
+                Some(domain) => host
+                    .strip_suffix(domain)
+                    .is_some_and(|rest| rest.ends_with('.')),
+                None => allowed == host,
+            })
 }
 
 /// Whether an address is on the public internet (not private, loopback, link-local, shared, reserved,
@@ -175,7 +183,9 @@ fn is_public(address: IpAddr) -> bool {
             let segments = v6.segments();
             if segments[0] == 0x64 && segments[1] == 0xff9b && segments[2..6] == [0, 0, 0, 0] {
                 let octets = v6.octets();
-                return is_public_v4(Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]));
+                return is_public_v4(Ipv4Addr::new(
+                    octets[12], octets[13], octets[14], octets[15],
+                ));
             }
             !(v6.is_loopback()
                 || v6.is_unspecified()
@@ -183,8 +193,7 @@ fn is_public(address: IpAddr) -> bool {
                 || (segments[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
                 || (segments[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
                 || (segments[0] & 0xffc0) == 0xfec0 // site-local fec0::/10
-                || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
-                || v6 == Ipv6Addr::UNSPECIFIED)
+                || (segments[0] == 0x2001 && segments[1] == 0x0db8)) // documentation
         }
     }
 }
@@ -206,8 +215,12 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
 }
 
 /// One GET over a fresh connection to the checked address.
-async fn get(uri: &Uri, address: SocketAddr) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
-    let connection = |err: &dyn std::fmt::Display| FetchError::Connection(format!("{address}: {err}"));
+async fn get(
+    uri: &Uri,
+    address: SocketAddr,
+) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+    let connection =
+        |err: &dyn std::fmt::Display| FetchError::Connection(format!("{address}: {err}"));
     let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|err| connection(&err))?;
@@ -219,7 +232,10 @@ async fn get(uri: &Uri, address: SocketAddr) -> Result<http::Response<hyper::bod
             tracing::debug!(%err, "image fetch connection ended with an error");
         }
     });
-    let authority = uri.authority().map(|authority| authority.as_str()).unwrap_or_default();
+    let authority = uri
+        .authority()
+        .map(|authority| authority.as_str())
+        .unwrap_or_default();
     let path = uri.path_and_query().map_or("/", |path| path.as_str());
     let request = http::Request::get(path)
         .header(http::header::HOST, authority)
@@ -227,14 +243,20 @@ async fn get(uri: &Uri, address: SocketAddr) -> Result<http::Response<hyper::bod
         .header(http::header::ACCEPT, "image/*")
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|err| FetchError::BadUrl(err.to_string()))?;
-    sender.send_request(request).await.map_err(|err| connection(&err))
+    sender
+        .send_request(request)
+        .await
+        .map_err(|err| connection(&err))
 }
 
 /// Where a redirect points, resolved against the URL that answered it.
 fn redirect_target(base: &Uri, location: &str) -> Result<Uri, FetchError> {
     let bad = |err: http::Error| FetchError::BadUrl(format!("redirect to `{location}`: {err}"));
     let scheme = base.scheme_str().unwrap_or("http");
-    let authority = base.authority().map(|authority| authority.as_str()).unwrap_or_default();
+    let authority = base
+        .authority()
+        .map(|authority| authority.as_str())
+        .unwrap_or_default();
     let absolute = if location.contains("://") {
         location.to_string()
     } else if let Some(rest) = location.strip_prefix("//") {
@@ -242,7 +264,10 @@ fn redirect_target(base: &Uri, location: &str) -> Result<Uri, FetchError> {
     } else if location.starts_with('/') {
         format!("{scheme}://{authority}{location}")
     } else {
-        let directory = base.path().rsplit_once('/').map_or("", |(directory, _)| directory);
+        let directory = base
+            .path()
+            .rsplit_once('/')
+            .map_or("", |(directory, _)| directory);
         format!("{scheme}://{authority}{directory}/{location}")
     };
     absolute
@@ -257,13 +282,29 @@ mod tests {
     #[test]
     fn only_public_addresses_are_public() {
         for private in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-            "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "224.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "224.0.0.1",
         ] {
             let address: IpAddr = private.parse().expect("an address");
             assert!(!is_public(address), "{private} must not be reachable");
         }
-        for public in ["93.184.215.14", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+        for public in [
+            "93.184.215.14",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+        ] {
             let address: IpAddr = public.parse().expect("an address");
             assert!(is_public(address), "{public} is public");
         }
@@ -271,7 +312,10 @@ mod tests {
 
     #[test]
     fn allowed_hosts_match_exactly_or_by_subdomain() {
-        let allow = vec!["images.example.com".to_string(), "*.cdn.example.org".to_string()];
+        let allow = vec![
+            "images.example.com".to_string(),
+            "*.cdn.example.org".to_string(),
+        ];
         assert!(host_allowed("images.example.com", &allow));
         assert!(host_allowed("a.cdn.example.org", &allow));
         assert!(!host_allowed("cdn.example.org", &allow));
@@ -306,6 +350,9 @@ mod tests {
         config.allow_private = true;
         assert!(check_hop(&uri, &config).await.is_ok());
         let https: Uri = "https://example.com/x.png".parse().expect("a URL");
-        assert!(matches!(check_hop(&https, &config).await, Err(FetchError::Scheme(_))));
+        assert!(matches!(
+            check_hop(&https, &config).await,
+            Err(FetchError::Scheme(_))
+        ));
     }
 }

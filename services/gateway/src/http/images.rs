@@ -63,7 +63,12 @@ impl ImageSources {
         if source.is_data() {
             return decode_data_uri(&source, self.max_image_bytes);
         }
-        let scheme = source.url.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        let scheme = source
+            .url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
             return Err(ApiError::bad_request(format!(
                 "`{}.url` must be a data: URI or an http(s) URL",
@@ -104,7 +109,11 @@ fn decode_data_uri(source: &ImageSource, max_image_bytes: u64) -> Result<pb::Ima
         )));
     };
     let mut attributes = header.split(';');
-    let media_type = attributes.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let media_type = attributes
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     if !attributes.any(|attribute| attribute.trim().eq_ignore_ascii_case("base64")) {
         return Err(ApiError::bad_request(format!(
             "`{field}` must be base64 data (data:image/png;base64,…)"
@@ -153,20 +162,31 @@ mod tests {
         let image = decode_data_uri(&source("data:image/png;base64,aGVsbG8="), 100).expect("valid");
         assert_eq!(image.data, b"hello");
         assert_eq!(image.mime_type, "image/png");
-        let image =
-            decode_data_uri(&source("data:application/octet-stream;base64,aGVsbG8="), 100).expect("valid");
+        let image = decode_data_uri(
+            &source("data:application/octet-stream;base64,aGVsbG8="),
+            100,
+        )
+        .expect("valid");
         assert_eq!(image.mime_type, "");
     }
 
     #[test]
     fn bad_or_large_data_uris_are_refused_by_name() {
         let err = decode_data_uri(&source("data:image/png,hello"), 100).expect_err("not base64");
-        assert_eq!(err.param.as_deref(), Some("messages[0].content[0].image_url.url"));
-        let err = decode_data_uri(&source("data:image/png;base64,!!!!"), 100).expect_err("bad base64");
+        assert_eq!(
+            err.param.as_deref(),
+            Some("messages[0].content[0].image_url.url")
+        );
+        let err =
+            decode_data_uri(&source("data:image/png;base64,!!!!"), 100).expect_err("bad base64");
         assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
         let err = decode_data_uri(&source("data:image/png;base64,aGVsbG8gd29ybGQ="), 4)
             .expect_err("too large");
         assert_eq!(err.status, http::StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(err.message.contains("limits.max_image_bytes"), "{}", err.message);
+        assert!(
+            err.message.contains("limits.max_image_bytes"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -66,12 +66,7 @@ pub struct HttpApi {
 pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) -> Router {
     // Images arrive base64-encoded (4 characters per 3 bytes): the body may be a third larger than the gRPC
     // message the same request makes.
-    let body_limit = state
-        .limits
-        .max_message_bytes
-        .get()
-        .saturating_mul(4)
-        / 3;
+    let body_limit = state.limits.max_message_bytes.get().saturating_mul(4) / 3;
     let api = Arc::new(HttpApi {
         state,
         config,

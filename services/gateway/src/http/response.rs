@@ -248,7 +248,10 @@ impl ChunkWriter {
     }
 
     /// The events of one stream message (or of the error that ends the stream).
-    pub fn events(&mut self, message: Result<pb::GenerateStreamResponse, RequestError>) -> Vec<Event> {
+    pub fn events(
+        &mut self,
+        message: Result<pb::GenerateStreamResponse, RequestError>,
+    ) -> Vec<Event> {
         let message = match message {
             Ok(message) => message,
             Err(err) => {
@@ -263,7 +266,8 @@ impl ChunkWriter {
             Vec::new()
         } else if finish.is_some() {
             // The last message carries every entity, computed as the unary answer computes them.
-            self.answer.entities(&message.entities[self.entities_sent.min(message.entities.len())..])
+            self.answer
+                .entities(&message.entities[self.entities_sent.min(message.entities.len())..])
         } else {
             let (_, entities) = post_process_generation(&self.text);
             let fresh: Vec<Value> = entities[self.entities_sent.min(entities.len())..]

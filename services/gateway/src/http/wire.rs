@@ -242,7 +242,9 @@ mod tests {
         let Some(Content::Parts(parts)) = &messages[0].content else {
             panic!("parts expected");
         };
-        assert!(matches!(&parts[0], Part::ImageUrl { image_url } if image_url.url().starts_with("data:")));
+        assert!(
+            matches!(&parts[0], Part::ImageUrl { image_url } if image_url.url().starts_with("data:"))
+        );
         assert!(matches!(body.stop, Some(StopInput::One(_))));
         assert!(matches!(body.logprobs, Some(Logprobs::Flag(true))));
     }
@@ -255,7 +257,11 @@ mod tests {
             br#"{"messages":[{"role":"user","content":[{"type":"input_audio"}]}]}"#,
         )
         .expect_err("unknown part");
-        assert!(err.message.contains("messages[0].content"), "{}", err.message);
+        assert!(
+            err.message.contains("messages[0].content"),
+            "{}",
+            err.message
+        );
         let err = RequestBody::parse(b"{not json").expect_err("not JSON");
         assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
     }
