@@ -31,6 +31,17 @@ impl HttpAnswer {
         })
     }
 
+    /// The body as JSON, or an error with the body when the status is not 200.
+    pub fn ok_json(&self) -> anyhow::Result<serde_json::Value> {
+        anyhow::ensure!(
+            self.status == http::StatusCode::OK,
+            "{}: {}",
+            self.status,
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()
+    }
+
     /// The `data:` payload of every server-sent event, in order; an error if a non-empty line of the stream is
     /// neither `data: …` nor a comment.
     pub fn sse_data(&self) -> anyhow::Result<Vec<String>> {

@@ -98,14 +98,9 @@ async fn chat_and_text_completions_answer_what_grpc_answers() -> anyhow::Result<
         .await?
         .into_inner();
     let body = chat_body(&model, &data_uri(&png), "An image of", 12);
-    let answer = call(addr, "/v1/chat/completions", Some(&body)).await?;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let chat = answer.json()?;
+    let chat = call(addr, "/v1/chat/completions", Some(&body))
+        .await?
+        .ok_json()?;
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
     assert_eq!(chat["choices"][0]["message"]["content"], grpc.text.as_str());
