@@ -43,6 +43,18 @@ async fn image_server() -> anyhow::Result<SocketAddr> {
             get(move || async move { redirect(format!("http://localhost:{port}/img.png")) }),
         )
         .route("/big", get(|| async { vec![0u8; 50_000] }))
+        // No Content-Length: the cap applies while the body streams.
+        .route(
+            "/chunked",
+            get(|| async {
+                let chunks =
+                    vec![
+                        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![0u8; 15_000]));
+                        3
+                    ];
+                axum::body::Body::from_stream(tokio_stream::iter(chunks))
+            }),
+        )
         .route("/missing", get(|| async { StatusCode::NOT_FOUND }));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(addr)
@@ -83,6 +95,7 @@ async fn image_urls_are_fetched_within_the_allowed_hosts_and_limits() -> anyhow:
         ),
         ("/loop", 400, "more than 2 redirects"),
         ("/big", 413, "limits.max_image_bytes"),
+        ("/chunked", 413, "over 20000 bytes"),
         ("/missing", 400, "404"),
     ];
     for (path, status, names) in refused {
