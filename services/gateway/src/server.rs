@@ -100,6 +100,13 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
     let kosmos = KosmosServer::new(KosmosService::new(Arc::clone(&state)))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    if config.http.listen.is_some() && crate::http::has_chat_template(&config.model_dir) {
+        tracing::warn!(
+            model_dir = %config.model_dir.display(),
+            "the model directory carries a chat template, which the HTTP API does not render: chat messages are \
+             joined in order, roles not rendered"
+        );
+    }
     let http_api = config.http.listen.map(|listen| {
         let router = crate::http::router(Arc::clone(&state), config.http.clone(), model.clone());
         (listen, router)

@@ -62,6 +62,16 @@ pub struct HttpApi {
     model_id: String,
 }
 
+/// Whether the model directory carries a chat template (`chat_template.jinja`, or `chat_template` in
+/// `tokenizer_config.json`), which the API does not render: messages are joined in order, roles unrendered.
+pub fn has_chat_template(model_dir: &std::path::Path) -> bool {
+    model_dir.join("chat_template.jinja").is_file()
+        || std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()))
+}
+
 /// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's).
 pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) -> Router {
     // Images arrive base64-encoded (4 characters per 3 bytes): the body may be a third larger than the gRPC
@@ -180,4 +190,24 @@ async fn wrong_method(method: http::Method, uri: http::Uri) -> Response {
     let mut err = ApiError::bad_request(format!("{} does not accept {method}", uri.path()));
     err.status = StatusCode::METHOD_NOT_ALLOWED;
     err.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_template_is_found_in_the_tokenizer_config() {
+        let dir = std::env::temp_dir().join(format!("kosmos-chat-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        assert!(!has_chat_template(&dir));
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"chat_template": "{{ messages }}"}"#,
+        )
+        .expect("writing the config");
+        assert!(has_chat_template(&dir));
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(!has_chat_template(&kosmos_testkit::demo_model_dir()));
+    }
 }
