@@ -246,6 +246,15 @@ impl Caller {
         &self.id
     }
 
+    /// The name logs and traces use: the key's id, or `anonymous`.
+    pub fn name(&self) -> &str {
+        if self.id.is_empty() {
+            "anonymous"
+        } else {
+            &self.id
+        }
+    }
+
     /// Admits one request under the key's quotas; the permit is held for the whole request (stream included)
     /// and is charged its tokens. RESOURCE_EXHAUSTED (with when to retry) when a quota is spent.
     pub fn admit(&self) -> Result<QuotaPermit, RequestError> {

@@ -42,6 +42,14 @@ pub enum RequestError {
     /// A bug or an inconsistent answer from a pool.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller left its stream unread for `limits.stream_idle_timeout_seconds`; the stream was ended.
+    #[error(
+        "stream abandoned: the caller did not read for {seconds} s (`limits.stream_idle_timeout_seconds`)"
+    )]
+    StreamAbandoned {
+        /// The configured timeout.
+        seconds: f64,
+    },
     /// No valid API key.
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
@@ -68,6 +76,7 @@ impl RequestError {
                 tonic::Code::ResourceExhausted
             }
             Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Self::StreamAbandoned { .. } => tonic::Code::Cancelled,
             Self::NotReady(_) | Self::Unavailable { .. } => tonic::Code::Unavailable,
             Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Self::Internal(_) => tonic::Code::Internal,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use kosmos_processor::post_process_generation;
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::Code;
 use tracing::Instrument as _;
 
@@ -51,6 +51,7 @@ pub struct Generation {
     capped_by_context: bool,
     prompt_ids: Vec<u32>,
     image_tokens: u32,
+    image_sizes: Vec<(u32, u32)>,
     detokenizer: Detokenizer,
     stop: StopFilter,
     completion_tokens: u32,
@@ -114,6 +115,11 @@ pub async fn start(
         logprobs: params.logprobs > 0,
         capped_by_context,
         image_tokens: (prepared.images.len() * model.num_image_tokens) as u32,
+        image_sizes: prepared
+            .images
+            .iter()
+            .map(|image| (image.width, image.height))
+            .collect(),
         prompt_ids: prepared.encoded.input_ids,
         stop: StopFilter::new(params.stop),
         detokenizer: Detokenizer::new(),
@@ -260,6 +266,12 @@ fn finish_reason(reason: i32, capped_by_context: bool) -> pb::FinishReason {
 }
 
 impl Generation {
+    /// `(width, height)` of each image of the prompt, in order, as read from its header (what grounding boxes
+    /// are scaled by to give pixels).
+    pub fn image_sizes(&self) -> &[(u32, u32)] {
+        &self.image_sizes
+    }
+
     /// The next public message; `None` after the last one. Each decoder message gives at most one public message.
     pub async fn next(&mut self) -> Result<Option<pb::GenerateStreamResponse>, RequestError> {
         if self.done {
@@ -455,6 +467,72 @@ impl Generation {
             model = %self.model.fingerprint,
             "generation finished"
         );
+    }
+}
+
+/// Drives a started generation into `sender`: each public message (or the error that ends it) becomes the items
+/// `wrap` makes of it, sent in order. It ends after the last message, after an error, or when the caller goes away
+/// (the receiver is dropped), which drops the decoder stream; failures and cancellations are counted in the
+/// request metrics. Both streaming front doors (GenerateStream, the HTTP API's SSE) run it in a task.
+pub async fn forward<T>(
+    mut generation: Generation,
+    sender: mpsc::Sender<T>,
+    mut wrap: impl FnMut(Result<pb::GenerateStreamResponse, RequestError>) -> Vec<T>,
+) -> Option<RequestError> {
+    let state = generation.state.clone();
+    let arrived = generation.clock.arrived;
+    let idle_timeout = state.limits.stream_idle_timeout;
+    let failed = |code| {
+        state
+            .metrics
+            .failed(Operation::TextCompletion, arrived, code)
+    };
+    loop {
+        // Waiting on the decoder and on the caller at once: a caller that goes away ends the task (and drops the
+        // decoder stream) even while the decoder is silent.
+        let next = tokio::select! {
+            next = generation.next() => next,
+            () = sender.closed() => {
+                tracing::debug!("caller went away, dropping the decoder stream");
+                failed(Code::Cancelled);
+                return None;
+            }
+        };
+        let message = match next {
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => return None,
+            Err(err) => {
+                failed(err.code());
+                Err(err)
+            }
+        };
+        let is_error = message.is_err();
+        for item in wrap(message) {
+            match tokio::time::timeout(idle_timeout, sender.send(item)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    if !is_error {
+                        failed(Code::Cancelled);
+                    }
+                    return None;
+                }
+                Err(_) => {
+                    // The caller holds a full buffer and reads nothing: end the call (dropping the decoder stream
+                    // frees its sequence); the caller's stream says why if it ever reads again.
+                    tracing::info!(
+                        stream_idle_timeout_seconds = idle_timeout.as_secs_f64(),
+                        "caller stopped reading, ending its stream"
+                    );
+                    failed(Code::Cancelled);
+                    return Some(RequestError::StreamAbandoned {
+                        seconds: idle_timeout.as_secs_f64(),
+                    });
+                }
+            }
+        }
+        if is_error {
+            return None;
+        }
     }
 }
 

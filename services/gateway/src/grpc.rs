@@ -117,7 +117,7 @@ impl Kosmos for KosmosService {
         let (caller, clock) = self.begin(&request, Operation::TextCompletion)?;
         let started =
             generate::start(self.state.clone(), request.into_inner(), clock, caller).await;
-        let mut generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
+        let generation = self.failed_if_err(Operation::TextCompletion, clock, started)?;
         let (sender, receiver) = mpsc::channel(self.state.stream_buffer_messages);
         let abandoned = Arc::new(OnceLock::new());
         let stream = ResponseStream {
@@ -125,62 +125,12 @@ impl Kosmos for KosmosService {
             abandoned: Arc::clone(&abandoned),
             ended: false,
         };
-        let idle_timeout = self.state.limits.stream_idle_timeout;
-        let state = self.state.clone();
         let forward = async move {
-            let failed = |code| {
-                state
-                    .metrics
-                    .failed(Operation::TextCompletion, clock.arrived, code)
-            };
-            loop {
-                // Waiting on the decoder and on the caller at once: a caller that goes away ends the task (and
-                // drops the decoder stream) even while the decoder is silent.
-                let next = tokio::select! {
-                    next = generation.next() => next,
-                    () = sender.closed() => {
-                        tracing::debug!("caller went away, dropping the decoder stream");
-                        failed(tonic::Code::Cancelled);
-                        return;
-                    }
-                };
-                let message = match next {
-                    Ok(Some(message)) => Ok(message),
-                    Ok(None) => return,
-                    Err(err) => {
-                        let status = Status::from(err);
-                        failed(status.code());
-                        Err(status)
-                    }
-                };
-                let is_error = message.is_err();
-                match tokio::time::timeout(idle_timeout, sender.send(message)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        if !is_error {
-                            failed(tonic::Code::Cancelled);
-                        }
-                        return;
-                    }
-                    Err(_) => {
-                        // The caller holds a full buffer and reads nothing: end the call (dropping the decoder
-                        // stream frees its sequence) and tell the caller if it ever reads again.
-                        tracing::info!(
-                            stream_idle_timeout_seconds = idle_timeout.as_secs_f64(),
-                            "caller stopped reading, ending its stream"
-                        );
-                        let _ = abandoned.set(Status::cancelled(format!(
-                            "stream abandoned: the caller did not read for {} s \
-                             (`limits.stream_idle_timeout_seconds`)",
-                            idle_timeout.as_secs_f64()
-                        )));
-                        failed(tonic::Code::Cancelled);
-                        return;
-                    }
-                }
-                if is_error {
-                    return;
-                }
+            let ended = generate::forward(generation, sender, |message| {
+                vec![message.map_err(Status::from)]
+            });
+            if let Some(error) = ended.await {
+                let _ = abandoned.set(Status::from(error));
             }
         };
         tokio::spawn(forward.instrument(tracing::Span::current()));

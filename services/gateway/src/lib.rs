@@ -14,6 +14,7 @@
 //! * [`pool`]: replicas per pool, power-of-two-choices balancing, per-pool pending/in-flight gauges;
 //! * [`upstream`]: probes, the model learned from the decoders, grpc.health.v1;
 //! * [`metrics`]: everything `/metrics` exports (GenAI request metrics, per-pool queue signals, the cache);
+//! * [`http`]: the OpenAI-compatible HTTP API, a second front door onto the same pipeline;
 //! * [`server`]: start, serve with health and reflection, drain; [`config`]: file < environment < flags.
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod encode;
 pub mod error;
 pub mod generate;
 pub mod grpc;
+pub mod http;
 pub mod metrics;
 pub mod pool;
 pub mod prompt;

@@ -68,7 +68,8 @@ kosmos_runtime::service_main!(
     bind
 );
 
-/// Loads the tokenizer (on a blocking thread), builds the pools and binds `server.listen` and `metrics.listen`.
+/// Loads the tokenizer (on a blocking thread), builds the pools and binds `server.listen`, `metrics.listen` and
+/// `http.listen` (when set).
 pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), StartError> {
     let dir = config.model_dir.clone();
     let tokenizer = tokio::task::spawn_blocking(move || {
@@ -116,14 +117,27 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
     let kosmos = KosmosServer::new(KosmosService::new(Arc::clone(&state)))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    if config.http.listen.is_some() && crate::http::has_chat_template(&config.model_dir) {
+        tracing::warn!(
+            model_dir = %config.model_dir.display(),
+            "the model directory carries a chat template, which the HTTP API does not render: chat messages are \
+             joined in order, roles not rendered"
+        );
+    }
+    let http_api = config.http.listen.map(|listen| {
+        let router = crate::http::router(Arc::clone(&state), config.http.clone(), model.clone());
+        (listen, router)
+    });
     let watcher = follow_pools(Arc::clone(&state), writer, Arc::clone(&registry), model);
-    let bound = Service::new("gateway", config.server.clone(), registry)?
+    let mut service = Service::new("gateway", config.server.clone(), registry)?
         .byte_budget(Arc::clone(&state.budget))
         .add_service(kosmos)
         .watch(watcher)
-        .not_live_until_ready()
-        .bind()
-        .await?;
+        .not_live_until_ready();
+    if let Some((listen, router)) = http_api {
+        service = service.http(listen, router);
+    }
+    let bound = service.bind().await?;
     Ok((bound, GatewayHandle { state }))
 }
 

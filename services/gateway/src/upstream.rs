@@ -127,6 +127,11 @@ impl Upstreams {
         self.model.clone()
     }
 
+    /// Whether both pools answer and the model is known, now.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
     /// Waits until both pools answer and the model is known, or `timeout`; returns readiness.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut ready = self.ready.clone();

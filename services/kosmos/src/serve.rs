@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Address of the public API (kosmos.v1.Kosmos); port 0: any free port (printed).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, …); `off` disables it; port 0: any
+    /// free port (printed).
+    #[arg(long, value_name = "HOST:PORT|off", default_value = "127.0.0.1:8000")]
+    http_listen: String,
     /// Where the gateway serves `GET /metrics`; the encoder and the decoder take the next two ports. A taken
     /// port falls back to a free one; every address is printed at startup. (9464: the OpenTelemetry Prometheus
     /// exporter's usual port, clear of a local Prometheus on 9090.)
@@ -68,6 +72,7 @@ struct Running {
     address: SocketAddr,
     /// Where its health answers in plaintext: the gRPC address, or its health-only port when that is TLS.
     health: SocketAddr,
+    http_address: Option<SocketAddr>,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -102,6 +107,7 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
         .with_context(|| format!("the {} could not start", S::NAME))?;
     let address = bound.local_addr();
     let tls = if bound.is_tls() { " over TLS" } else { "" };
+    let http_address = bound.http_addr();
     step(
         S::NAME,
         format!(
@@ -114,6 +120,7 @@ async fn start<S: ServiceMain>(overrides: Overrides, stop: Shutdown) -> anyhow::
         name: S::NAME,
         address,
         health: bound.health_addr().unwrap_or(address),
+        http_address,
         task: tokio::spawn(bound.serve(stop)),
     })
 }
@@ -189,17 +196,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 "decoder.endpoints",
                 &[format!("http://{}", decoder.address)],
             )
+            .string("http.listen", &args.http_listen)
             .raw(&args.gateway_overrides),
         shutdown.clone(),
     )
     .await?;
     let gateway_addr = gateway.address;
     let gateway_health = gateway.health;
+    let http_addr = gateway.http_address;
     let mut services = vec![gateway, encoder, decoder];
 
     if wait_until_ready(gateway_health, &shutdown, &services, started).await {
         let plaintext = args.tls_cert.is_none() && args.api_keys.is_none();
-        print_ready(gateway_addr, started, plaintext).await;
+        print_ready(gateway_addr, http_addr, started, plaintext).await;
         shutdown.wait().await;
         eprintln!("shutting down: finishing the requests in flight…");
     }
@@ -239,7 +248,12 @@ async fn report(service: Running) -> bool {
 }
 
 /// The model the gateway serves (when it can be asked without a key or TLS), and how to reach it.
-async fn print_ready(gateway_addr: SocketAddr, started: Instant, open: bool) {
+async fn print_ready(
+    gateway_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    started: Instant,
+    open: bool,
+) {
     if !open {
         eprintln!("ready in {:.1} s", started.elapsed().as_secs_f64());
     } else if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
@@ -260,6 +274,9 @@ async fn print_ready(gateway_addr: SocketAddr, started: Instant, open: bool) {
     eprintln!(
         "  try: kosmos ask --addr http://{gateway_addr} --image photo.jpg \"What is in this picture?\""
     );
+    if let Some(http_addr) = http_addr {
+        eprintln!("serving the OpenAI-compatible API on http://{http_addr}/v1");
+    }
 }
 
 /// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it, at `health_addr`),

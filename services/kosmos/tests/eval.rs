@@ -63,6 +63,7 @@ async fn eval_matches_pytorchs_counts_on_the_demo_models_held_out_set() {
         Command::new(env!("CARGO_BIN_EXE_kosmos"))
             .current_dir(&repo)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -459,7 +459,13 @@ async fn kosmos_serve_exports_the_spans_of_all_three_services_at_its_default_log
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_kosmos"))
         .current_dir(repo())
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env_remove("RUST_LOG")

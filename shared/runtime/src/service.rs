@@ -88,6 +88,7 @@ pub struct Service {
     on_stop: Option<BoxFuture<()>>,
     live_before_ready: bool,
     byte_budget: Option<Arc<crate::budget::ByteBudget>>,
+    http: Option<(SocketAddr, axum::Router)>,
 }
 
 impl std::fmt::Debug for Service {
@@ -124,6 +125,7 @@ impl Service {
             on_stop: None,
             live_before_ready: true,
             byte_budget: None,
+            http: None,
         })
     }
 
@@ -176,12 +178,19 @@ impl Service {
         self
     }
 
+    /// Also serves `router` over HTTP/1.1 and HTTP/2 on `listen` (the gateway's OpenAI-compatible API): bound
+    /// with the gRPC port, drained with it, stopped with it.
+    pub fn http(mut self, listen: SocketAddr, router: axum::Router) -> Self {
+        self.http = Some((listen, router));
+        self
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.name
     }
 
-    /// Binds `server.listen` and `metrics.listen` (falling back to a free port for `/metrics` when
+    /// Binds `server.listen`, `metrics.listen` and the HTTP address if any (falling back to a free port for `/metrics` when
     /// `metrics.fallback_to_free_port` is set and the port is taken).
     pub async fn bind(self) -> Result<Bound, ServeError> {
         let listen = self.settings.listen;
@@ -224,6 +233,20 @@ impl Service {
             Some(listener) => Some(address_of(listener, listen)?),
             None => None,
         };
+        let http = match &self.http {
+            None => None,
+            Some((http_listen, _)) => {
+                let http_listener =
+                    TcpListener::bind(http_listen)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            address: *http_listen,
+                            source,
+                        })?;
+                let http_addr = address_of(&http_listener, *http_listen)?;
+                Some((http_listener, http_addr))
+            }
+        };
         Ok(Bound {
             service: self,
             tls,
@@ -233,6 +256,7 @@ impl Service {
             metrics_listener,
             local_addr,
             metrics_addr,
+            http,
         })
     }
 }
@@ -255,6 +279,7 @@ pub struct Bound {
     metrics_listener: TcpListener,
     local_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    http: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Bound {
@@ -278,6 +303,11 @@ impl Bound {
         self.tls.is_some()
     }
 
+    /// The HTTP API's address, when the service serves one ([`Service::http`]).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, address)| *address)
+    }
+
     /// The service's name.
     pub fn name(&self) -> &'static str {
         self.service.name
@@ -287,7 +317,7 @@ impl Bound {
     /// in-flight calls get the drain timeout, then the stop hook.
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), ServeError> {
         let Self {
-            service,
+            mut service,
             tls,
             health_listener,
             health_addr: _,
@@ -295,6 +325,7 @@ impl Bound {
             metrics_listener,
             local_addr,
             metrics_addr,
+            http,
         } = self;
         let name = service.name;
         let health = service.health.clone();
@@ -356,6 +387,19 @@ impl Bound {
         let mut server = tokio::spawn(async move {
             crate::grpc::serve(router, listener, tls.as_ref(), serving).await
         });
+        // The HTTP API stops accepting with the gRPC server and drains within the same timeout.
+        let http_server = match (http, service.http.take()) {
+            (Some((http_listener, http_addr)), Some((_, http_router))) => {
+                tracing::info!(service = name, %http_addr, "serving http");
+                let stop = stop_serving.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(http_listener, http_router)
+                        .with_graceful_shutdown(async move { stop.wait().await })
+                        .await
+                }))
+            }
+            _ => None,
+        };
         tracing::info!(service = name, %local_addr, %metrics_addr, tls = tls_mode, "serving");
 
         let mut server_result = None;
@@ -388,6 +432,19 @@ impl Bound {
                 }
             },
         };
+        if let Some(mut http_server) = http_server {
+            match tokio::time::timeout(service.settings.drain_timeout, &mut http_server).await {
+                Ok(Ok(Err(err))) => tracing::warn!(service = name, %err, "the http server failed"),
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        service = name,
+                        "drain timeout passed, dropping http requests"
+                    );
+                    http_server.abort();
+                }
+            }
+        }
         watcher.abort();
         health_stop.trigger();
         if let Some(health_server) = health_server

@@ -179,6 +179,15 @@ pub(crate) fn extract(headers: &http::HeaderMap) -> Context {
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
+/// Makes `span` continue the trace a request's headers carry (W3C `traceparent`), and records its trace id in
+/// the span's `trace_id` field when it has one: what the RPC layer does for gRPC, for the HTTP API.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let _ = span.set_parent(extract(headers));
+    if let Some(id) = trace_id(span) {
+        span.record(TRACE_ID_FIELD, id.as_str());
+    }
+}
+
 /// Writes the current span's context (`traceparent`, `tracestate`) into an outgoing call's metadata.
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     let context = tracing::Span::current().context();

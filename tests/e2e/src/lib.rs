@@ -2,6 +2,8 @@
 //! each on a free loopback port, talking real gRPC to each other; plus the model run directly (no services) as
 //! the reference the cluster's answers are compared with.
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,6 +95,8 @@ pub struct Cluster {
     pub gateway_addr: SocketAddr,
     /// Where the gateway serves `GET /metrics`.
     pub gateway_metrics_addr: SocketAddr,
+    /// Where the gateway serves the OpenAI-compatible HTTP API (with `http.listen` among the gateway overrides).
+    pub gateway_http_addr: Option<SocketAddr>,
     /// The (first) decoder's address.
     pub decoder_addr: SocketAddr,
     /// Each decoder's address.
@@ -115,6 +119,7 @@ pub struct Cluster {
 struct Replica<H> {
     addr: SocketAddr,
     metrics_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     handle: H,
     shutdown: Shutdown,
 }
@@ -131,6 +136,7 @@ async fn start<S: ServiceMain>(
     let replica = Replica {
         addr: bound.local_addr(),
         metrics_addr: bound.metrics_addr(),
+        http_addr: bound.http_addr(),
         handle,
         shutdown: shutdown.clone(),
     };
@@ -193,6 +199,7 @@ impl Cluster {
         let cluster = Self {
             gateway_addr: gateway.addr,
             gateway_metrics_addr: gateway.metrics_addr,
+            gateway_http_addr: gateway.http_addr,
             decoder_addr: decoders[0].addr,
             decoder_addrs: decoders.iter().map(|replica| replica.addr).collect(),
             decoder_metrics_addrs: decoders

@@ -55,8 +55,19 @@
 //!
 //! [metrics]
 //! listen = "0.0.0.0:9090"              # GET /metrics (Prometheus text); port 0: any free port
+//!
+//! [http]                               # the OpenAI-compatible API (crate::http)
+//! listen = "0.0.0.0:8000"              # unset (default) or "off": no HTTP API
+//! request_timeout_seconds = 0.0        # 0: no bound but the client's; otherwise 504 beyond it
+//! fetch_urls = false                   # fetch http:// image URLs (data: URIs are always accepted)
+//! fetch_allow_hosts = []               # e.g. ["images.example.com", "*.cdn.example.com"]; empty: any host
+//! fetch_allow_private = false          # reach private/loopback/link-local addresses (trusted networks only)
+//! fetch_timeout_seconds = 10.0         # per image, redirects included
+//! fetch_max_redirects = 3
+//! fetch_max_urls = 4                   # per request; each fetch is capped at `limits.max_image_bytes`
 //! ```
 
+mod http;
 mod limits;
 mod pool;
 
@@ -68,6 +79,7 @@ use kosmos_runtime::config::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use http::{FetchConfig, HttpConfig, RawHttp};
 pub use limits::{Limits, RawLimits};
 pub use pool::{Discovery, PoolConfig, RawPool, endpoint_uri};
 
@@ -100,6 +112,8 @@ pub struct RawConfig {
     pub cache: RawCache,
     /// API keys.
     pub auth: RawAuth,
+    /// `[http]`: the OpenAI-compatible API.
+    pub http: RawHttp,
 }
 
 impl Default for RawConfig {
@@ -120,6 +134,7 @@ impl Default for RawConfig {
             limits: RawLimits::default(),
             cache: RawCache::default(),
             auth: RawAuth::default(),
+            http: RawHttp::default(),
         }
     }
 }
@@ -167,6 +182,8 @@ pub struct GatewayConfig {
     pub server: ServerSettings,
     /// The API keys file (`auth.api_keys_file`), if any.
     pub api_keys_file: Option<PathBuf>,
+    /// `[http]`.
+    pub http: HttpConfig,
 }
 
 impl GatewayConfig {
@@ -192,6 +209,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
                 "stream_buffer_messages",
                 raw.stream_buffer_messages as u64,
             )?,
+            http: http::http(raw.http)?,
             server,
             api_keys_file: kosmos_runtime::reload::optional_path(&raw.auth.api_keys_file),
         })

@@ -42,6 +42,7 @@ pub async fn serve() -> (Server, String) {
         Command::new(env!("CARGO_BIN_EXE_kosmos"))
             .current_dir(repo())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--gateway-set", any_port, "--encoder-set", any_port])
             .args(["--decoder-set", any_port])
             .args(["--gateway-set", "encoder.probe_interval_seconds=0.2"])

@@ -11,8 +11,8 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::{IMAGE, greedy_request};
 
-/// A request that would run to the end of the context.
-fn long_request() -> pb::GenerateRequest {
+/// A request that would run to the end of the context (it holds its slots while a test looks).
+pub fn long_request() -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: vec![image(fixture_image(IMAGE)), text("Tell me everything")],
         params: Some(pb::GenerationParams {

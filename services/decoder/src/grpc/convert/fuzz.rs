@@ -153,6 +153,7 @@ fn case(rng: &mut ChaCha8Rng) -> usize {
         })
         .sum();
     let request = pb::GenerateRequest {
+        tenant: String::new(),
         prompt: prompt.clone(),
         sampling: sampling(rng, valid),
         stopping: Some(pb::StoppingParams {
@@ -186,6 +187,7 @@ fn case(rng: &mut ChaCha8Rng) -> usize {
         }
     }
     let score = pb::ScoreRequest {
+        tenant: String::new(),
         context: prompt,
         candidates: (0..rng.random_range(0..6))
             .map(|_| pb::Candidate {

@@ -1,0 +1,207 @@
+//! The OpenAI-compatible HTTP API, beside the gRPC one on its own port (`http.listen`), HTTP/1.1 and HTTP/2.
+//!
+//! It is a second front door onto the same pipeline: each JSON request becomes the gRPC request
+//! ([`convert`]) and goes through [`crate::generate`] / [`crate::score`], so validation, limits, the concurrency
+//! limit, the pools, the embedding cache and the request metrics are the gRPC API's; only the wire mapping
+//! differs ([`wire`] in, [`response`] out, [`error`] for failures). A `traceparent` header is continued.
+//!
+//! Routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `POST /v1/score` (extension), `GET /health` (live), `GET /ready` (both pools answer).
+
+mod completions;
+mod convert;
+mod error;
+mod fetch;
+mod images;
+mod response;
+mod wire;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, StatusCode};
+use serde_json::json;
+
+pub use error::{ApiError, FieldNames};
+
+use crate::auth::Caller;
+use crate::config::HttpConfig;
+use crate::generate::RequestClock;
+use crate::state::GatewayState;
+
+/// The caller of a request, from its `authorization: Bearer …` header, by the gateway's API keys ([`crate::auth`];
+/// anonymous on an open gateway): the one place every HTTP handler asks. No valid key → 401; the quotas are
+/// applied where the request is admitted (429 with `Retry-After`).
+pub fn caller(state: &GatewayState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(http::header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
+    state.auth.authenticate(header).map_err(|err| {
+        ApiError::from_request(
+            &crate::error::RequestError::from(err),
+            &FieldNames::default(),
+        )
+    })
+}
+
+/// What the HTTP handlers share: the gateway's state and the API's settings.
+#[derive(Debug)]
+pub struct HttpApi {
+    state: Arc<GatewayState>,
+    config: HttpConfig,
+    model_id: String,
+}
+
+/// Whether the model directory carries a chat template (`chat_template.jinja`, or `chat_template` in
+/// `tokenizer_config.json`), which the API does not render: messages are joined in order, roles unrendered.
+pub fn has_chat_template(model_dir: &std::path::Path) -> bool {
+    model_dir.join("chat_template.jinja").is_file()
+        || std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()))
+}
+
+/// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's).
+pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) -> Router {
+    // Images arrive base64-encoded (4 characters per 3 bytes): the body may be a third larger than the gRPC
+    // message the same request makes.
+    let body_limit = state.limits.max_message_bytes.get().saturating_mul(4) / 3;
+    let api = Arc::new(HttpApi {
+        state,
+        config,
+        model_id,
+    });
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::text))
+        .route("/v1/score", post(completions::score))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(api)
+}
+
+impl HttpApi {
+    /// The request's clock: arrival now, the deadline `http.request_timeout_seconds` later (if set).
+    fn clock(&self) -> RequestClock {
+        let arrived = Instant::now();
+        RequestClock {
+            arrived,
+            deadline: self.config.request_timeout.map(|timeout| arrived + timeout),
+        }
+    }
+
+    /// Refuses a model other than the served one (absent: the served one).
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            None => Ok(()),
+            Some(model) if model == self.model_id => Ok(()),
+            Some(model) => Err(ApiError::not_found(
+                format!(
+                    "`model` `{model}` does not exist; this server serves `{}` (GET /v1/models)",
+                    self.model_id
+                ),
+                "model_not_found",
+            )),
+        }
+    }
+
+    fn model_json(&self) -> Result<serde_json::Value, ApiError> {
+        let model = self
+            .state
+            .model()
+            .map_err(|err| ApiError::from_request(&err, &FieldNames::default()))?;
+        Ok(json!({
+            "id": self.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kosmos-serve",
+            "fingerprint": model.fingerprint.to_string(),
+            "context_length": model.context_length,
+            "num_image_tokens": model.num_image_tokens,
+        }))
+    }
+}
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+async fn list_models(State(api): State<Arc<HttpApi>>, headers: HeaderMap) -> Response {
+    let listed = caller(&api.state, &headers)
+        .and_then(|_| api.model_json())
+        .map(|model| axum::Json(json!({"object": "list", "data": [model]})));
+    listed.into_response()
+}
+
+async fn get_model(
+    State(api): State<Arc<HttpApi>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let found = caller(&api.state, &headers)
+        .and_then(|_| api.check_model(Some(&id)))
+        .and_then(|()| api.model_json())
+        .map(axum::Json);
+    found.into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(api): State<Arc<HttpApi>>) -> Response {
+    if api.state.upstreams.is_ready() {
+        return axum::Json(json!({"status": "ready"})).into_response();
+    }
+    let mut err = ApiError::from_request(
+        &crate::error::RequestError::NotReady(
+            "the encoder and decoder pools do not both answer yet".into(),
+        ),
+        &FieldNames::default(),
+    );
+    err.code = Some("not_ready");
+    err.into_response()
+}
+
+async fn no_route(uri: http::Uri) -> Response {
+    ApiError::not_found(format!("no route for {}", uri.path()), "not_found").into_response()
+}
+
+async fn wrong_method(method: http::Method, uri: http::Uri) -> Response {
+    let mut err = ApiError::bad_request(format!("{} does not accept {method}", uri.path()));
+    err.status = StatusCode::METHOD_NOT_ALLOWED;
+    err.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_template_is_found_in_the_tokenizer_config() {
+        let dir = std::env::temp_dir().join(format!("kosmos-chat-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        assert!(!has_chat_template(&dir));
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"chat_template": "{{ messages }}"}"#,
+        )
+        .expect("writing the config");
+        assert!(has_chat_template(&dir));
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(!has_chat_template(&kosmos_testkit::demo_model_dir()));
+    }
+}

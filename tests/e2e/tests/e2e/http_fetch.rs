@@ -1,0 +1,131 @@
+//! Image URLs: fetched only when `http.fetch_urls` is on, every hop checked against `http.fetch_allow_hosts`
+//! (a redirect to another host is refused), redirects bounded, the body capped at `limits.max_image_bytes`
+//! (413), the number of URLs per request capped; a fetched image answers what the same bytes inline answer.
+
+use std::net::SocketAddr;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use kosmos_e2e::fixture_image;
+use kosmos_e2e::http::call;
+use serde_json::json;
+
+use crate::IMAGE;
+use crate::http_api::{chat_body, data_uri, http_cluster, model_id};
+
+fn redirect(to: String) -> axum::response::Response {
+    let mut response = StatusCode::FOUND.into_response();
+    if let Ok(value) = HeaderValue::from_str(&to) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// An image server on a free loopback port.
+async fn image_server() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let png = fixture_image(IMAGE);
+    let port = addr.port();
+    let app = axum::Router::new()
+        .route(
+            "/img.png",
+            get(move || {
+                let png = png.clone();
+                async move { ([(header::CONTENT_TYPE, "image/png")], png) }
+            }),
+        )
+        .route("/hop", get(|| async { redirect("/img.png".into()) }))
+        .route("/loop", get(|| async { redirect("/loop".into()) }))
+        .route(
+            "/away",
+            get(move || async move { redirect(format!("http://localhost:{port}/img.png")) }),
+        )
+        .route("/big", get(|| async { vec![0u8; 50_000] }))
+        // No Content-Length: the cap applies while the body streams.
+        .route(
+            "/chunked",
+            get(|| async {
+                let chunks =
+                    vec![
+                        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![0u8; 15_000]));
+                        3
+                    ];
+                axum::body::Body::from_stream(tokio_stream::iter(chunks))
+            }),
+        )
+        .route("/missing", get(|| async { StatusCode::NOT_FOUND }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_urls_are_fetched_within_the_allowed_hosts_and_limits() -> anyhow::Result<()> {
+    let server = image_server().await?;
+    let (cluster, addr) = http_cluster(&[
+        "http.fetch_urls=true",
+        "http.fetch_allow_private=true",
+        "http.fetch_allow_hosts=[\"127.0.0.1\"]",
+        "http.fetch_max_redirects=2",
+        "http.fetch_max_urls=1",
+        "limits.max_image_bytes=20000",
+    ])
+    .await?;
+    let model = model_id(addr).await?;
+    let chat = |url: String| {
+        let body = chat_body(&model, &url, "An image of", 6);
+        async move { call(addr, "/v1/chat/completions", Some(&body)).await }
+    };
+    let inline = chat(data_uri(&fixture_image(IMAGE))).await?.ok_json()?;
+    let content = &inline["choices"][0]["message"]["content"];
+    for path in ["/img.png", "/hop"] {
+        let fetched = chat(format!("http://{server}{path}")).await?.ok_json()?;
+        assert_eq!(
+            &fetched["choices"][0]["message"]["content"], content,
+            "{path}"
+        );
+    }
+
+    let refused = [
+        (
+            "/away",
+            400,
+            "`localhost` is not in `http.fetch_allow_hosts`",
+        ),
+        ("/loop", 400, "more than 2 redirects"),
+        ("/big", 413, "limits.max_image_bytes"),
+        ("/chunked", 413, "over 20000 bytes"),
+        ("/missing", 400, "404"),
+    ];
+    for (path, status, names) in refused {
+        let answer = chat(format!("http://{server}{path}")).await?;
+        assert_eq!(
+            answer.status.as_u16(),
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let message = answer.json()?["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains(names),
+            "{path}: `{message}` should name {names}"
+        );
+        assert!(
+            message.contains("`messages[0].content[0].image_url.url`"),
+            "{message}"
+        );
+    }
+    let two_urls = json!({"model": model, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": format!("http://{server}/img.png")}},
+        {"type": "image_url", "image_url": {"url": format!("http://{server}/img.png")}},
+        {"type": "text", "text": "x"}]}]});
+    let answer = call(addr, "/v1/chat/completions", Some(&two_urls)).await?;
+    assert_eq!(answer.status, 400);
+    assert!(String::from_utf8_lossy(&answer.body).contains("http.fetch_max_urls"));
+    cluster.shutdown().await;
+    Ok(())
+}
