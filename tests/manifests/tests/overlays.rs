@@ -7,8 +7,14 @@ use std::sync::{Mutex, OnceLock};
 use kosmos_manifests::{Catalogue, Manifests, Profile};
 use serde_json::{Value, json};
 
-const PROD: Profile = Profile { gpu_pools: true };
-const DEV: Profile = Profile { gpu_pools: false };
+const PROD: Profile = Profile {
+    gpu_pools: true,
+    secure: true,
+};
+const DEV: Profile = Profile {
+    gpu_pools: false,
+    secure: false,
+};
 
 /// The rendered documents of an overlay, rendered once per test binary; `None` when kubectl is missing and
 /// KOSMOS_SKIP_KUBECTL=1.
