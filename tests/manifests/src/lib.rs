@@ -6,6 +6,7 @@
 //! for the built-in kinds; KEDA and prometheus-operator objects are read as JSON.
 
 pub mod catalogue;
+pub mod network_policies;
 pub mod promql;
 pub mod security;
 

@@ -1,6 +1,5 @@
-//! The checks behind `components/security` (issue 13, "the pools accept only the gateway"): NetworkPolicies that
-//! deny by default, admit only the gateway's pods to the pools' gRPC ports and only the monitoring namespace to
-//! `/metrics`; TLS files that come from cert-manager Certificates, mounted so that renewals reach the pods; the
+//! The checks behind `components/security` (issue 13, "the pools accept only the gateway"; NetworkPolicies are in
+//! `network_policies`): TLS files that come from cert-manager Certificates, mounted so that renewals reach the pods; the
 //! gateway's view of the pools' certificates (DNS names, usages, issuers); probes that reach a plaintext health port
 //! when the gRPC port speaks TLS; the API keys file from a Secret that the manifests do not contain; and the
 //! gateway's memory budget in bytes.
@@ -10,46 +9,37 @@ use std::path::Path;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Container;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
-use crate::{Manifests, Named, Profile, containers, selector_matches, template, template_labels};
-
-/// The namespace Prometheus scrapes from (kube-prometheus-stack installed as k8s/README.md says).
-pub const MONITORING_NAMESPACE: &str = "monitoring";
-
-/// The label every namespace carries with its own name (Kubernetes >= 1.22).
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+use crate::{Manifests, Named, Profile, containers, template, template_labels};
 
 /// The GPU pools, which only the gateway may call.
-const POOLS: [&str; 2] = ["encoder", "decoder"];
+pub(crate) const POOLS: [&str; 2] = ["encoder", "decoder"];
 
 /// A Deployment with what the checks need of it: its component, pod labels, main container and configuration.
-struct Pod<'a> {
-    deployment: &'a Named<Deployment>,
-    component: String,
-    labels: BTreeMap<String, String>,
-    container: Option<&'a Container>,
-    config: toml::Table,
+pub(crate) struct Pod<'a> {
+    pub(crate) deployment: &'a Named<Deployment>,
+    pub(crate) component: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) container: Option<&'a Container>,
+    pub(crate) config: toml::Table,
 }
 
 impl Pod<'_> {
-    fn at(&self) -> String {
+    pub(crate) fn at(&self) -> String {
         format!("{}/{}", self.deployment.namespace, self.deployment.name)
     }
 
-    fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         &self.deployment.namespace
     }
 
-    fn str(&self, dotted: &str) -> Option<&str> {
+    pub(crate) fn str(&self, dotted: &str) -> Option<&str> {
         lookup(&self.config, dotted).and_then(toml::Value::as_str)
     }
 
     /// `server.listen`'s port, or the service's default.
-    fn grpc_port(&self) -> i32 {
+    pub(crate) fn grpc_port(&self) -> i32 {
         self.str("server.listen")
             .and_then(listen_port)
             .unwrap_or(match self.component.as_str() {
@@ -60,7 +50,7 @@ impl Pod<'_> {
     }
 
     /// `metrics.listen`'s port, or the default 9090.
-    fn metrics_port(&self) -> i32 {
+    pub(crate) fn metrics_port(&self) -> i32 {
         self.str("metrics.listen")
             .and_then(listen_port)
             .unwrap_or(9090)
@@ -80,93 +70,6 @@ fn lookup<'a>(table: &'a toml::Table, dotted: &str) -> Option<&'a toml::Value> {
 /// The port of a `host:port` address.
 fn listen_port(address: &str) -> Option<i32> {
     address.rsplit_once(':')?.1.parse().ok()
-}
-
-fn is_empty_selector(selector: &LabelSelector) -> bool {
-    selector
-        .match_labels
-        .as_ref()
-        .is_none_or(BTreeMap::is_empty)
-        && selector
-            .match_expressions
-            .as_ref()
-            .is_none_or(Vec::is_empty)
-}
-
-/// A NetworkPolicy's `podSelector` selects `labels`; an empty or absent one selects every pod of the namespace.
-fn policy_selects(np: &NetworkPolicy, labels: &BTreeMap<String, String>) -> bool {
-    match np.spec.as_ref().and_then(|s| s.pod_selector.as_ref()) {
-        None => true,
-        Some(selector) if is_empty_selector(selector) => true,
-        Some(selector) => selector_matches(selector, labels),
-    }
-}
-
-/// Whether the policy isolates `direction` (`Ingress` or `Egress`); without `policyTypes`, Ingress always and
-/// Egress when it has egress rules (the API's defaulting).
-fn isolates(np: &NetworkPolicy, direction: &str) -> bool {
-    let Some(spec) = np.spec.as_ref() else {
-        return false;
-    };
-    match &spec.policy_types {
-        Some(types) => types.iter().any(|t| t == direction),
-        None => direction == "Ingress" || spec.egress.is_some(),
-    }
-}
-
-/// Whether a rule's `ports` (absent or empty: every port) allow `port`/`protocol` on container `c` (named ports
-/// are resolved against it).
-fn ports_allow(
-    ports: Option<&Vec<NetworkPolicyPort>>,
-    port: i32,
-    protocol: &str,
-    c: Option<&Container>,
-) -> bool {
-    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
-        return true;
-    };
-    ports.iter().any(|p| {
-        p.protocol.as_deref().unwrap_or("TCP") == protocol
-            && match &p.port {
-                None => true,
-                Some(IntOrString::Int(n)) => {
-                    *n == port || p.end_port.is_some_and(|end| *n <= port && port <= end)
-                }
-                Some(IntOrString::String(name)) => c.is_some_and(|c| {
-                    c.ports
-                        .iter()
-                        .flatten()
-                        .any(|cp| cp.name.as_deref() == Some(name) && cp.container_port == port)
-                }),
-            }
-    })
-}
-
-fn describe_peer(peer: &NetworkPolicyPeer) -> String {
-    let mut parts = Vec::new();
-    if let Some(block) = &peer.ip_block {
-        parts.push(format!("ipBlock {}", block.cidr));
-    }
-    if let Some(ns) = &peer.namespace_selector {
-        parts.push(format!(
-            "namespaceSelector {:?}",
-            ns.match_labels.clone().unwrap_or_default()
-        ));
-    }
-    if let Some(pods) = &peer.pod_selector {
-        parts.push(format!(
-            "podSelector {:?}",
-            pods.match_labels.clone().unwrap_or_default()
-        ));
-    }
-    parts.join(" + ")
-}
-
-/// One ingress rule that lets traffic reach a pod's port: the policy's name and the rule's sources (`None`: every
-/// source).
-struct Admission<'a> {
-    policy: &'a str,
-    from: Option<&'a Vec<NetworkPolicyPeer>>,
 }
 
 /// A cert-manager Certificate read from JSON.
@@ -213,7 +116,7 @@ struct SecretFile {
 }
 
 impl Manifests {
-    fn pods(&self) -> (Vec<Pod<'_>>, Vec<String>) {
+    pub(crate) fn pods(&self) -> (Vec<Pod<'_>>, Vec<String>) {
         let mut pods = Vec::new();
         let mut problems = Vec::new();
         for d in &self.deployments {
@@ -229,202 +132,6 @@ impl Manifests {
             }
         }
         (pods, problems)
-    }
-
-    /// The ingress rules that admit someone to `pod`'s TCP `port`.
-    fn admissions<'a>(&'a self, pod: &Pod<'a>, port: i32) -> Vec<Admission<'a>> {
-        let mut found = Vec::new();
-        for np in &self.network_policies {
-            if np.namespace != pod.namespace()
-                || !isolates(&np.object, "Ingress")
-                || !policy_selects(&np.object, &pod.labels)
-            {
-                continue;
-            }
-            for rule in np
-                .object
-                .spec
-                .iter()
-                .flat_map(|s| s.ingress.iter().flatten())
-            {
-                if ports_allow(rule.ports.as_ref(), port, "TCP", pod.container) {
-                    found.push(Admission {
-                        policy: &np.name,
-                        from: rule.from.as_ref().filter(|f| !f.is_empty()),
-                    });
-                }
-            }
-        }
-        found
-    }
-
-    /// Default deny in every namespace with a Deployment; each pool's gRPC port admits the gateway's pods and no one
-    /// else; every `/metrics` port admits the monitoring namespace and no one else; the gateway's gRPC port admits
-    /// someone; egress-isolated pods may resolve names, and the gateway may reach both pools.
-    pub fn check_network_policies(&self, profile: Profile) -> Vec<String> {
-        if !profile.secure {
-            return Vec::new();
-        }
-        let (pods, mut problems) = self.pods();
-        let mut namespaces: Vec<&str> = pods.iter().map(Pod::namespace).collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        for ns in namespaces {
-            let default_deny = self.network_policies.iter().any(|np| {
-                let Some(spec) = np.object.spec.as_ref() else {
-                    return false;
-                };
-                np.namespace == ns
-                    && spec.pod_selector.as_ref().is_none_or(is_empty_selector)
-                    && isolates(&np.object, "Ingress")
-                    && isolates(&np.object, "Egress")
-                    && spec.ingress.as_ref().is_none_or(Vec::is_empty)
-                    && spec.egress.as_ref().is_none_or(Vec::is_empty)
-            });
-            if !default_deny {
-                problems.push(format!(
-                    "namespace `{ns}` has no default-deny NetworkPolicy (podSelector {{}}, policyTypes Ingress and \
-                     Egress, no rules)"
-                ));
-            }
-        }
-        for pod in &pods {
-            let gateways: Vec<&Pod> = pods
-                .iter()
-                .filter(|p| p.namespace() == pod.namespace() && p.component == "gateway")
-                .collect();
-            let others: Vec<&Pod> = pods
-                .iter()
-                .filter(|p| p.namespace() == pod.namespace() && p.component != "gateway")
-                .collect();
-            // A source is the gateway when it is a podSelector of this namespace that selects the gateway's pods
-            // and no other Deployment's.
-            let is_gateway = |peer: &NetworkPolicyPeer| {
-                peer.ip_block.is_none()
-                    && peer.namespace_selector.is_none()
-                    && peer.pod_selector.as_ref().is_some_and(|s| {
-                        !is_empty_selector(s)
-                            && gateways.iter().any(|g| selector_matches(s, &g.labels))
-                            && !others.iter().any(|o| selector_matches(s, &o.labels))
-                    })
-            };
-            let is_monitoring = |peer: &NetworkPolicyPeer| {
-                peer.ip_block.is_none()
-                    && peer.namespace_selector.as_ref().is_some_and(|s| {
-                        s.match_labels
-                            .as_ref()
-                            .and_then(|l| l.get(NAMESPACE_NAME_LABEL))
-                            .is_some_and(|n| n == MONITORING_NAMESPACE)
-                    })
-            };
-            let mut only = |port: i32, what: &str, allowed: &dyn Fn(&NetworkPolicyPeer) -> bool| {
-                let admissions = self.admissions(pod, port);
-                for a in &admissions {
-                    match a.from {
-                        None => problems.push(format!(
-                            "{} {what} port {port}: NetworkPolicy {} admits every source",
-                            pod.at(),
-                            a.policy
-                        )),
-                        Some(from) => {
-                            for peer in from.iter().filter(|p| !allowed(p)) {
-                                problems.push(format!(
-                                    "{} {what} port {port}: NetworkPolicy {} admits {}",
-                                    pod.at(),
-                                    a.policy,
-                                    describe_peer(peer)
-                                ));
-                            }
-                        }
-                    }
-                }
-                if !admissions
-                    .iter()
-                    .any(|a| a.from.is_some_and(|f| f.iter().any(|p| allowed(p))))
-                {
-                    problems.push(format!(
-                        "{} {what} port {port}: no NetworkPolicy admits its only client",
-                        pod.at()
-                    ));
-                }
-            };
-            if POOLS.contains(&pod.component.as_str()) {
-                only(pod.grpc_port(), "gRPC (gateway only)", &is_gateway);
-            }
-            only(
-                pod.metrics_port(),
-                "/metrics (monitoring only)",
-                &is_monitoring,
-            );
-            if pod.component == "gateway" && self.admissions(pod, pod.grpc_port()).is_empty() {
-                problems.push(format!(
-                    "{} gRPC port {}: no NetworkPolicy admits clients to the public API",
-                    pod.at(),
-                    pod.grpc_port()
-                ));
-            }
-            problems.extend(self.egress_problems(pod, &pods));
-        }
-        problems
-    }
-
-    /// An egress-isolated pod may reach DNS; an egress-isolated gateway may reach each pool's gRPC port.
-    fn egress_problems(&self, pod: &Pod<'_>, pods: &[Pod<'_>]) -> Vec<String> {
-        let policies: Vec<&NetworkPolicy> = self
-            .network_policies
-            .iter()
-            .filter(|np| {
-                np.namespace == pod.namespace()
-                    && isolates(&np.object, "Egress")
-                    && policy_selects(&np.object, &pod.labels)
-            })
-            .map(|np| &np.object)
-            .collect();
-        if policies.is_empty() {
-            return Vec::new();
-        }
-        let rules: Vec<_> = policies
-            .iter()
-            .flat_map(|np| np.spec.iter().flat_map(|s| s.egress.iter().flatten()))
-            .collect();
-        let mut problems = Vec::new();
-        if !rules
-            .iter()
-            .any(|r| ports_allow(r.ports.as_ref(), 53, "UDP", None))
-        {
-            problems.push(format!(
-                "{}: egress is isolated but allows no DNS (UDP 53)",
-                pod.at()
-            ));
-        }
-        if pod.component == "gateway" {
-            for pool in pods.iter().filter(|p| {
-                p.namespace() == pod.namespace() && POOLS.contains(&p.component.as_str())
-            }) {
-                let reaches = rules.iter().any(|r| {
-                    ports_allow(r.ports.as_ref(), pool.grpc_port(), "TCP", pool.container)
-                        && r.to.as_ref().filter(|t| !t.is_empty()).is_none_or(|to| {
-                            to.iter().any(|peer| {
-                                peer.ip_block.is_none()
-                                    && peer.namespace_selector.is_none()
-                                    && peer
-                                        .pod_selector
-                                        .as_ref()
-                                        .is_some_and(|s| selector_matches(s, &pool.labels))
-                            })
-                        })
-                });
-                if !reaches {
-                    problems.push(format!(
-                        "{}: egress does not allow the {} pods on port {}",
-                        pod.at(),
-                        pool.component,
-                        pool.grpc_port()
-                    ));
-                }
-            }
-        }
-        problems
     }
 
     /// The Secret and key behind file `path` in the Deployment's main container: a whole Secret volume (no subPath,
