@@ -215,7 +215,7 @@ impl Manifests {
                 }
                 if !admissions
                     .iter()
-                    .any(|a| a.from.is_some_and(|f| f.iter().any(|p| allowed(p))))
+                    .any(|a| a.from.is_some_and(|f| f.iter().any(allowed)))
                 {
                     problems.push(format!(
                         "{} {what} port {port}: no NetworkPolicy admits its only client",
