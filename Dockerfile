@@ -11,11 +11,20 @@
 # a read-only root filesystem and an emptyDir (or tmpfs) on /tmp. See k8s/README.md.
 
 ARG RUST_VERSION=1.95.0
-ARG CUDA_VERSION=12.8.1
+# CUDA 13.0 Update 2, the release tools/cuda/build.sh builds the kernels with (nvcc 13.0.88).
+ARG CUDA_VERSION=13.0.2
 ARG CUDA_UBUNTU=ubuntu24.04
+# The base images, by tag. They are not pinned by digest here: no digest could be read from the registries on the
+# machine this file was last edited on, and a digest copied from elsewhere could not be checked. To build
+# reproducibly, resolve each tag once (`docker buildx imagetools inspect IMAGE:TAG`, the `Digest:` line of the index)
+# and pass it, e.g. --build-arg CPU_BASE=gcr.io/distroless/cc-debian12:nonroot@sha256:… (k8s/README.md, section 1).
+ARG RUST_IMAGE=rust:${RUST_VERSION}-bookworm
+ARG CPU_BASE=gcr.io/distroless/cc-debian12:nonroot
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_UBUNTU}
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU}
 
 # ---------------------------------------------------------------------------------------------------- CPU build
-FROM rust:${RUST_VERSION}-bookworm AS build-cpu
+FROM ${RUST_IMAGE} AS build-cpu
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -27,7 +36,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---------------------------------------------------------------------------------------------------- CPU image
 # distroless cc: glibc + libgcc, no shell, user `nonroot` = 65532. The probes are native gRPC and the preStop hook is
 # the kubelet's own `sleep`, so nothing needs a shell.
-FROM gcr.io/distroless/cc-debian12:nonroot AS cpu
+FROM ${CPU_BASE} AS cpu
 COPY --from=build-cpu /out/ /usr/local/bin/
 COPY models/demo /usr/share/kosmos/models/demo
 ENV HOME=/tmp RUST_LOG=info
@@ -40,8 +49,8 @@ CMD ["--help"]
 # --------------------------------------------------------------------------------------------------- CUDA build
 # candle's `cuda` feature compiles its kernels with nvcc for one compute capability (bindgen_cuda reads
 # CUDA_COMPUTE_CAP; there is no GPU to ask during a build). PTX for 80 also runs on 86/89/90 (A100, A10, L4, L40S,
-# H100); use 75 for T4, 90 to tune for H100 only.
-FROM nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_UBUNTU} AS build-cuda
+# H100); use 75 for T4, 90 to tune for H100 only. (CUDA 13 compiles for compute capability 7.5 and newer only.)
+FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
 ARG RUST_VERSION
 ARG CUDA_COMPUTE_CAP=80
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
@@ -67,7 +76,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # --------------------------------------------------------------------------------------------------- CUDA image
 # The runtime flavour carries cudart, cuBLAS, cuRAND and NVRTC; the driver comes from the node (NVIDIA container
 # toolkit / GPU operator).
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS cuda
+FROM ${CUDA_RUNTIME_IMAGE} AS cuda
 RUN groupadd --gid 65532 nonroot \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot
 COPY --from=build-cuda /out/ /usr/local/bin/

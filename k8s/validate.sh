@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Offline validation of the Kubernetes manifests (no cluster needed):
-#   1. render every overlay (and prod + the optional scale-to-zero component) with `kubectl kustomize`;
+#   1. render every overlay (and prod + each optional component: scale-to-zero, gateway-clients) with
+#      `kubectl kustomize`;
 #   2. validate the built-in kinds with `kubernetes-validate --strict` (unknown fields are errors) against every
 #      supported Kubernetes version;
-#   3. validate the KEDA and prometheus-operator objects against their CRD schemas (k8s/crd-check);
-#   4. the semantic checks: `cargo test -p kosmos-manifests` (unless KOSMOS_VALIDATE_SKIP_CARGO=1).
+#   3. validate the KEDA, prometheus-operator and cert-manager objects against their CRD schemas (k8s/crd-check);
+#   4. the semantic checks: `cargo test -p kosmos-manifests` (unless KOSMOS_VALIDATE_SKIP_CARGO=1), among them
+#      the security ones (tests/manifests/src/network_policies.rs, security.rs): default-deny NetworkPolicies, the
+#      pools reachable only from the gateway, /metrics only from the monitoring namespace, TLS files from
+#      cert-manager Certificates mounted without subPath, probes on the plaintext health port, API keys never in
+#      the manifests, and every service's config (ConfigMap + envFrom + env) loaded by its own loader.
 # Installs what it needs itself: a Python venv in .venv-k8s/ and node_modules in k8s/crd-check/ (both ignored by
 # git), from PyPI and npm. Needs kubectl (kustomize v5), python3 with venv, node >= 18 and npm.
 #
@@ -15,6 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # preStop `sleep` needs >= 1.30 (PodLifecycleSleepAction: beta, on by default, in 1.30).
 KUBE_VERSIONS=(1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0 1.36.0 1.37.0)
 OVERLAYS=(dev prod prod-hpa)
+OPTIONAL_COMPONENTS=(scale-to-zero gateway-clients)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 OUT=target/k8s
 VENV=.venv-k8s
@@ -42,18 +48,19 @@ fi
 echo "kubectl $(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: //p' | sed 's/^/kustomize /'), kubernetes-validate $("$VENV/bin/pip" show kubernetes-validate | sed -n 's/^Version: //p'), node $(node --version)"
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-# prod with the optional scale-to-zero component, so that the component is rendered and validated too.
-mkdir -p "$OUT/overlays/prod-scale-to-zero"
-cat > "$OUT/overlays/prod-scale-to-zero/kustomization.yaml" <<'YAML'
+render_targets=()
+for overlay in "${OVERLAYS[@]}"; do render_targets+=("$overlay=k8s/overlays/$overlay"); done
+# prod with each optional component, so that the components are rendered and validated too.
+for component in "${OPTIONAL_COMPONENTS[@]}"; do
+  mkdir -p "$OUT/overlays/prod-$component"
+  cat > "$OUT/overlays/prod-$component/kustomization.yaml" <<YAML
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources: [../../../../k8s/overlays/prod]
-components: [../../../../k8s/components/scale-to-zero]
+components: [../../../../k8s/components/$component]
 YAML
-
-render_targets=()
-for overlay in "${OVERLAYS[@]}"; do render_targets+=("$overlay=k8s/overlays/$overlay"); done
-render_targets+=("prod-scale-to-zero=$OUT/overlays/prod-scale-to-zero")
+  render_targets+=("prod-$component=$OUT/overlays/prod-$component")
+done
 
 rendered=()
 for target in "${render_targets[@]}"; do

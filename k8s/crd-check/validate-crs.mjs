@@ -1,5 +1,5 @@
 // Validates the custom resources of rendered overlays against the CRD schemas shipped in @kubernetes-models
-// (generated from the KEDA and prometheus-operator CRDs): types, enums, patterns, required fields (the models' ajv
+// (generated from the KEDA, prometheus-operator and cert-manager CRDs): types, enums, patterns, required fields (the models' ajv
 // validators), and unknown keys, which those validators accept: dts-keys.mjs reads the allowed keys of every nested
 // object from the packages' own .d.ts files. The KEDA model (0.4.2, the newest for Node < 22) predates a few KEDA
 // 2.20 fields, allowed explicitly below. Any other non-built-in kind is an error: nothing would validate it.
@@ -10,12 +10,16 @@ import { parseAllDocuments } from "yaml";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
+import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate";
+import { Issuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Issuer";
 import { rootType, unknownKeys } from "./dts-keys.mjs";
 
 const MODELS = {
   "keda.sh/v1alpha1/ScaledObject": [ScaledObject, rootType("@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject", "IScaledObject")],
   "monitoring.coreos.com/v1/ServiceMonitor": [ServiceMonitor, rootType("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor", "IServiceMonitor")],
   "monitoring.coreos.com/v1/PrometheusRule": [PrometheusRule, rootType("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule", "IPrometheusRule")],
+  "cert-manager.io/v1/Certificate": [Certificate, rootType("@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate", "ICertificate")],
+  "cert-manager.io/v1/Issuer": [Issuer, rootType("@kubernetes-models/cert-manager/cert-manager.io/v1/Issuer", "IIssuer")],
 };
 
 // ScaledObject fields of KEDA 2.20 (keda.sh_scaledobjects.yaml) missing from the 0.4.2 model.

@@ -6,7 +6,9 @@
 //! for the built-in kinds; KEDA and prometheus-operator objects are read as JSON.
 
 pub mod catalogue;
+pub mod network_policies;
 pub mod promql;
+pub mod security;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodTemplateSpec, Probe, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -80,6 +83,8 @@ pub fn parse_documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
 pub struct Profile {
     /// The encoder and decoder must each request an `nvidia.com/gpu`.
     pub gpu_pools: bool,
+    /// TLS everywhere, mTLS to the pools, API keys and NetworkPolicies are required (components/security).
+    pub secure: bool,
 }
 
 /// A named object with its namespace.
@@ -112,6 +117,14 @@ pub struct Manifests {
     pub service_monitors: Vec<Named<Value>>,
     /// prometheus-operator PrometheusRules, as JSON.
     pub prometheus_rules: Vec<Named<Value>>,
+    /// NetworkPolicies.
+    pub network_policies: Vec<Named<NetworkPolicy>>,
+    /// cert-manager Certificates, as JSON.
+    pub certificates: Vec<Named<Value>>,
+    /// cert-manager Issuers (namespaced), as JSON.
+    pub issuers: Vec<Named<Value>>,
+    /// Secrets, as JSON (their data is never read).
+    pub secrets: Vec<Named<Value>>,
 }
 
 fn named<T: serde::de::DeserializeOwned>(doc: &Value) -> anyhow::Result<Named<T>> {
@@ -151,6 +164,10 @@ impl Manifests {
                 ("monitoring.coreos.com/v1", "PrometheusRule") => {
                     m.prometheus_rules.push(named(doc)?)
                 }
+                ("networking.k8s.io/v1", "NetworkPolicy") => m.network_policies.push(named(doc)?),
+                ("cert-manager.io/v1", "Certificate") => m.certificates.push(named(doc)?),
+                ("cert-manager.io/v1", "Issuer") => m.issuers.push(named(doc)?),
+                ("v1", "Secret") => m.secrets.push(named(doc)?),
                 _ => {}
             }
         }
@@ -179,6 +196,10 @@ impl Manifests {
         add("service-monitors", self.check_service_monitors());
         add("metric-names", self.check_metric_names(catalogue));
         add("query-namespaces", self.check_query_namespaces());
+        add("network-policies", self.check_network_policies(profile));
+        add("tls", self.check_tls(profile));
+        add("api-keys", self.check_api_keys(profile));
+        add("memory-budget", self.check_memory_budget());
         problems
     }
 
@@ -468,7 +489,8 @@ impl Manifests {
     }
 
     /// The TOML text a Deployment's container reads (the ConfigMap key behind its `--config FILE` argument) and the
-    /// literal environment variables of that container.
+    /// environment of that container: the variables of its `envFrom` ConfigMaps, then its literal `env` values (which
+    /// win, as in Kubernetes).
     pub fn config_file(
         &self,
         d: &Named<Deployment>,
@@ -520,12 +542,36 @@ impl Manifests {
             .as_ref()
             .and_then(|data| data.get(key))
             .with_context(|| format!("ConfigMap {cm_name} has no key `{key}`"))?;
-        let env = c
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-            .collect();
+        let mut env = Vec::new();
+        for source in c.env_from.iter().flatten() {
+            let Some(reference) = source.config_map_ref.as_ref() else {
+                continue;
+            };
+            let from = self
+                .config_maps
+                .iter()
+                .find(|m| m.namespace == d.namespace && m.name == reference.name);
+            let Some(from) = from else {
+                if reference.optional != Some(true) {
+                    bail!(
+                        "envFrom ConfigMap {}/{} does not exist",
+                        d.namespace,
+                        reference.name
+                    );
+                }
+                continue;
+            };
+            let prefix = source.prefix.clone().unwrap_or_default();
+            for (name, value) in from.object.data.iter().flatten() {
+                env.push((format!("{prefix}{name}"), value.clone()));
+            }
+        }
+        env.extend(
+            c.env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?))),
+        );
         Ok((text.clone(), env))
     }
 
