@@ -136,12 +136,8 @@ impl Pool {
                 message = status.message(),
                 "upstream call failed, trying another replica"
             );
-            failures.push(format!(
-                "{}: {:?}: {}",
-                replica.address(),
-                status.code(),
-                status.message()
-            ));
+            // The caller sees the code and the replica's message, never the replica's address (logged above).
+            failures.push(format!("{:?}: {}", status.code(), status.message()));
         }
         let message = match failures.last() {
             Some(last) => format!("{} ({last})", context.subject),

@@ -79,9 +79,12 @@ impl Health {
     }
 }
 
-/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha) over every kosmos proto and
-/// grpc.health.v1.
-pub fn reflection() -> Result<
+/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha) over grpc.health.v1 and the kosmos
+/// protos of `packages` (with the files they import): a server describes what it serves and nothing else, so the
+/// public port never lists the internal encoder and decoder APIs.
+pub fn reflection(
+    packages: &[String],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -92,15 +95,50 @@ pub fn reflection() -> Result<
     ),
     tonic_reflection::server::Error,
 > {
+    let files = descriptors_of(packages)?;
     let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kosmos_proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(files.clone())
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kosmos_proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     Ok((v1, v1alpha))
+}
+
+/// The files of the kosmos descriptor set whose package is one of `packages`, with everything they import.
+fn descriptors_of(
+    packages: &[String],
+) -> Result<prost_types::FileDescriptorSet, tonic_reflection::server::Error> {
+    use prost::Message as _;
+    let all = prost_types::FileDescriptorSet::decode(kosmos_proto::FILE_DESCRIPTOR_SET)?;
+    let mut wanted: std::collections::BTreeSet<String> = all
+        .file
+        .iter()
+        .filter(|file| packages.iter().any(|package| file.package() == package))
+        .map(|file| file.name().to_string())
+        .collect();
+    loop {
+        let imports: Vec<String> = all
+            .file
+            .iter()
+            .filter(|file| wanted.contains(file.name()))
+            .flat_map(|file| file.dependency.iter().cloned())
+            .filter(|name| !wanted.contains(name))
+            .collect();
+        if imports.is_empty() {
+            break;
+        }
+        wanted.extend(imports);
+    }
+    Ok(prost_types::FileDescriptorSet {
+        file: all
+            .file
+            .into_iter()
+            .filter(|file| wanted.contains(file.name()))
+            .collect(),
+    })
 }
 
 /// Serves `router` (with any layers, e.g. [`crate::rpc::RpcLayer`]) on `listener` (over TLS when `tls` is set)
@@ -195,6 +233,22 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reflection_describes_only_the_packages_served_and_their_imports() {
+        let public = descriptors_of(&["kosmos.v1".to_string()]).expect("descriptors");
+        let packages: Vec<&str> = public.file.iter().map(|file| file.package()).collect();
+        assert!(packages.contains(&"kosmos.v1"), "{packages:?}");
+        assert!(
+            !packages.iter().any(|p| p.contains("decoder") || p.contains("encoder")),
+            "{packages:?}"
+        );
+        let decoder = descriptors_of(&["kosmos.decoder.v1".to_string()]).expect("descriptors");
+        let packages: Vec<&str> = decoder.file.iter().map(|file| file.package()).collect();
+        assert!(packages.contains(&"kosmos.decoder.v1"), "{packages:?}");
+        assert!(packages.contains(&"kosmos.tensor.v1"), "imports follow: {packages:?}");
+        assert!(!packages.contains(&"kosmos.v1"), "{packages:?}");
+    }
 
     #[test]
     fn answers_are_due_a_little_before_the_deadline() {

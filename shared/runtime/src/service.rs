@@ -87,6 +87,8 @@ pub struct Service {
     on_drain: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<BoxFuture<()>>,
     live_before_ready: bool,
+    /// The proto packages of the services added: what reflection describes.
+    packages: Vec<String>,
     byte_budget: Option<Arc<crate::budget::ByteBudget>>,
     http: Option<(SocketAddr, axum::Router)>,
 }
@@ -101,18 +103,15 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// A service named `name` (`gateway`, `encoder`, `decoder`) with health (overall and `readiness`) and
-    /// reflection v1 / v1alpha already added.
+    /// A service named `name` (`gateway`, `encoder`, `decoder`) with health (overall and `readiness`); reflection
+    /// v1 / v1alpha of the services added is added at [`Service::bind`].
     pub fn new(
         name: &'static str,
         settings: ServerSettings,
         registry: Arc<Registry>,
     ) -> Result<Self, ServeError> {
         let (health, health_service): (Health, HealthService) = Health::detached();
-        let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection()?;
-        let routes = tonic::service::Routes::new(health_service.clone())
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        let routes = tonic::service::Routes::new(health_service.clone());
         Ok(Self {
             name,
             settings,
@@ -124,6 +123,7 @@ impl Service {
             on_drain: None,
             on_stop: None,
             live_before_ready: true,
+            packages: Vec::new(),
             byte_budget: None,
             http: None,
         })
@@ -143,6 +143,9 @@ impl Service {
             + 'static,
         S::Future: Send + 'static,
     {
+        if let Some((package, _)) = S::NAME.rsplit_once('.') {
+            self.packages.push(package.to_string());
+        }
         self.routes = self.routes.add_service(service);
         self
     }
@@ -192,7 +195,11 @@ impl Service {
 
     /// Binds `server.listen`, `metrics.listen` and the HTTP address if any (falling back to a free port for `/metrics` when
     /// `metrics.fallback_to_free_port` is set and the port is taken).
-    pub async fn bind(self) -> Result<Bound, ServeError> {
+    pub async fn bind(mut self) -> Result<Bound, ServeError> {
+        let (reflection_v1, reflection_v1alpha) = crate::grpc::reflection(&self.packages)?;
+        self.routes = std::mem::take(&mut self.routes)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
         let listen = self.settings.listen;
         let listener = TcpListener::bind(listen)
             .await
