@@ -71,7 +71,7 @@ pub async fn start(
     caller: Caller,
 ) -> Result<Generation, RequestError> {
     let permit = state.admit()?;
-    let quota = caller.admit()?;
+    let quota = state.admit_caller(&caller)?;
     let model = state.model()?;
     let params = tracing::info_span!("gateway.validate")
         .in_scope(|| validate_params(request.params, &state.limits, model.vocab_size))?;

@@ -65,6 +65,7 @@ impl KosmosService {
             .map(|value| value.as_bytes());
         let caller = self.state.auth.authenticate(header).inspect_err(|err| {
             tracing::info!(%err, "refused a call without a valid API key");
+            self.state.metrics.refused_by_key("", "unauthenticated");
         })?;
         if !caller.tenant().is_empty() {
             tracing::Span::current().record("api_key.id", caller.tenant());

@@ -22,6 +22,10 @@ pub struct GatewayStats {
     pub requests_in_flight: u32,
     /// Requests refused by the concurrency limit since start.
     pub requests_rejected_total: u64,
+    /// Request bytes held by calls now (`limits.max_inflight_bytes` bounds it).
+    pub inflight_bytes: u64,
+    /// Calls refused because their bytes would exceed `limits.max_inflight_bytes`, since start.
+    pub inflight_bytes_rejected_total: u64,
     /// The encoder pool.
     pub encoder: PoolStats,
     /// The decoder pool.
@@ -39,6 +43,12 @@ pub mod names {
     pub const REQUESTS_IN_FLIGHT: &str = "kosmos.gateway.requests_in_flight";
     /// `kosmos_gateway_requests_rejected_total`
     pub const REQUESTS_REJECTED: &str = "kosmos.gateway.requests_rejected";
+    /// `kosmos_gateway_inflight_bytes`
+    pub const INFLIGHT_BYTES: &str = "kosmos.gateway.inflight_bytes";
+    /// `kosmos_gateway_inflight_bytes_rejected_total`
+    pub const INFLIGHT_BYTES_REJECTED: &str = "kosmos.gateway.inflight_bytes_rejected";
+    /// `kosmos_gateway_api_key_refusals_total`
+    pub const API_KEY_REFUSALS: &str = "kosmos.gateway.api_key.refusals";
     /// `kosmos_gateway_pool_pending_requests`
     pub const POOL_PENDING_REQUESTS: &str = "kosmos.gateway.pool.pending_requests";
     /// `kosmos_gateway_pool_inflight_requests`
@@ -97,6 +107,7 @@ pub struct GatewayMetrics {
     time_to_first_token: Histogram<f64>,
     time_per_output_token: Histogram<f64>,
     token_usage: Histogram<f64>,
+    api_key_refusals: opentelemetry::metrics::Counter<u64>,
 }
 
 impl GatewayMetrics {
@@ -114,7 +125,23 @@ impl GatewayMetrics {
             "Time from a request's arrival to its last token or score.",
             "Time from a request's arrival to its first generated token.",
         );
+        let api_key_refusals = meter
+            .u64_counter(names::API_KEY_REFUSALS)
+            .with_description(
+                "Calls refused by API key checks: no or unknown key (`api_key` = \"\"), or a spent quota \
+                 (`reason`: the quota's name).",
+            )
+            .build();
+        // Exported from the start (a zero), so dashboards and the catalogue see the family before any refusal.
+        api_key_refusals.add(
+            0,
+            &[
+                KeyValue::new("api_key", ""),
+                KeyValue::new("reason", "unauthenticated"),
+            ],
+        );
         Ok(Self {
+            api_key_refusals,
             model: Arc::from(model),
             request_duration,
             time_to_first_token,
@@ -165,6 +192,18 @@ impl GatewayMetrics {
                 &[operation, model, KeyValue::new("gen_ai_token_type", kind)],
             );
         }
+    }
+
+    /// Counts a call refused by the API key checks: `key` is the key's id (empty when no key matched), `reason`
+    /// `unauthenticated` or the quota spent.
+    pub fn refused_by_key(&self, key: &str, reason: &'static str) {
+        self.api_key_refusals.add(
+            1,
+            &[
+                KeyValue::new("api_key", key.to_string()),
+                KeyValue::new("reason", reason),
+            ],
+        );
     }
 
     /// Records a request that failed with `code`.
@@ -262,7 +301,19 @@ const fn pool(read: fn(&PoolStats) -> u64) -> Read {
 }
 
 /// Every instrument observed at scrape time.
-const OBSERVED: [Observed; 15] = [
+const OBSERVED: [Observed; 17] = [
+    Observed {
+        name: names::INFLIGHT_BYTES,
+        help: "Request bytes held by calls now (bounded by limits.max_inflight_bytes).",
+        kind: Kind::Gauge,
+        read: Read::Gateway(|s| s.inflight_bytes),
+    },
+    Observed {
+        name: names::INFLIGHT_BYTES_REJECTED,
+        help: "Calls refused because their bytes would exceed limits.max_inflight_bytes (RESOURCE_EXHAUSTED).",
+        kind: Kind::Counter,
+        read: Read::Gateway(|s| s.inflight_bytes_rejected_total),
+    },
     Observed {
         name: names::REQUESTS_IN_FLIGHT,
         help: "Public requests being served now.",

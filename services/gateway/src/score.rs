@@ -27,7 +27,7 @@ pub async fn score(
     caller: Caller,
 ) -> Result<pb::ScoreResponse, RequestError> {
     let _permit = state.admit()?;
-    let quota = caller.admit()?;
+    let quota = state.admit_caller(&caller)?;
     let model = state.model()?;
     tracing::info_span!("gateway.validate")
         .in_scope(|| validate_candidates(&request.candidates, &state.limits))?;

@@ -84,6 +84,19 @@ impl GatewayState {
         })
     }
 
+    /// Admits `caller`'s request under its key's quotas (see [`crate::auth`]); a refusal is counted by key and
+    /// quota.
+    pub fn admit_caller(
+        &self,
+        caller: &crate::auth::Caller,
+    ) -> Result<crate::auth::QuotaPermit, RequestError> {
+        caller.admit().inspect_err(|err| {
+            if let RequestError::QuotaExceeded { quota, .. } = err {
+                self.metrics.refused_by_key(caller.tenant(), quota);
+            }
+        })
+    }
+
     /// The model, or UNAVAILABLE while no decoder has described it.
     pub fn model(&self) -> Result<Arc<ModelInfo>, RequestError> {
         self.upstreams
@@ -101,6 +114,8 @@ impl GatewayState {
                 .get()
                 .saturating_sub(free) as u32,
             requests_rejected_total: self.rejected.load(Ordering::Relaxed),
+            inflight_bytes: self.budget.used(),
+            inflight_bytes_rejected_total: self.budget.rejected(),
             encoder: self.upstreams.encoder.stats(),
             decoder: self.upstreams.decoder.stats(),
             cache: self.encoder.cache().stats(),

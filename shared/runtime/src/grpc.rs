@@ -240,13 +240,18 @@ mod tests {
         let packages: Vec<&str> = public.file.iter().map(|file| file.package()).collect();
         assert!(packages.contains(&"kosmos.v1"), "{packages:?}");
         assert!(
-            !packages.iter().any(|p| p.contains("decoder") || p.contains("encoder")),
+            !packages
+                .iter()
+                .any(|p| p.contains("decoder") || p.contains("encoder")),
             "{packages:?}"
         );
         let decoder = descriptors_of(&["kosmos.decoder.v1".to_string()]).expect("descriptors");
         let packages: Vec<&str> = decoder.file.iter().map(|file| file.package()).collect();
         assert!(packages.contains(&"kosmos.decoder.v1"), "{packages:?}");
-        assert!(packages.contains(&"kosmos.tensor.v1"), "imports follow: {packages:?}");
+        assert!(
+            packages.contains(&"kosmos.tensor.v1"),
+            "imports follow: {packages:?}"
+        );
         assert!(!packages.contains(&"kosmos.v1"), "{packages:?}");
     }
 

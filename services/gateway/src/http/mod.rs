@@ -41,6 +41,7 @@ pub fn caller(state: &GatewayState, headers: &HeaderMap) -> Result<Caller, ApiEr
         .get(http::header::AUTHORIZATION)
         .map(|value| value.as_bytes());
     state.auth.authenticate(header).map_err(|err| {
+        state.metrics.refused_by_key("", "unauthenticated");
         ApiError::from_request(
             &crate::error::RequestError::from(err),
             &FieldNames::default(),

@@ -233,6 +233,20 @@ async fn api_keys_authenticate_quotas_refuse_with_retry_info_and_tenants_never_s
         .generate(with_key(short_request(), "secret-a"))
         .await?;
 
+    // Refusals are counted by key and reason (never by secret).
+    let scrape = kosmos_testkit::metrics::parse(
+        &kosmos_testkit::metrics::scrape(cluster.gateway_metrics_addr).await?,
+    )?;
+    let refusals = |key: &str, reason: &str| {
+        kosmos_testkit::metrics::value(
+            &scrape,
+            "kosmos_gateway_api_key_refusals_total",
+            &[("api_key", key), ("reason", reason)],
+        )
+    };
+    assert_eq!(refusals("team-a", "requests_per_minute"), 1.0);
+    assert_eq!(refusals("", "unauthenticated"), 3.0);
+
     // A key added to the file is accepted without a restart.
     let (secret, entry) = kosmos_gateway::auth::new_key("team-c").map_err(anyhow::Error::msg)?;
     std::fs::write(
