@@ -200,13 +200,12 @@ async fn an_expired_deadline_answers_deadline_exceeded() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
-    let server = start(&["scheduler.stream_buffer_messages=1"]).await;
-    let job = GenerateJob {
+/// A greedy job of 6 prompt tokens (from `seed`) that would generate 400 tokens.
+fn long_job(seed: u64) -> GenerateJob {
+    GenerateJob {
         tenant: String::new(),
         prompt: Prompt {
-            ids: pseudo_random_ids(8, 6),
+            ids: pseudo_random_ids(seed, 6),
             image_mask: vec![false; 6],
             ..Prompt::default()
         },
@@ -219,8 +218,13 @@ async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
         },
         deadline: None,
         arrived: Instant::now(),
-    };
-    let events = server.engine.generate(job).expect("queued");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sequence_holds_its_kv_until_its_receiver_is_dropped() {
+    let server = start(&["scheduler.stream_buffer_messages=1"]).await;
+    let events = server.engine.generate(long_job(8)).expect("queued");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let paused = server.engine.snapshot();
     assert_eq!(paused.running, 1);
@@ -253,25 +257,8 @@ async fn a_sequence_whose_client_stops_reading_is_dropped_after_the_paused_timeo
         "scheduler.paused_timeout_seconds=0.5",
     ])
     .await;
-    let job = GenerateJob {
-        tenant: String::new(),
-        prompt: Prompt {
-            ids: pseudo_random_ids(9, 6),
-            image_mask: vec![false; 6],
-            ..Prompt::default()
-        },
-        sampling: SamplingParams::default(),
-        stopping: StoppingRule {
-            max_new_tokens: 400,
-            limit_reason: kosmos_decoder::engine::FinishReason::Length,
-            stop_token_ids: Vec::new(),
-            eos_token_id: None,
-        },
-        deadline: None,
-        arrived: Instant::now(),
-    };
     // The receiver is kept but never read: the sequence pauses, then is dropped.
-    let mut events = server.engine.generate(job).expect("queued");
+    let mut events = server.engine.generate(long_job(9)).expect("queued");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let snapshot = server.engine.snapshot();

@@ -333,3 +333,89 @@ async fn a_caller_that_stops_reading_loses_its_stream_and_the_decoder_its_sequen
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_takes_the_same_keys_401_without_and_429_with_retry_after_over_quota()
+-> anyhow::Result<()> {
+    use kosmos_e2e::http::{Protocol, send};
+    let dir = tempdir("http-keys")?;
+    let keys_file = dir.join("api-keys.toml");
+    std::fs::write(
+        &keys_file,
+        key_entry("team-h", "secret-h", "requests_per_minute = 2"),
+    )?;
+    let keys = format!(
+        "auth.api_keys_file={}",
+        kosmos_runtime::config::json_string(&keys_file.display().to_string())
+    );
+    let (cluster, addr) = crate::http_api::http_cluster(&[keys.as_str()]).await?;
+    let body = serde_json::json!({"prompt": "An image of", "max_tokens": 2});
+    let post = |headers: &'static [(&'static str, &'static str)]| {
+        let body = body.to_string().into_bytes();
+        send(
+            addr,
+            Protocol::Http1,
+            http::Method::POST,
+            "/v1/completions",
+            headers,
+            Some(body),
+        )
+    };
+    let missing = post(&[]).await?;
+    assert_eq!(
+        missing.status.as_u16(),
+        401,
+        "{:?}",
+        String::from_utf8_lossy(&missing.body)
+    );
+    assert_eq!(missing.json()?["error"]["type"], "authentication_error");
+    let wrong = post(&[("authorization", "Bearer nope")]).await?;
+    assert_eq!(wrong.status.as_u16(), 401);
+    let models = send(
+        addr,
+        Protocol::Http1,
+        http::Method::GET,
+        "/v1/models",
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(models.status.as_u16(), 401, "model listing needs a key too");
+    let health = send(
+        addr,
+        Protocol::Http1,
+        http::Method::GET,
+        "/health",
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(health.status.as_u16(), 200, "health needs no key");
+
+    let key = &[("authorization", "Bearer secret-h")];
+    post(key).await?.ok_json()?;
+    post(key).await?.ok_json()?;
+    let over = post(key).await?;
+    assert_eq!(
+        over.status.as_u16(),
+        429,
+        "{:?}",
+        String::from_utf8_lossy(&over.body)
+    );
+    let message = over.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("requests_per_minute"), "{message}");
+    let retry_after: u64 = over
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .expect("a Retry-After header");
+    // One request refills in 30 s at 2 per minute.
+    assert!((25..=31).contains(&retry_after), "{retry_after}");
+    cluster.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
