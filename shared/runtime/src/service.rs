@@ -390,6 +390,9 @@ impl Bound {
             Some(tls) if tls.is_mutual() => "mutual (client certificates required)",
             Some(_) => "on",
         };
+        // The HTTP API is over TLS when the gRPC port is: the same certificates (and client CA), ALPN h2 and
+        // http/1.1.
+        let http_tls = tls.as_ref().map(|tls| tls.with_alpn(&[b"h2", b"http/1.1"]));
         let serving = stop_serving.clone();
         let mut server = tokio::spawn(async move {
             crate::grpc::serve(router, listener, tls.as_ref(), serving).await
@@ -400,9 +403,19 @@ impl Bound {
                 tracing::info!(service = name, %http_addr, "serving http");
                 let stop = stop_serving.clone();
                 Some(tokio::spawn(async move {
-                    axum::serve(http_listener, http_router)
-                        .with_graceful_shutdown(async move { stop.wait().await })
-                        .await
+                    match http_tls {
+                        Some(acceptor) => {
+                            let listener = crate::tls::TlsListener::new(http_listener, &acceptor)?;
+                            axum::serve(listener, http_router)
+                                .with_graceful_shutdown(async move { stop.wait().await })
+                                .await
+                        }
+                        None => {
+                            axum::serve(http_listener, http_router)
+                                .with_graceful_shutdown(async move { stop.wait().await })
+                                .await
+                        }
+                    }
                 }))
             }
             _ => None,

@@ -289,6 +289,8 @@ fn client_config(
 pub struct TlsAcceptor {
     config: Reloading<rustls::ServerConfig>,
     mutual: bool,
+    /// ALPN protocols offered instead of `h2` alone (an HTTP API also speaks HTTP/1.1).
+    alpn: Option<Vec<Vec<u8>>>,
 }
 
 impl TlsAcceptor {
@@ -306,7 +308,30 @@ impl TlsAcceptor {
         Ok(Self {
             config,
             mutual: settings.client_ca_file.is_some(),
+            alpn: None,
         })
+    }
+
+    /// The same certificates (and client CA), offering `protocols` by ALPN (e.g. `h2` and `http/1.1` for an
+    /// HTTP API) instead of `h2` alone.
+    pub fn with_alpn(&self, protocols: &[&[u8]]) -> Self {
+        Self {
+            alpn: Some(protocols.iter().map(|protocol| protocol.to_vec()).collect()),
+            ..self.clone()
+        }
+    }
+
+    /// The server configuration a handshake starting now uses.
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        let config = self.config.current();
+        match &self.alpn {
+            None => config,
+            Some(alpn) => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = alpn.clone();
+                Arc::new(config)
+            }
+        }
     }
 
     /// Whether client certificates are required.
@@ -327,7 +352,7 @@ impl TlsAcceptor {
         listener: TcpListener,
     ) -> mpsc::Receiver<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
         let (sender, receiver) = mpsc::channel(64);
-        let config = self.config.clone();
+        let acceptor = self.clone();
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
@@ -348,7 +373,7 @@ impl TlsAcceptor {
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(%err, "cannot set TCP_NODELAY");
                 }
-                let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+                let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.current());
                 let sender = sender.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -363,6 +388,52 @@ impl TlsAcceptor {
             }
         });
         receiver
+    }
+}
+
+/// An `axum::serve` listener yielding the TLS connections of [`TlsAcceptor::incoming`] (an HTTP API over TLS).
+#[derive(Debug)]
+pub struct TlsListener {
+    connections: mpsc::Receiver<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
+    local_addr: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `listener` with `acceptor` (whose ALPN should offer `http/1.1` too; see
+    /// [`TlsAcceptor::with_alpn`]).
+    pub fn new(listener: TcpListener, acceptor: &TlsAcceptor) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            connections: acceptor.incoming(listener),
+            local_addr,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.connections.recv().await {
+                Some(Ok(stream)) => {
+                    let peer = stream
+                        .get_ref()
+                        .0
+                        .peer_addr()
+                        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return (stream, peer);
+                }
+                Some(Err(err)) => tracing::debug!(%err, "TLS connection failed"),
+                // The accept task ended (it only does when this receiver is gone): nothing more will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
     }
 }
 

@@ -22,8 +22,12 @@ fn image_request() -> pb::GenerateRequest {
     greedy_request(vec![image(fixture_image(IMAGE)), text("An image of")], 2)
 }
 
-/// The certificate a fresh TLS handshake with `addr` presents (trusting `pki`'s CA, with its client certificate).
-async fn served_certificate(addr: std::net::SocketAddr, pki: &Pki) -> anyhow::Result<Vec<u8>> {
+/// A TLS connection to `addr` trusting `pki`'s CA, with its client certificate, offering `alpn`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    alpn: &[&[u8]],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem"))? {
@@ -38,10 +42,17 @@ async fn served_certificate(addr: std::net::SocketAddr, pki: &Pki) -> anyhow::Re
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_client_auth_cert(certs, key)?;
+    let mut config = config;
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("localhost".try_into()?, tcp)
-        .await?;
+        .await?)
+}
+
+/// The certificate a fresh TLS handshake with `addr` presents (trusting `pki`'s CA, with its client certificate).
+async fn served_certificate(addr: std::net::SocketAddr, pki: &Pki) -> anyhow::Result<Vec<u8>> {
+    let tls = tls_connect(addr, pki, &[b"h2"]).await?;
     let presented = tls
         .get_ref()
         .1
@@ -55,13 +66,31 @@ async fn served_certificate(addr: std::net::SocketAddr, pki: &Pki) -> anyhow::Re
 async fn tls_on_every_hop_refuses_plaintext_and_anonymous_clients_and_follows_rotation()
 -> anyhow::Result<()> {
     let pki = Arc::new(Pki::generate("hops")?);
+    let mut gateway_overrides = pki.server_overrides();
+    gateway_overrides.push("http.listen=\"127.0.0.1:0\"".into());
     let cluster = Cluster::start(ClusterOptions {
         internal_tls: Some(Arc::clone(&pki)),
-        gateway_overrides: pki.server_overrides(),
+        gateway_overrides,
         ..ClusterOptions::default()
     })
     .await?;
     let addr = cluster.gateway_addr;
+
+    // The HTTP API is served over TLS too (ALPN http/1.1 for the usual clients), with the same client CA.
+    let http_addr = cluster.gateway_http_addr.expect("the HTTP API");
+    let tls = tls_connect(http_addr, &pki, &[b"http/1.1"]).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("https://localhost:{}/health", http_addr.port()))
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    assert_eq!(sender.send_request(request).await?.status(), 200);
+    let plaintext_http = kosmos_e2e::http::call(http_addr, "/health", None).await;
+    assert!(
+        plaintext_http.is_err(),
+        "plaintext HTTP was served: {plaintext_http:?}"
+    );
 
     // With a client certificate, an image request crosses all three hops over mTLS.
     let mut client = KosmosClient::new(tls_channel(addr, &pki, Some("client")).await?);
