@@ -7,7 +7,29 @@ use anyhow::Context as _;
 use clap::Args;
 use kosmos_proto::v1 as pb;
 use kosmos_proto::v1::kosmos_client::KosmosClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A client of the public API that sends the API key, if any, with every call.
+pub(crate) type Client = KosmosClient<InterceptedService<Channel, ApiKey>>;
+
+/// Adds `authorization: Bearer <key>` to every call when a key is set.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Largest message the clients send or accept.
 const MAX_MESSAGE_BYTES: usize = 96 << 20;
@@ -23,6 +45,23 @@ pub struct Connection {
         env = "KOSMOS_ADDR"
     )]
     addr: String,
+    /// API key of a gateway that requires one (sent as `authorization: Bearer <key>`).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "KOSMOS_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// PEM CA that signed the gateway's certificate, for an `https://` address.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate (with --client-key) for a gateway that requires mTLS.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 impl Connection {
@@ -36,15 +75,39 @@ impl Connection {
     }
 
     /// A client of the gateway's public API.
-    pub(crate) async fn client(&self) -> anyhow::Result<KosmosClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         let uri = self.uri();
-        let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
-            .connect()
-            .await
-            .with_context(|| {
-                format!("cannot reach the gateway at {uri} (is `kosmos serve` running?)")
-            })?;
-        Ok(KosmosClient::new(channel)
+        let mut endpoint = tonic::transport::Endpoint::from_shared(uri.clone())?;
+        if uri.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_cert {
+                let pem =
+                    std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                let read = |path: &PathBuf| {
+                    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+                };
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let key = match &self.api_key {
+            Some(key) => Some(
+                format!("Bearer {key}")
+                    .parse()
+                    .context("--api-key must be printable ASCII")?,
+            ),
+            None => None,
+        };
+        let channel = endpoint.connect().await.with_context(|| {
+            format!("cannot reach the gateway at {uri} (is `kosmos serve` running?)")
+        })?;
+        Ok(KosmosClient::with_interceptor(channel, ApiKey(key))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }

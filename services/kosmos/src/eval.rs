@@ -189,7 +189,7 @@ fn progress_bar(total: usize) -> indicatif::ProgressBar {
 }
 
 async fn evaluate(
-    client: &mut kosmos_proto::v1::kosmos_client::KosmosClient<tonic::transport::Channel>,
+    client: &mut crate::client::Client,
     item: &Item,
     image: Vec<u8>,
     max_new_tokens: u32,

@@ -207,8 +207,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut services = vec![gateway, encoder, decoder];
 
     if wait_until_ready(gateway_health, &shutdown, &services, started).await {
-        let plaintext = args.tls_cert.is_none() && args.api_keys.is_none();
-        print_ready(gateway_addr, http_addr, started, plaintext).await;
+        let (tls, keys) = (args.tls_cert.is_some(), args.api_keys.is_some());
+        print_ready(gateway_addr, http_addr, started, tls, keys).await;
         shutdown.wait().await;
         eprintln!("shutting down: finishing the requests in flight…");
     }
@@ -252,9 +252,10 @@ async fn print_ready(
     gateway_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     started: Instant,
-    open: bool,
+    tls: bool,
+    keys: bool,
 ) {
-    if !open {
+    if tls || keys {
         eprintln!("ready in {:.1} s", started.elapsed().as_secs_f64());
     } else if let Ok(mut client) = KosmosClient::connect(format!("http://{gateway_addr}")).await
         && let Ok(info) = client
@@ -271,8 +272,16 @@ async fn print_ready(
         );
     }
     eprintln!("serving kosmos.v1.Kosmos on {gateway_addr} (Ctrl-C to stop)");
+    // With keys or TLS the hint names the flags the client needs.
+    let scheme = if tls { "https" } else { "http" };
+    let extra = match (tls, keys) {
+        (false, false) => "",
+        (true, false) => " --ca-cert CA.pem",
+        (false, true) => " --api-key KEY",
+        (true, true) => " --ca-cert CA.pem --api-key KEY",
+    };
     eprintln!(
-        "  try: kosmos ask --addr http://{gateway_addr} --image photo.jpg \"What is in this picture?\""
+        "  try: kosmos ask --addr {scheme}://{gateway_addr}{extra} --image photo.jpg \"What is in this picture?\""
     );
     if let Some(http_addr) = http_addr {
         eprintln!("serving the OpenAI-compatible API on http://{http_addr}/v1");

@@ -6,11 +6,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use kosmos_proto::v1 as pb;
-use kosmos_proto::v1::kosmos_client::KosmosClient;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::schema::{Load, RequestRecord};
 use super::stats::Slo;
@@ -58,7 +56,7 @@ pub struct RunParams {
 /// Every request of a run, sorted by index, and the run's wall time (first send to last completion), seconds.
 /// Records' `sent_ms` count from the run's start, once its requests are built.
 pub async fn run(
-    client: KosmosClient<Channel>,
+    client: crate::client::Client,
     workload: Arc<Workload>,
     params: &RunParams,
     progress: &ProgressBar,
@@ -108,7 +106,7 @@ pub fn arrivals(seed: u64, rate: Option<f64>, bound: Bound) -> anyhow::Result<Ve
 }
 
 async fn open_loop(
-    client: KosmosClient<Channel>,
+    client: crate::client::Client,
     workload: Arc<Workload>,
     params: &RunParams,
     rate: Option<f64>,
@@ -141,7 +139,7 @@ async fn open_loop(
 }
 
 async fn closed_loop(
-    client: KosmosClient<Channel>,
+    client: crate::client::Client,
     workload: Arc<Workload>,
     params: &RunParams,
     concurrency: u32,
@@ -223,7 +221,7 @@ struct Observed {
 
 /// Sends one request and times it; never fails: a failed call is a record with its status code.
 async fn execute(
-    mut client: KosmosClient<Channel>,
+    mut client: crate::client::Client,
     request: PreparedRequest,
     params: &RunParams,
     started: Instant,
@@ -296,7 +294,7 @@ async fn execute(
 }
 
 async fn generate_stream(
-    client: &mut KosmosClient<Channel>,
+    client: &mut crate::client::Client,
     request: &PreparedRequest,
     temperature: f32,
     sent: Instant,
@@ -334,7 +332,7 @@ async fn generate_stream(
 }
 
 async fn score(
-    client: &mut KosmosClient<Channel>,
+    client: &mut crate::client::Client,
     request: &PreparedRequest,
 ) -> Result<Observed, tonic::Status> {
     let response = client
