@@ -140,6 +140,9 @@ pub enum StartError {
     /// The API keys file could not be read or is invalid.
     #[error("auth.api_keys_file: {0}")]
     ApiKeys(#[source] kosmos_runtime::reload::ReloadError),
+    /// `http.fetch_ca_file` could not be read or holds no certificate.
+    #[error("http.fetch_ca_file: {0}")]
+    FetchCa(#[source] kosmos_runtime::reload::ReloadError),
     /// A pool's TLS files could not be read or used.
     #[error("{pool}.tls: {source}")]
     Tls {

@@ -124,10 +124,15 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
              joined in order, roles not rendered"
         );
     }
-    let http_api = config.http.listen.map(|listen| {
-        let router = crate::http::router(Arc::clone(&state), config.http.clone(), model.clone());
-        (listen, router)
-    });
+    let http_api = match config.http.listen {
+        Some(listen) => {
+            let router =
+                crate::http::router(Arc::clone(&state), config.http.clone(), model.clone())
+                    .map_err(StartError::FetchCa)?;
+            Some((listen, router))
+        }
+        None => None,
+    };
     let watcher = follow_pools(Arc::clone(&state), writer, Arc::clone(&registry), model);
     let mut service = Service::new("gateway", config.server.clone(), registry)?
         .byte_budget(Arc::clone(&state.budget))

@@ -36,7 +36,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further connections wait in the kernel's accept queue.
 const MAX_HANDSHAKES: usize = 256;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider every TLS configuration of the workspace uses (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -214,6 +215,15 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
 fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, ReloadError> {
     PrivateKeyDer::from_pem_slice(pem)
         .map_err(|err| ReloadError::Build(format!("{}: no PEM private key: {err}", path.display())))
+}
+
+/// The CA certificates of the PEM file at `path` as a root store (read once; for clients that do not reload).
+pub fn read_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, ReloadError> {
+    let pem = std::fs::read(path).map_err(|source| ReloadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    roots(path, &pem)
 }
 
 fn roots(path: &Path, pem: &[u8]) -> Result<Arc<rustls::RootCertStore>, ReloadError> {

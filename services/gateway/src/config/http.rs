@@ -2,6 +2,7 @@
 //! `fetch_urls`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kosmos_runtime::config::{ConfigError, address, invalid};
@@ -15,7 +16,7 @@ pub struct RawHttp {
     pub listen: String,
     /// Longest an HTTP request may take, in seconds (504 beyond it); 0: no limit but the client's.
     pub request_timeout_seconds: f64,
-    /// Fetch `http://` image URLs (`data:` URIs are always accepted).
+    /// Fetch `http://` and `https://` image URLs (`data:` URIs are always accepted).
     pub fetch_urls: bool,
     /// Hosts image URLs may name (exact names, or `*.example.com` for its subdomains); empty: any host.
     pub fetch_allow_hosts: Vec<String>,
@@ -27,6 +28,8 @@ pub struct RawHttp {
     pub fetch_max_redirects: u32,
     /// Most image URLs one request may name.
     pub fetch_max_urls: u32,
+    /// PEM CA certificates `https://` image servers must chain to, instead of Mozilla's roots; empty: those.
+    pub fetch_ca_file: PathBuf,
 }
 
 impl Default for RawHttp {
@@ -40,6 +43,7 @@ impl Default for RawHttp {
             fetch_timeout_seconds: 10.0,
             fetch_max_redirects: 3,
             fetch_max_urls: 4,
+            fetch_ca_file: PathBuf::new(),
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct FetchConfig {
     pub max_redirects: u32,
     /// Most URLs per request.
     pub max_urls: usize,
+    /// The roots `https://` servers are verified against; `None`: Mozilla's (webpki-roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The validated `[http]` section.
@@ -119,6 +125,7 @@ pub(super) fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
             timeout,
             max_redirects: raw.fetch_max_redirects,
             max_urls: raw.fetch_max_urls as usize,
+            ca_file: kosmos_runtime::reload::optional_path(&raw.fetch_ca_file),
         },
     })
 }

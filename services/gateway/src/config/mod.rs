@@ -59,12 +59,13 @@
 //! [http]                               # the OpenAI-compatible API (crate::http)
 //! listen = "0.0.0.0:8000"              # unset (default) or "off": no HTTP API
 //! request_timeout_seconds = 0.0        # 0: no bound but the client's; otherwise 504 beyond it
-//! fetch_urls = false                   # fetch http:// image URLs (data: URIs are always accepted)
+//! fetch_urls = false                   # fetch http(s):// image URLs (data: URIs are always accepted)
 //! fetch_allow_hosts = []               # e.g. ["images.example.com", "*.cdn.example.com"]; empty: any host
 //! fetch_allow_private = false          # reach private/loopback/link-local addresses (trusted networks only)
 //! fetch_timeout_seconds = 10.0         # per image, redirects included
 //! fetch_max_redirects = 3
 //! fetch_max_urls = 4                   # per request; each fetch is capped at `limits.max_image_bytes`
+//! fetch_ca_file = ""                   # PEM roots for https:// image servers; empty: Mozilla's (webpki-roots)
 //! ```
 
 mod http;

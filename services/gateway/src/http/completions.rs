@@ -86,6 +86,7 @@ async fn read_prompt(
     let sources = ImageSources {
         fetch: api.config.fetch.clone(),
         max_image_bytes: api.state.limits.max_image_bytes,
+        tls: Arc::clone(&api.fetch_tls),
     };
     let reading = read_segments(prompt, &sources);
     let (segments, mut names) = match clock.deadline {

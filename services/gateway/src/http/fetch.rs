@@ -4,16 +4,41 @@
 //! address that was checked (a second resolution could answer differently). The body is capped at the image
 //! byte limit while it streams, and the whole fetch, redirects included, at `http.fetch_timeout_seconds`.
 //!
-//! The client is hyper's own connection over a tokio socket (no pool: one image, one connection). `https://`
-//! URLs are refused: the build carries no TLS client (see the README's stack section).
+//! The client is hyper's own connection over a tokio socket (no pool: one image, one connection). An `https://`
+//! hop wraps that same checked socket in a rustls client connection (SNI: the URL's host, ALPN `http/1.1`), the
+//! server's certificate verified against Mozilla's roots (webpki-roots, compiled in) or, when
+//! `http.fetch_ca_file` is set, against that file's certificates instead.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 
 use http::Uri;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use kosmos_runtime::reload::ReloadError;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::FetchConfig;
+
+/// The TLS client configuration of `https://` fetches: ALPN `http/1.1`, servers verified against the
+/// certificates of `ca_file` or, without one, Mozilla's roots (webpki-roots).
+pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ReloadError> {
+    let roots = match ca_file {
+        Some(path) => kosmos_runtime::tls::read_roots(path)?,
+        None => Arc::new(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(kosmos_runtime::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| ReloadError::Build(format!("TLS client configuration: {err}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +46,8 @@ pub enum FetchError {
     /// The URL does not parse or has no host.
     #[error("not a valid URL: {0}")]
     BadUrl(String),
-    /// Not `http://`.
-    #[error("{0}")]
+    /// Neither `http://` nor `https://`.
+    #[error("only http:// and https:// URLs are fetched, got {0}")]
     Scheme(String),
     /// The host is not in `http.fetch_allow_hosts`.
     #[error("host `{0}` is not in `http.fetch_allow_hosts`")]
@@ -55,9 +80,15 @@ pub enum FetchError {
     Timeout(f64),
 }
 
-/// The bytes at `url`, following at most `config.max_redirects` redirects, at most `max_bytes` of them.
-pub async fn fetch(url: &str, config: &FetchConfig, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
-    tokio::time::timeout(config.timeout, fetch_hops(url, config, max_bytes))
+/// The bytes at `url`, following at most `config.max_redirects` redirects, at most `max_bytes` of them;
+/// `https://` hops use `tls` ([`client_tls`]).
+pub async fn fetch(
+    url: &str,
+    config: &FetchConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    max_bytes: u64,
+) -> Result<Vec<u8>, FetchError> {
+    tokio::time::timeout(config.timeout, fetch_hops(url, config, tls, max_bytes))
         .await
         .unwrap_or(Err(FetchError::Timeout(config.timeout.as_secs_f64())))
 }
@@ -65,14 +96,15 @@ pub async fn fetch(url: &str, config: &FetchConfig, max_bytes: u64) -> Result<Ve
 async fn fetch_hops(
     url: &str,
     config: &FetchConfig,
+    tls: &Arc<rustls::ClientConfig>,
     max_bytes: u64,
 ) -> Result<Vec<u8>, FetchError> {
     let mut uri: Uri = url
         .parse()
         .map_err(|err: http::uri::InvalidUri| FetchError::BadUrl(err.to_string()))?;
     for _ in 0..=config.max_redirects {
-        let address = check_hop(&uri, config).await?;
-        let response = get(&uri, address).await?;
+        let hop = check_hop(&uri, config).await?;
+        let response = get(&uri, &hop, tls).await?;
         let status = response.status();
         if status.is_redirection() {
             let location = response
@@ -114,22 +146,26 @@ async fn fetch_hops(
     Err(FetchError::TooManyRedirects(config.max_redirects))
 }
 
+/// One checked hop: where to connect, and how.
+#[derive(Debug)]
+struct Hop {
+    /// The resolved address that was checked.
+    address: SocketAddr,
+    /// The URL's host (lowercase, IPv6 without brackets): the TLS server name.
+    host: String,
+    /// Whether the hop is `https://`.
+    https: bool,
+}
+
 /// Checks one hop's scheme, host and resolved addresses; the address to connect to.
-async fn check_hop(uri: &Uri, config: &FetchConfig) -> Result<SocketAddr, FetchError> {
-    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(FetchError::Scheme(
-                "https:// URLs are not fetched (this build has no TLS client); use http:// or a data: URI".into(),
-            ));
-        }
+async fn check_hop(uri: &Uri, config: &FetchConfig) -> Result<Hop, FetchError> {
+    let https = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => false,
+        Some("https") => true,
         other => {
-            return Err(FetchError::Scheme(format!(
-                "only http:// URLs are fetched, got {}",
-                other.unwrap_or("no scheme")
-            )));
+            return Err(FetchError::Scheme(other.unwrap_or("no scheme").to_string()));
         }
-    }
+    };
     let host = uri
         .host()
         .ok_or_else(|| FetchError::BadUrl("no host".into()))?
@@ -139,7 +175,7 @@ async fn check_hop(uri: &Uri, config: &FetchConfig) -> Result<SocketAddr, FetchE
     if !host_allowed(&host, &config.allow_hosts) {
         return Err(FetchError::HostNotAllowed(host));
     }
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
         .map_err(|err| FetchError::Connection(format!("cannot resolve `{host}`: {err}")))?
@@ -152,10 +188,15 @@ async fn check_hop(uri: &Uri, config: &FetchConfig) -> Result<SocketAddr, FetchE
             address: address.ip(),
         });
     }
-    addresses
+    let address = addresses
         .into_iter()
         .next()
-        .ok_or_else(|| FetchError::Connection(format!("`{host}` has no address")))
+        .ok_or_else(|| FetchError::Connection(format!("`{host}` has no address")))?;
+    Ok(Hop {
+        address,
+        host,
+        https,
+    })
 }
 
 /// Whether `host` is allowed: any host when the list is empty, else an exact name or a `*.` suffix.
@@ -214,16 +255,45 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
         || a >= 240) // reserved
 }
 
-/// One GET over a fresh connection to the checked address.
+/// One GET over a fresh connection to the checked address (TLS on it for `https://`).
 async fn get(
     uri: &Uri,
-    address: SocketAddr,
+    hop: &Hop,
+    tls: &Arc<rustls::ClientConfig>,
 ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
-    let connection =
-        |err: &dyn std::fmt::Display| FetchError::Connection(format!("{address}: {err}"));
+    let address = hop.address;
     let stream = tokio::net::TcpStream::connect(address)
         .await
-        .map_err(|err| connection(&err))?;
+        .map_err(|err| FetchError::Connection(format!("{address}: {err}")))?;
+    if !hop.https {
+        return exchange(uri, address, stream).await;
+    }
+    let server_name = ServerName::try_from(hop.host.clone()).map_err(|err| {
+        FetchError::BadUrl(format!("`{}` is not a TLS server name: {err}", hop.host))
+    })?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+        .connect(server_name, stream)
+        .await
+        .map_err(|err| {
+            FetchError::Connection(format!(
+                "{address}: TLS handshake with `{}` failed: {err}",
+                hop.host
+            ))
+        })?;
+    exchange(uri, address, stream).await
+}
+
+/// The GET of `uri` over an open connection to `address`.
+async fn exchange<Stream>(
+    uri: &Uri,
+    address: SocketAddr,
+    stream: Stream,
+) -> Result<http::Response<hyper::body::Incoming>, FetchError>
+where
+    Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection =
+        |err: &dyn std::fmt::Display| FetchError::Connection(format!("{address}: {err}"));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|err| connection(&err))?;
@@ -343,15 +413,19 @@ mod tests {
             timeout: std::time::Duration::from_secs(5),
             max_redirects: 2,
             max_urls: 2,
+            ca_file: None,
         };
         let uri: Uri = "http://localhost:9/x.png".parse().expect("a URL");
         let err = check_hop(&uri, &config).await.expect_err("loopback");
         assert!(matches!(err, FetchError::Forbidden { .. }), "{err}");
         config.allow_private = true;
         assert!(check_hop(&uri, &config).await.is_ok());
-        let https: Uri = "https://example.com/x.png".parse().expect("a URL");
+        let https: Uri = "https://localhost:9/x.png".parse().expect("a URL");
+        let hop = check_hop(&https, &config).await.expect("https is fetched");
+        assert!(hop.https && hop.host == "localhost");
+        let ftp: Uri = "ftp://localhost/x.png".parse().expect("a URL");
         assert!(matches!(
-            check_hop(&https, &config).await,
+            check_hop(&ftp, &config).await,
             Err(FetchError::Scheme(_))
         ));
     }

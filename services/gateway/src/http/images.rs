@@ -1,6 +1,8 @@
-//! Image URLs → image bytes: `data:` URIs always (decoded under the image byte limit), `http://` URLs only when
+//! Image URLs → image bytes: `data:` URIs always (decoded under the image byte limit), `http(s)://` URLs only when
 //! `http.fetch_urls` is on ([`super::fetch`]). The bytes then go through the pipeline's image checks like any
 //! gRPC image (format from the magic bytes, dimensions from the header).
+
+use std::sync::Arc;
 
 use base64::Engine as _;
 use kosmos_proto::v1 as pb;
@@ -40,6 +42,8 @@ pub struct ImageSources {
     pub fetch: FetchConfig,
     /// `limits.max_image_bytes`.
     pub max_image_bytes: u64,
+    /// The TLS client of `https://` fetches ([`super::fetch::client_tls`]).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 impl ImageSources {
@@ -82,7 +86,7 @@ impl ImageSources {
                 source.path
             )));
         }
-        match fetch(&source.url, &self.fetch, self.max_image_bytes).await {
+        match fetch(&source.url, &self.fetch, &self.tls, self.max_image_bytes).await {
             Ok(data) => Ok(pb::Image {
                 data,
                 mime_type: String::new(),

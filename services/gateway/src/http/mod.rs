@@ -28,6 +28,8 @@ use serde_json::json;
 
 pub use error::{ApiError, FieldNames};
 
+use kosmos_runtime::reload::ReloadError;
+
 use crate::auth::Caller;
 use crate::config::HttpConfig;
 use crate::generate::RequestClock;
@@ -55,6 +57,7 @@ pub struct HttpApi {
     state: Arc<GatewayState>,
     config: HttpConfig,
     model_id: String,
+    fetch_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Whether the model directory carries a chat template (`chat_template.jinja`, or `chat_template` in
@@ -67,8 +70,14 @@ pub fn has_chat_template(model_dir: &std::path::Path) -> bool {
             .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()))
 }
 
-/// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's).
-pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) -> Router {
+/// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's). Fails
+/// when `http.fetch_ca_file` cannot be read.
+pub fn router(
+    state: Arc<GatewayState>,
+    config: HttpConfig,
+    model_id: String,
+) -> Result<Router, ReloadError> {
+    let fetch_tls = fetch::client_tls(config.fetch.ca_file.as_deref())?;
     // Images arrive base64-encoded (4 characters per 3 bytes): the body may be a third larger than the gRPC
     // message the same request makes.
     let body_limit = state.limits.max_message_bytes.get().saturating_mul(4) / 3;
@@ -76,8 +85,9 @@ pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) ->
         state,
         config,
         model_id,
+        fetch_tls,
     });
-    Router::new()
+    let router = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/chat/completions", post(completions::chat))
@@ -88,7 +98,8 @@ pub fn router(state: Arc<GatewayState>, config: HttpConfig, model_id: String) ->
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(api)
+        .with_state(api);
+    Ok(router)
 }
 
 impl HttpApi {

@@ -129,3 +129,95 @@ async fn image_urls_are_fetched_within_the_allowed_hosts_and_limits() -> anyhow:
     cluster.shutdown().await;
     Ok(())
 }
+
+/// An image server over TLS on a free loopback port, with the certificate `pki` issued for localhost / 127.0.0.1:
+/// one hand-written HTTP/1.1 answer per connection (the image), so the test needs no HTTP server features.
+async fn tls_image_server(pki: &kosmos_e2e::pki::Pki) -> anyhow::Result<SocketAddr> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let certs =
+        CertificateDer::pem_file_iter(pki.path("server.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key"))?;
+    let config = rustls::ServerConfig::builder_with_provider(kosmos_runtime::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let png = fixture_image(IMAGE);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let png = png.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    png.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&png).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_image_urls_are_fetched_when_the_certificate_is_trusted() -> anyhow::Result<()> {
+    let pki = kosmos_e2e::pki::Pki::generate("fetch-https")?;
+    let stranger = kosmos_e2e::pki::Pki::generate("fetch-https-stranger")?;
+    let server = tls_image_server(&pki).await?;
+    let untrusted = tls_image_server(&stranger).await?;
+    let ca_file = format!("http.fetch_ca_file=\"{}\"", pki.path("ca.pem").display());
+    let (cluster, addr) = http_cluster(&[
+        "http.fetch_urls=true",
+        "http.fetch_allow_private=true",
+        "http.fetch_allow_hosts=[\"127.0.0.1\", \"localhost\"]",
+        ca_file.as_str(),
+    ])
+    .await?;
+    let model = model_id(addr).await?;
+    let chat = |url: String| {
+        let body = chat_body(&model, &url, "An image of", 6);
+        async move { call(addr, "/v1/chat/completions", Some(&body)).await }
+    };
+    let inline = chat(data_uri(&fixture_image(IMAGE))).await?.ok_json()?;
+    let content = &inline["choices"][0]["message"]["content"];
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("https://{host}:{}/img.png", server.port());
+        let fetched = chat(url).await?.ok_json()?;
+        assert_eq!(
+            &fetched["choices"][0]["message"]["content"], content,
+            "{host}"
+        );
+    }
+    // A certificate from another CA is refused by name.
+    let answer = chat(format!("https://127.0.0.1:{}/img.png", untrusted.port())).await?;
+    assert_eq!(answer.status.as_u16(), 400);
+    let message = answer.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("`messages[0].content[0].image_url.url`"),
+        "{message}"
+    );
+    assert!(message.contains("TLS handshake"), "{message}");
+    cluster.shutdown().await;
+    Ok(())
+}
