@@ -141,14 +141,10 @@ async fn tls_on_every_hop_refuses_plaintext_and_anonymous_clients_and_follows_ro
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn key_entry(id: &str, secret: &str, extra: &str) -> String {
     format!(
         "[[keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n{extra}\n",
-        hex(&sha2::Sha256::digest(secret.as_bytes()))
+        kosmos_gateway::auth::hex(&sha2::Sha256::digest(secret.as_bytes()))
     )
 }
 
