@@ -31,6 +31,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub use kosmos_testkit::tiny_model_dir;
 
 pub mod pki;
+pub mod process;
 
 /// The bytes of a fixture image (`tests/fixtures/images/<name>`); panics when it cannot be read.
 pub fn fixture_image(name: &str) -> Vec<u8> {

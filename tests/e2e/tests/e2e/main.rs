@@ -4,6 +4,7 @@
 mod bad_input;
 mod cache;
 mod demo;
+mod faults;
 mod generate;
 mod http_api;
 mod http_errors;
