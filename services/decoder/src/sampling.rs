@@ -95,6 +95,14 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// Advances the random stream past `draws` draws, as if that many tokens had been sampled: a generation
+    /// resumed on another replica continues with the numbers the uninterrupted run would have drawn.
+    pub fn skip_draws(&mut self, draws: u64) {
+        for _ in 0..draws {
+            let _: f64 = self.rng.random();
+        }
+    }
+
     /// The parameters.
     pub fn params(&self) -> &SamplingParams {
         &self.params
@@ -294,6 +302,34 @@ mod tests {
             counts[token.id as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn a_sampler_that_skips_draws_continues_the_uninterrupted_stream() {
+        let params = SamplingParams {
+            seed: 42,
+            top_k: 4,
+            ..params(1.0)
+        };
+        let logits: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut uninterrupted = Sampler::new(params.clone());
+        let whole: Vec<u32> = (0..40)
+            .map(|_| uninterrupted.sample(&logits, &[]).expect("samples").id)
+            .collect();
+        for done in [0, 1, 17, 39] {
+            let mut resumed = Sampler::new(params.clone());
+            resumed.skip_draws(done as u64);
+            let rest: Vec<u32> = (done..40)
+                .map(|_| resumed.sample(&logits, &[]).expect("samples").id)
+                .collect();
+            assert_eq!(rest, whole[done..], "resumed after {done} draws");
+        }
+        // Reseeding instead of positioning would start over: the skip matters.
+        let mut restarted = Sampler::new(params);
+        let again: Vec<u32> = (17..40)
+            .map(|_| restarted.sample(&logits, &[]).expect("samples").id)
+            .collect();
+        assert_ne!(again, whole[17..]);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub mod names {
     pub const INFLIGHT_BYTES_REJECTED: &str = "kosmos.gateway.inflight_bytes_rejected";
     /// `kosmos_gateway_api_key_refusals_total`
     pub const API_KEY_REFUSALS: &str = "kosmos.gateway.api_key.refusals";
+    /// `kosmos_gateway_decoder_resumptions_total`
+    pub const DECODER_RESUMPTIONS: &str = "kosmos.gateway.decoder.resumptions";
     /// `kosmos_gateway_pool_pending_requests`
     pub const POOL_PENDING_REQUESTS: &str = "kosmos.gateway.pool.pending_requests";
     /// `kosmos_gateway_pool_inflight_requests`
@@ -108,6 +110,7 @@ pub struct GatewayMetrics {
     time_per_output_token: Histogram<f64>,
     token_usage: Histogram<f64>,
     api_key_refusals: opentelemetry::metrics::Counter<u64>,
+    resumptions: opentelemetry::metrics::Counter<u64>,
 }
 
 impl GatewayMetrics {
@@ -140,8 +143,20 @@ impl GatewayMetrics {
                 KeyValue::new("reason", "unauthenticated"),
             ],
         );
+        let resumptions = meter
+            .u64_counter(names::DECODER_RESUMPTIONS)
+            .with_description(
+                "Generations whose decoder stream broke mid-way: `outcome` = resumed (continued on another \
+                 replica from the tokens delivered), or failed (`limits.max_resumptions` spent, or no replica \
+                 took the resume).",
+            )
+            .build();
+        for outcome in ["resumed", "failed"] {
+            resumptions.add(0, &[KeyValue::new("outcome", outcome)]);
+        }
         Ok(Self {
             api_key_refusals,
+            resumptions,
             model: Arc::from(model),
             request_duration,
             time_to_first_token,
@@ -204,6 +219,12 @@ impl GatewayMetrics {
                 KeyValue::new("reason", reason),
             ],
         );
+    }
+
+    /// Counts a generation whose decoder stream broke: `resumed` on another replica, or not.
+    pub fn decoder_stream_broke(&self, resumed: bool) {
+        let outcome = if resumed { "resumed" } else { "failed" };
+        self.resumptions.add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     /// Records a request that failed with `code`.

@@ -83,6 +83,7 @@ async fn decoder_ttft(
     prompt: &[dec::Segment],
 ) -> anyhow::Result<Duration> {
     let request = dec::GenerateRequest {
+        resume: None,
         tenant: String::new(),
         prompt: prompt.to_vec(),
         sampling: Some(dec::SamplingParams::default()),

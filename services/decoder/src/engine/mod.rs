@@ -54,7 +54,7 @@ use crate::metrics::{DecoderMetrics, Load};
 
 pub use types::{
     CandidateScore, EngineSettings, EngineSnapshot, Finish, FinishReason, GenerateEvent,
-    GenerateJob, GenerateUpdate, ModelInfo, Prompt, ScoreJob, ScoreOutput, StoppingRule, Timings,
+    GenerateJob, GenerateUpdate, ModelInfo, Prompt, Resume, ScoreJob, ScoreOutput, StoppingRule, Timings,
     Usage,
 };
 

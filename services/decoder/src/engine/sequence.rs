@@ -133,23 +133,33 @@ impl Sequence {
             stopping,
             deadline,
             arrived,
+            resume,
             tenant: _,
         } = job;
+        let prompt_tokens = prompt.len();
+        // A resumed generation (failover) prefills what the lost replica delivered after the prompt, as text, and
+        // continues the random stream where that replica left it.
+        let mut history = prompt.ids;
+        history.extend_from_slice(&resume.generated_ids);
+        let mut image_mask = prompt.image_mask;
+        image_mask.extend(std::iter::repeat_n(false, resume.generated_ids.len()));
+        let mut sampler = Sampler::new(sampling);
+        sampler.skip_draws(resume.random_draws);
         Ok(Self {
             span,
             phase_span: tracing::Span::none(),
             admitted,
             usage: Usage {
-                prompt_tokens: prompt.len(),
+                prompt_tokens,
                 image_tokens: prompt.image_tokens,
-                completion_tokens: 0,
+                completion_tokens: resume.generated_ids.len(),
             },
-            history: prompt.ids,
-            image_mask: prompt.image_mask,
+            history,
+            image_mask,
             images,
             chunk_images: None,
             table,
-            sampler: Sampler::new(sampling),
+            sampler,
             stopping,
             delivery: Delivery::new(events),
             deadline,

@@ -110,6 +110,15 @@ pub struct StoppingRule {
     pub eos_token_id: Option<u32>,
 }
 
+/// The part of a generation another replica delivered before it was lost: the job continues after it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resume {
+    /// The tokens delivered, in order (prefilled after the prompt; counted as completion tokens).
+    pub generated_ids: Vec<u32>,
+    /// Random numbers drawn for them (the sampler skips that many before its next draw).
+    pub random_draws: u64,
+}
+
 /// A validated generation request.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
@@ -121,6 +130,8 @@ pub struct GenerateJob {
     pub stopping: StoppingRule,
     /// The caller's tenant (empty: none); the prefix cache is partitioned by it.
     pub tenant: String,
+    /// What a lost replica already delivered (empty for a new generation).
+    pub resume: Resume,
     /// The caller's deadline.
     pub deadline: Option<Instant>,
     /// When the request arrived.

@@ -9,7 +9,7 @@ use kosmos_proto::tensor::v1::DType as WireDType;
 use crate::config::RequestLimits;
 use crate::engine::{
     EngineSettings, EngineSnapshot, Finish, FinishReason, GenerateJob, GenerateUpdate, ModelInfo,
-    Prompt, ScoreJob, ScoreOutput, StoppingRule, Timings,
+    Prompt, Resume, ScoreJob, ScoreOutput, StoppingRule, Timings,
 };
 use crate::error::RequestError;
 use crate::sampling::{MAX_TOP_LOGPROBS, SampledToken, SamplingParams};
@@ -183,6 +183,50 @@ fn stopping(
     })
 }
 
+/// A failover's resume: the delivered ids fit the vocabulary and leave at least one token to generate, and the
+/// draws are possible (one per token) and reproducible (a seed is given).
+fn resume(
+    wire: &pb::Resume,
+    sampling: Option<&pb::SamplingParams>,
+    stopping: &StoppingRule,
+    info: &ModelInfo,
+) -> Result<Resume, RequestError> {
+    let generated = wire.generated_ids.len();
+    if generated >= stopping.max_new_tokens {
+        return Err(invalid(format!(
+            "`resume.generated_ids` holds {generated} tokens: it must hold fewer than the {} tokens the request \
+             may generate",
+            stopping.max_new_tokens
+        )));
+    }
+    if let Some(&bad) = wire
+        .generated_ids
+        .iter()
+        .find(|&&id| id as usize >= info.vocab_size)
+    {
+        return Err(invalid(format!(
+            "`resume.generated_ids` contains {bad}, outside the vocabulary (size {})",
+            info.vocab_size
+        )));
+    }
+    if wire.random_draws > generated as u64 {
+        return Err(invalid(format!(
+            "`resume.random_draws` is {}: at most one draw per generated token ({generated})",
+            wire.random_draws
+        )));
+    }
+    if wire.random_draws > 0 && sampling.is_none_or(|sampling| sampling.seed.is_none()) {
+        return Err(invalid(
+            "`resume.random_draws` needs `sampling.seed`: only the same random stream continues a generation"
+                .into(),
+        ));
+    }
+    Ok(Resume {
+        generated_ids: wire.generated_ids.clone(),
+        random_draws: wire.random_draws,
+    })
+}
+
 /// The longest tenant name accepted (the gateway's key ids are at most 64 characters).
 const MAX_TENANT_BYTES: usize = 128;
 
@@ -206,10 +250,15 @@ pub(crate) fn generate_job(
     let prompt = prompt(&request.prompt, info, "prompt")?;
     let sampling = sampling(request.sampling.as_ref())?;
     let stopping = stopping(request.stopping.as_ref(), prompt.len(), info)?;
+    let resume = match &request.resume {
+        Some(wire) => resume(wire, request.sampling.as_ref(), &stopping, info)?,
+        None => Resume::default(),
+    };
     Ok(GenerateJob {
         prompt,
         sampling,
         stopping,
+        resume,
         tenant: tenant(&request.tenant)?,
         deadline,
         arrived,

@@ -250,6 +250,7 @@ pub fn request(
 ) -> pb::GenerateRequest {
     pb::GenerateRequest {
         tenant: String::new(),
+        resume: None,
         prompt,
         sampling: Some(sampling),
         stopping: Some(pb::StoppingParams {

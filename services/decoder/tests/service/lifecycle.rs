@@ -204,6 +204,7 @@ async fn an_expired_deadline_answers_deadline_exceeded() {
 fn long_job(seed: u64) -> GenerateJob {
     GenerateJob {
         tenant: String::new(),
+        resume: Default::default(),
         prompt: Prompt {
             ids: pseudo_random_ids(seed, 6),
             image_mask: vec![false; 6],
@@ -399,6 +400,7 @@ async fn reflection_lists_the_decoder_and_health_services() {
 fn broken_job() -> GenerateJob {
     GenerateJob {
         tenant: String::new(),
+        resume: Default::default(),
         prompt: Prompt {
             ids: vec![0, 4, 5, 6, 9],
             image_mask: vec![false, true, true, true, false],

@@ -6,6 +6,7 @@ mod common;
 mod lifecycle;
 mod metrics;
 mod paged;
+mod resume;
 use kosmos_testkit::metrics as metrics_catalogue;
 mod parity;
 mod validation;

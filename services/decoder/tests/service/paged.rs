@@ -191,6 +191,7 @@ async fn every_block_comes_back_after_finished_cancelled_expired_preempted_and_f
     // Expired: a deadline shorter than the generation (in process, so the deadline is exact).
     let job = |ids: Vec<u32>, deadline: Option<Instant>| GenerateJob {
         tenant: String::new(),
+        resume: Default::default(),
         prompt: Prompt {
             image_mask: vec![false; ids.len()],
             ids,

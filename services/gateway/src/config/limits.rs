@@ -7,6 +7,9 @@ use kosmos_processor::{AcceptedFormat, ImageLimits};
 use kosmos_runtime::config::{ConfigError, invalid, seconds};
 use serde::{Deserialize, Serialize};
 
+/// The most `limits.max_resumptions` may be: a request that lost more decoders than this is not going to succeed.
+const MAX_RESUMPTIONS: u32 = 16;
+
 /// `[limits]`, as `kosmos.v1.Limits` publishes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,6 +64,8 @@ pub struct RawLimits {
     /// A stream whose caller has not taken a message for this long is ended and its decoder work freed.
     #[serde(rename = "stream_idle_timeout_seconds", with = "seconds")]
     pub stream_idle_timeout: Duration,
+    /// Most times one generation is resumed on another decoder after its replica failed mid-stream (0: never).
+    pub max_resumptions: u32,
 }
 
 impl Default for RawLimits {
@@ -89,6 +94,7 @@ impl Default for RawLimits {
             default_deadline: Duration::from_secs(300),
             max_deadline: Duration::from_secs(1800),
             stream_idle_timeout: Duration::from_secs(60),
+            max_resumptions: 3,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct Limits {
     pub max_deadline: Option<Duration>,
     /// How long a stream may wait for its caller to read.
     pub stream_idle_timeout: Duration,
+    /// Most resumptions of one generation on another decoder (`limits.max_resumptions`).
+    pub max_resumptions: u32,
 }
 
 impl Limits {
@@ -222,6 +230,15 @@ pub(super) fn limits(
             ),
         ));
     }
+    if raw.max_resumptions > MAX_RESUMPTIONS {
+        return Err(invalid(
+            "limits.max_resumptions",
+            format!(
+                "must be <= {MAX_RESUMPTIONS}, got {}",
+                raw.max_resumptions
+            ),
+        ));
+    }
     if raw.stream_idle_timeout.is_zero() {
         return Err(invalid("limits.stream_idle_timeout_seconds", "must be > 0"));
     }
@@ -276,5 +293,6 @@ pub(super) fn limits(
         default_deadline,
         max_deadline,
         stream_idle_timeout: raw.stream_idle_timeout,
+        max_resumptions: raw.max_resumptions,
     })
 }

@@ -25,6 +25,7 @@
 //! default_deadline_seconds = 300.0     # a call without a deadline gets this one (0: none)
 //! max_deadline_seconds = 1800.0        # longer deadlines are shortened to this (0: no bound)
 //! stream_idle_timeout_seconds = 60.0   # a stream whose caller stops reading ends, its decoder work freed
+//! max_resumptions = 3                  # a generation whose decoder fails mid-stream resumes on another (0: never)
 //! # … every limit of `Limits` in kosmos.v1
 //!
 //! [cache]

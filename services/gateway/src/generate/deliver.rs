@@ -88,6 +88,7 @@ pub async fn collect(mut generation: Generation) -> Result<pb::GenerateResponse,
             response.timings = message.timings;
             response.prompt_token_ids = message.prompt_token_ids;
             response.clean_text = message.clean_text;
+            response.seed = message.seed;
         }
     }
     Ok(response)

@@ -3,6 +3,17 @@
 //!
 //! `Generate` and `GenerateStream` share this code: the unary call folds the stream messages (see
 //! [`collect`]), so a streamed generation always concatenates to the unary result.
+//!
+//! **Failover.** A generation keeps its decoder request (prompt segments with their image embeddings), the ids
+//! delivered so far and its seed. When the decoder stream breaks before its finish (the replica died, was cut off,
+//! or failed the sequence), the generation resumes on another replica: the same request plus
+//! `resume { generated_ids, random_draws }`, which the decoder prefills and continues exactly (the random stream is
+//! positioned after the draws already made, one per sampled token). A sampling request without a seed gets one
+//! here, returned in the last message, so that a resumed run is the run the caller would have had. The caller sees
+//! one stream: no gap, no repeat, no error, each token counted once. At most `limits.max_resumptions` resumptions
+//! per request, within its deadline; a refusal (INVALID_ARGUMENT) or a passed deadline is not resumed. The
+//! embeddings stay in memory for the stream's life (bounded by `limits.max_concurrent_requests` ×
+//! `limits.max_images`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +26,7 @@ use tonic::Code;
 use tracing::Instrument as _;
 
 use crate::auth::{Caller, QuotaPermit};
-use crate::call::CallContext;
+use crate::call::{CallContext, Verdict, classify};
 use crate::domain::{ValidParams, validate_params};
 use crate::encode::Embeddings;
 use crate::error::RequestError;
@@ -42,6 +53,16 @@ pub struct Generation {
     state: Arc<GatewayState>,
     stream: Option<tonic::Streaming<dec::GenerateResponse>>,
     call: Option<CallGuard>,
+    /// The request as first sent: what a resumption sends again, with the ids delivered so far.
+    decoder_request: dec::GenerateRequest,
+    /// Every id the decoder delivered, in order.
+    generated_ids: Vec<u32>,
+    /// Whether each token costs one random draw (temperature > 0).
+    sampled: bool,
+    /// The seed of the request's random stream (0 for greedy decoding without a seed).
+    seed: u64,
+    /// Resumptions so far.
+    resumptions: u32,
     _permit: OwnedSemaphorePermit,
     quota: QuotaPermit,
     clock: RequestClock,
@@ -88,10 +109,23 @@ pub async fn start(
     let (embeddings, encode_seconds) =
         encode_images(&state, &prepared, &model, clock, caller.tenant()).await?;
 
+    // A sampled generation always runs on a known seed, so that a resumption on another replica continues the
+    // same random stream.
+    let sampled = params.temperature > 0.0;
+    let seed = match params.seed {
+        Some(seed) => Some(seed),
+        None if sampled => Some(rand::random::<u64>().max(1)),
+        None => None,
+    };
+
     let decoder_request = dec::GenerateRequest {
+        resume: None,
         tenant: caller.tenant().to_string(),
         prompt: decoder_segments(&prepared.encoded, &embeddings.tensors, &model.fingerprint),
-        sampling: Some(sampling(&params)),
+        sampling: Some(dec::SamplingParams {
+            seed,
+            ..sampling(&params)
+        }),
         stopping: Some(dec::StoppingParams {
             max_new_tokens,
             stop_token_ids: Vec::new(),
@@ -103,7 +137,7 @@ pub async fn start(
         "waiting for the decoder",
         open_stream(
             &state.upstreams.decoder,
-            decoder_request,
+            decoder_request.clone(),
             clock.deadline,
             state.limits.max_message_bytes.get(),
         )
@@ -111,6 +145,11 @@ pub async fn start(
     )
     .await?;
     Ok(Generation {
+        decoder_request,
+        generated_ids: Vec::new(),
+        sampled,
+        seed: seed.unwrap_or(0),
+        resumptions: 0,
         grounding: request.grounding,
         logprobs: params.logprobs > 0,
         capped_by_context,
@@ -283,28 +322,25 @@ impl Generation {
                 return Ok(None);
             };
             let received = match deadline {
-                None => Ok(stream.message().await),
-                Some(at) => tokio::time::timeout_at(at.into(), stream.message())
-                    .await
-                    .map_err(|_| RequestError::DeadlineExceeded("generating")),
-            };
-            let received = match received {
-                Ok(Ok(message)) => Ok(message),
-                Ok(Err(status)) => Err(self.stream_error(&status)),
-                Err(err) => Err(err),
+                None => stream.message().await,
+                Some(at) => match tokio::time::timeout_at(at.into(), stream.message()).await {
+                    Ok(received) => received,
+                    Err(_) => {
+                        self.end_stream();
+                        return Err(RequestError::DeadlineExceeded("generating"));
+                    }
+                },
             };
             let message = match received {
                 Ok(Some(message)) => message,
                 Ok(None) => {
-                    self.end_stream();
-                    return Err(RequestError::Unavailable {
-                        pool: "decoder",
-                        message: "the decoder stream ended without a finish".into(),
-                    });
+                    let ended = tonic::Status::unavailable("the decoder stream ended without a finish");
+                    self.stream_broke(&ended).await?;
+                    continue;
                 }
-                Err(err) => {
-                    self.end_stream();
-                    return Err(err);
+                Err(status) => {
+                    self.stream_broke(&status).await?;
+                    continue;
                 }
             };
             if let Some(call) = self.call.as_mut() {
@@ -318,6 +354,7 @@ impl Generation {
                 self.first_token_at.get_or_insert(now);
                 self.last_token_at = Some(now);
                 self.completion_tokens += 1;
+                self.generated_ids.push(token.id);
                 let raw = self.detokenizer.push(&self.state.tokenizer, token.id);
                 let released = self.stop.push(&raw);
                 out.text.push_str(&released.text);
@@ -378,6 +415,75 @@ impl Generation {
         }
     }
 
+    /// The decoder stream broke with `status` before its finish: resumes the generation on another replica, or
+    /// returns the error that ends the call (a refusal, a passed deadline, `limits.max_resumptions` spent, or no
+    /// replica took the resume).
+    async fn stream_broke(&mut self, status: &tonic::Status) -> Result<(), RequestError> {
+        let error = self.stream_error(status);
+        let replica = self
+            .call
+            .as_ref()
+            .map(|call| call.replica().address().to_string());
+        self.end_stream();
+        let resumable = status.code() != Code::DeadlineExceeded
+            && classify(status.code()) != Verdict::Final;
+        if !resumable {
+            return Err(error);
+        }
+        let metrics = &self.state.metrics;
+        if self.resumptions >= self.state.limits.max_resumptions {
+            metrics.decoder_stream_broke(false);
+            tracing::warn!(
+                resumptions = self.resumptions,
+                "decoder stream broke and `limits.max_resumptions` is spent"
+            );
+            return Err(error);
+        }
+        self.resumptions += 1;
+        let delivered = self.generated_ids.len();
+        tracing::warn!(
+            replica,
+            code = ?status.code(),
+            message = status.message(),
+            delivered,
+            resumption = self.resumptions,
+            "decoder stream broke, resuming the generation on another replica"
+        );
+        let request = dec::GenerateRequest {
+            resume: Some(dec::Resume {
+                generated_ids: self.generated_ids.clone(),
+                random_draws: if self.sampled { delivered as u64 } else { 0 },
+            }),
+            ..self.decoder_request.clone()
+        };
+        let deadline = self.clock.deadline;
+        let opened = within(
+            deadline,
+            "waiting for the decoder",
+            open_stream(
+                &self.state.upstreams.decoder,
+                request,
+                deadline,
+                self.state.limits.max_message_bytes.get(),
+            )
+            .instrument(tracing::info_span!("gateway.decoder.resume", delivered)),
+        )
+        .await;
+        match opened {
+            Ok((stream, call)) => {
+                metrics.decoder_stream_broke(true);
+                self.stream = Some(stream);
+                self.call = Some(call);
+                Ok(())
+            }
+            Err(resume_error) => {
+                metrics.decoder_stream_broke(false);
+                tracing::warn!(%resume_error, "no decoder took the resumption");
+                Err(resume_error)
+            }
+        }
+    }
+
     fn stream_error(&self, status: &tonic::Status) -> RequestError {
         if status.code() == Code::DeadlineExceeded {
             return RequestError::DeadlineExceeded("generating");
@@ -422,6 +528,7 @@ impl Generation {
         let now = Instant::now();
         let decoder_timings = decoder_finish.and_then(|finish| finish.timings.as_ref());
         out.finish_reason = reason as i32;
+        out.seed = self.seed;
         out.usage = Some(pb::Usage {
             prompt_tokens: self.prompt_ids.len() as u32,
             image_tokens: self.image_tokens,

@@ -154,6 +154,7 @@ fn case(rng: &mut ChaCha8Rng) -> usize {
         .sum();
     let request = pb::GenerateRequest {
         tenant: String::new(),
+        resume: None,
         prompt: prompt.clone(),
         sampling: sampling(rng, valid),
         stopping: Some(pb::StoppingParams {
