@@ -224,7 +224,8 @@ impl GatewayMetrics {
     /// Counts a generation whose decoder stream broke: `resumed` on another replica, or not.
     pub fn decoder_stream_broke(&self, resumed: bool) {
         let outcome = if resumed { "resumed" } else { "failed" };
-        self.resumptions.add(1, &[KeyValue::new("outcome", outcome)]);
+        self.resumptions
+            .add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     /// Records a request that failed with `code`.

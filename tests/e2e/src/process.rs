@@ -50,6 +50,7 @@ pub struct Process {
     binary: PathBuf,
     kind: Kind,
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -58,7 +59,7 @@ pub struct Process {
 static SPAWNED: AtomicUsize = AtomicUsize::new(0);
 
 impl Process {
-    /// Starts `kind` serving `model_dir` on `port` (metrics on a free port), with `--set` `overrides`. Returns at
+    /// Starts `kind` serving `model_dir` on `port` (`GET /metrics` on a free port), with `--set` `overrides`. Returns at
     /// once; [`Process::wait_serving`] waits for it. `binary` is `kosmos-e2e-replica`, which a test names as
     /// `env!("CARGO_BIN_EXE_kosmos-e2e-replica")` (cargo defines it for integration tests only).
     pub fn spawn(
@@ -69,12 +70,13 @@ impl Process {
         overrides: &[String],
     ) -> anyhow::Result<Self> {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let mut args = vec![
             kind.name().to_string(),
             "--listen".into(),
             addr.to_string(),
             "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
+            metrics_addr.to_string(),
             "--model-dir".into(),
             model_dir.display().to_string(),
         ];
@@ -92,6 +94,7 @@ impl Process {
             binary: binary.to_path_buf(),
             kind,
             addr,
+            metrics_addr,
             args,
             log,
             child: None,
@@ -121,6 +124,11 @@ impl Process {
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it serves `GET /metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// `http://127.0.0.1:PORT`, as a pool's endpoint list names it.

@@ -54,8 +54,8 @@ use crate::metrics::{DecoderMetrics, Load};
 
 pub use types::{
     CandidateScore, EngineSettings, EngineSnapshot, Finish, FinishReason, GenerateEvent,
-    GenerateJob, GenerateUpdate, ModelInfo, Prompt, Resume, ScoreJob, ScoreOutput, StoppingRule, Timings,
-    Usage,
+    GenerateJob, GenerateUpdate, ModelInfo, Prompt, Resume, ScoreJob, ScoreOutput, StoppingRule,
+    Timings, Usage,
 };
 
 /// A request for the engine thread.

@@ -52,7 +52,9 @@ async fn a_resumed_generation_continues_exactly_where_the_lost_one_stopped() {
     };
     for (name, sampling, draws_per_token) in [("sampled", sampled, 1), ("greedy", greedy, 0)] {
         let original = request(prompt(&fingerprint), sampling, MAX_NEW_TOKENS, true);
-        let whole = generate(&mut client, original.clone()).await.expect("generates");
+        let whole = generate(&mut client, original.clone())
+            .await
+            .expect("generates");
         let ids = whole.ids();
         assert_eq!(ids.len(), MAX_NEW_TOKENS as usize, "{name}");
         for done in [1usize, 13, 39] {
@@ -62,7 +64,11 @@ async fn a_resumed_generation_continues_exactly_where_the_lost_one_stopped() {
             )
             .await
             .expect("a resume generates");
-            assert_eq!(rest.ids(), ids[done..], "{name}: resumed after {done} tokens");
+            assert_eq!(
+                rest.ids(),
+                ids[done..],
+                "{name}: resumed after {done} tokens"
+            );
             for (resumed, uninterrupted) in rest.tokens.iter().zip(&whole.tokens[done..]) {
                 assert!(
                     (resumed.logprob - uninterrupted.logprob).abs() < 1e-4,
@@ -76,7 +82,12 @@ async fn a_resumed_generation_continues_exactly_where_the_lost_one_stopped() {
             );
             assert_eq!(
                 usage.prompt_tokens,
-                whole.finish.as_ref().and_then(|f| f.usage).expect("usage").prompt_tokens,
+                whole
+                    .finish
+                    .as_ref()
+                    .and_then(|f| f.usage)
+                    .expect("usage")
+                    .prompt_tokens,
                 "{name}: the prompt is the original one"
             );
         }
@@ -97,11 +108,22 @@ async fn a_resume_that_cannot_continue_exactly_is_refused_naming_the_field() {
         seed: None,
         ..seeded.clone()
     };
-    let base = request(vec![tokens_segment(&pseudo_random_ids(1, 6))], seeded, 4, true);
+    let base = request(
+        vec![tokens_segment(&pseudo_random_ids(1, 6))],
+        seeded,
+        4,
+        true,
+    );
     let cases = [
-        (resumed(&base, &[10, 11, 12, 13], 4), "`resume.generated_ids` holds 4 tokens"),
+        (
+            resumed(&base, &[10, 11, 12, 13], 4),
+            "`resume.generated_ids` holds 4 tokens",
+        ),
         (resumed(&base, &[10, 11], 3), "`resume.random_draws` is 3"),
-        (resumed(&base, &[10, 999_999], 2), "`resume.generated_ids` contains 999999"),
+        (
+            resumed(&base, &[10, 999_999], 2),
+            "`resume.generated_ids` contains 999999",
+        ),
         (
             pb::GenerateRequest {
                 sampling: Some(unseeded),

@@ -233,10 +233,7 @@ pub(super) fn limits(
     if raw.max_resumptions > MAX_RESUMPTIONS {
         return Err(invalid(
             "limits.max_resumptions",
-            format!(
-                "must be <= {MAX_RESUMPTIONS}, got {}",
-                raw.max_resumptions
-            ),
+            format!("must be <= {MAX_RESUMPTIONS}, got {}", raw.max_resumptions),
         ));
     }
     if raw.stream_idle_timeout.is_zero() {

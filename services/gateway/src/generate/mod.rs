@@ -334,7 +334,8 @@ impl Generation {
             let message = match received {
                 Ok(Some(message)) => message,
                 Ok(None) => {
-                    let ended = tonic::Status::unavailable("the decoder stream ended without a finish");
+                    let ended =
+                        tonic::Status::unavailable("the decoder stream ended without a finish");
                     self.stream_broke(&ended).await?;
                     continue;
                 }
@@ -425,8 +426,8 @@ impl Generation {
             .as_ref()
             .map(|call| call.replica().address().to_string());
         self.end_stream();
-        let resumable = status.code() != Code::DeadlineExceeded
-            && classify(status.code()) != Verdict::Final;
+        let resumable =
+            status.code() != Code::DeadlineExceeded && classify(status.code()) != Verdict::Final;
         if !resumable {
             return Err(error);
         }
