@@ -210,3 +210,50 @@ async fn grounding_adds_the_tag_and_returns_clean_text() -> anyhow::Result<()> {
     cluster.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unseeded_sampling_request_returns_the_seed_that_replays_it() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut client = cluster.client().await?;
+    let sampled = |seed: u64| pb::GenerateRequest {
+        prompt: vec![image(fixture_image(IMAGE)), text("Once upon a time")],
+        params: Some(pb::GenerationParams {
+            max_new_tokens: 24,
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        }),
+        grounding: false,
+    };
+    let first = client.generate(sampled(0)).await?.into_inner();
+    assert_ne!(first.seed, 0, "the gateway picked a seed and says which");
+    let replayed = client.generate(sampled(first.seed)).await?.into_inner();
+    assert_eq!(replayed.seed, first.seed);
+    assert_eq!(
+        ids(&replayed),
+        ids(&first),
+        "the returned seed replays the generation"
+    );
+    let other = client.generate(sampled(0)).await?.into_inner();
+    assert_ne!(
+        other.seed, first.seed,
+        "each unseeded request gets its own seed"
+    );
+
+    let mut stream = client.generate_stream(sampled(77)).await?.into_inner();
+    let mut last = None;
+    while let Some(message) = stream.message().await? {
+        last = Some(message);
+    }
+    assert_eq!(
+        last.map(|message| message.seed),
+        Some(77),
+        "the last stream message carries the seed"
+    );
+    let greedy = client
+        .generate(greedy_request(vec![text("An image of")], 4))
+        .await?
+        .into_inner();
+    assert_eq!(greedy.seed, 0, "greedy decoding without a seed uses none");
+    Ok(())
+}
