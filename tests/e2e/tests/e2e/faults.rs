@@ -59,7 +59,7 @@ async fn a_killed_encoder_restarts_on_its_port_and_serves_again() -> anyhow::Res
 const CALLS: usize = 12;
 
 /// A long seeded sampling generation with an image (the tiny model's outputs run long at temperature 1).
-fn sampled(index: usize) -> pb::GenerateRequest {
+pub(crate) fn sampled(index: usize) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: vec![
             image(fixture_image(IMAGE)),
@@ -77,7 +77,7 @@ fn sampled(index: usize) -> pb::GenerateRequest {
     }
 }
 
-fn score(index: usize) -> pb::ScoreRequest {
+pub(crate) fn score(index: usize) -> pb::ScoreRequest {
     pb::ScoreRequest {
         prompt: vec![
             image(fixture_image(IMAGE)),
@@ -92,15 +92,15 @@ fn score(index: usize) -> pb::ScoreRequest {
 
 /// What a generation delivered: ids (each once), text, the usage's completion count, the returned seed.
 #[derive(Debug, Clone, PartialEq)]
-struct Delivered {
-    ids: Vec<u32>,
-    text: String,
-    completion_tokens: u32,
-    seed: u64,
+pub(crate) struct Delivered {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub completion_tokens: u32,
+    pub seed: u64,
 }
 
 /// Reads a GenerateStream to its end; `started` is counted up once 5 tokens have arrived.
-async fn stream(
+pub(crate) async fn stream(
     mut client: KosmosClient<Channel>,
     request: pb::GenerateRequest,
     started: Arc<AtomicUsize>,
@@ -133,7 +133,7 @@ async fn stream(
     Ok(delivered)
 }
 
-async fn unary(
+pub(crate) async fn unary(
     mut client: KosmosClient<Channel>,
     request: pb::GenerateRequest,
 ) -> Result<Delivered, tonic::Status> {
@@ -147,7 +147,7 @@ async fn unary(
 }
 
 /// Runs every future of `calls` at once; their results in order.
-async fn all<T: Send + 'static>(
+pub(crate) async fn all<T: Send + 'static>(
     calls: Vec<impl std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static>,
 ) -> Vec<Result<T, tonic::Status>> {
     let mut set = JoinSet::new();
@@ -166,35 +166,38 @@ async fn all<T: Send + 'static>(
 }
 
 /// Sequences running or waiting on a decoder process now.
-async fn decoder_load(process: &Process) -> anyhow::Result<u32> {
+pub(crate) async fn decoder_load(process: &Process) -> anyhow::Result<u32> {
     let mut client = dec::decoder_client::DecoderClient::connect(process.endpoint()).await?;
     let info = client.info(dec::InfoRequest {}).await?.into_inner();
     Ok(info.running_sequences + info.waiting_requests)
 }
 
-/// Waits until the gateway counts `decoders` healthy decoder replicas.
-async fn wait_healthy_decoders(
+/// Waits (at most a minute) until the gateway counts `replicas` healthy replicas in `pool` (`encoder`, `decoder`).
+pub(crate) async fn wait_healthy(
     client: &mut KosmosClient<Channel>,
-    decoders: u32,
+    pool: &str,
+    replicas: u32,
 ) -> anyhow::Result<()> {
     for _ in 0..600 {
-        let info = client
+        let stats = client
             .get_model_info(pb::GetModelInfoRequest::default())
             .await?
-            .into_inner();
-        let healthy = info
+            .into_inner()
             .stats
-            .and_then(|stats| stats.decoder)
-            .map_or(0, |pool| pool.healthy_replicas);
-        if healthy == decoders {
+            .unwrap_or_default();
+        let counted = match pool {
+            "encoder" => stats.encoder,
+            _ => stats.decoder,
+        };
+        if counted.map_or(0, |pool| pool.healthy_replicas) == replicas {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("the gateway did not count {decoders} healthy decoders within a minute")
+    anyhow::bail!("the gateway did not count {replicas} healthy {pool} replicas within a minute")
 }
 
-async fn resumptions(gateway: &Process, outcome: &str) -> anyhow::Result<f64> {
+pub(crate) async fn resumptions(gateway: &Process, outcome: &str) -> anyhow::Result<f64> {
     let scrape = prom::parse(&prom::scrape(gateway.metrics_addr()).await?)?;
     Ok(prom::value(
         &scrape,
@@ -203,7 +206,11 @@ async fn resumptions(gateway: &Process, outcome: &str) -> anyhow::Result<f64> {
     ))
 }
 
-fn assert_same(name: &str, faulty: &[Result<Delivered, tonic::Status>], clean: &[Delivered]) {
+pub(crate) fn assert_same(
+    name: &str,
+    faulty: &[Result<Delivered, tonic::Status>],
+    clean: &[Delivered],
+) {
     for (index, (faulty, clean)) in faulty.iter().zip(clean).enumerate() {
         let faulty = faulty
             .as_ref()
@@ -286,7 +293,7 @@ async fn killing_a_decoder_or_an_encoder_mid_way_loses_no_call() -> anyhow::Resu
     cluster.decoders[0]
         .wait_serving("", Duration::from_secs(120))
         .await?;
-    wait_healthy_decoders(&mut control, 2).await?;
+    wait_healthy(&mut control, "decoder", 2).await?;
     let calls = tokio::spawn(all((0..CALLS)
         .map(|index| unary(client.clone(), sampled(index)))
         .collect()));
@@ -315,7 +322,7 @@ async fn killing_a_decoder_or_an_encoder_mid_way_loses_no_call() -> anyhow::Resu
     cluster.decoders[1]
         .wait_serving("", Duration::from_secs(120))
         .await?;
-    wait_healthy_decoders(&mut control, 2).await?;
+    wait_healthy(&mut control, "decoder", 2).await?;
     let scores = tokio::spawn(all((0..CALLS)
         .map(|index| {
             let mut client = client.clone();

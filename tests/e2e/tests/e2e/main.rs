@@ -12,6 +12,7 @@ mod http_fetch;
 mod http_grounding;
 mod metrics;
 mod resilience;
+mod rollout;
 mod scale_out;
 mod score;
 mod security;
