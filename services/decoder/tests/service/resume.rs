@@ -106,7 +106,7 @@ async fn a_resume_that_cannot_continue_exactly_is_refused_naming_the_field() {
     };
     let unseeded = pb::SamplingParams {
         seed: None,
-        ..seeded.clone()
+        ..seeded
     };
     let base = request(
         vec![tokens_segment(&pseudo_random_ids(1, 6))],
