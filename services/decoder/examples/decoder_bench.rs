@@ -133,6 +133,7 @@ async fn measure_streams(
     for stream in 0..streams {
         let job = GenerateJob {
             tenant: String::new(),
+            resume: Default::default(),
             prompt: prompt(ids(stream as u64 * 7919 + streams as u64, prompt_tokens)),
             sampling: SamplingParams::default(),
             stopping: StoppingRule {
