@@ -6,6 +6,7 @@
 //! gets RESOURCE_EXHAUSTED too (with a retry-later meaning), not UNAVAILABLE.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
@@ -57,6 +58,8 @@ pub struct CallContext {
     pub subject: String,
     /// Images the call carries (the encoder pool's pending-images gauge).
     pub images: u64,
+    /// The model build the request is pinned to: only replicas serving it are called (`None`: any replica).
+    pub model: Option<Arc<str>>,
 }
 
 /// The time a downstream call may take: what is left of the caller's deadline, bounded by the pool's call
@@ -97,7 +100,7 @@ impl Pool {
         let mut failures: Vec<String> = Vec::new();
         let mut all_overloaded = true;
         for attempt in 0..max_attempts {
-            let Some(replica) = self.pick(&tried) else {
+            let Some(replica) = self.pick_serving(context.model.as_deref(), &tried) else {
                 break;
             };
             tried.push(replica.clone());

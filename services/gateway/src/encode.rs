@@ -136,6 +136,7 @@ impl ImageEncoder {
             stage: "encoding the images",
             subject: format!("`prompt[{}].image.data`", image.segment),
             images: 1,
+            model: Some(model.fingerprint.clone()),
         };
         let max_message_bytes = self.max_message_bytes;
         let (embedding, mut guard) = self

@@ -32,6 +32,8 @@ pub struct Replica {
     in_flight: AtomicU64,
     calls_total: AtomicU64,
     healthy: AtomicBool,
+    /// The model build the replica serves, as its last answered probe said (`None` until then).
+    fingerprint: RwLock<Option<Arc<str>>>,
 }
 
 impl Replica {
@@ -61,6 +63,7 @@ impl Replica {
             channel,
             // Optimistic until a probe or a call says otherwise: a new replica takes traffic at once.
             healthy: AtomicBool::new(true),
+            fingerprint: RwLock::new(None),
             in_flight: AtomicU64::new(0),
             calls_total: AtomicU64::new(0),
         })
@@ -90,6 +93,31 @@ impl Replica {
     /// Whether its last probe or call succeeded.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The model build the replica serves, once a probe has answered.
+    pub fn fingerprint(&self) -> Option<Arc<str>> {
+        self.fingerprint
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records the model build a probe reported.
+    pub fn set_fingerprint(&self, fingerprint: &str) {
+        let mut known = self
+            .fingerprint
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.as_deref() != Some(fingerprint) {
+            tracing::info!(replica = %self.address, fingerprint, "replica serves model build");
+            *known = Some(Arc::from(fingerprint));
+        }
+    }
+
+    /// Whether the replica serves `model` (any replica when `None`; a replica not probed yet serves none).
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        model.is_none_or(|model| self.fingerprint().as_deref() == Some(model))
     }
 
     /// Records the outcome of a probe or a call.
@@ -274,9 +302,20 @@ impl Pool {
     /// replicas a retry already tried); when none is healthy, among all not excluded. `None` when every replica
     /// was tried.
     pub fn pick(&self, exclude: &[Arc<Replica>]) -> Option<Arc<Replica>> {
+        self.pick_serving(None, exclude)
+    }
+
+    /// [`Pool::pick`] among the replicas that serve `model` (a request pinned to one model build, see
+    /// `crate::upstream`); any replica when `None`.
+    pub fn pick_serving(
+        &self,
+        model: Option<&str>,
+        exclude: &[Arc<Replica>],
+    ) -> Option<Arc<Replica>> {
         let replicas = self.replicas();
         let allowed: Vec<&Arc<Replica>> = replicas
             .iter()
+            .filter(|replica| replica.serves(model))
             .filter(|replica| !exclude.iter().any(|tried| Arc::ptr_eq(tried, replica)))
             .collect();
         let healthy: Vec<&Arc<Replica>> =
@@ -440,6 +479,22 @@ mod tests {
         // Only unhealthy replicas left: they are still tried.
         let picked = pool.pick(&all[..2]).expect("the unhealthy one");
         assert_eq!(picked.address(), "http://127.0.0.1:3");
+    }
+
+    #[tokio::test]
+    async fn a_pinned_pick_takes_only_replicas_of_that_build() {
+        let pool = pool(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let replicas = pool.replicas();
+        replicas[0].set_fingerprint("old");
+        replicas[1].set_fingerprint("new");
+        // replicas[2] has not answered a probe: it serves no known build yet.
+        for _ in 0..20 {
+            let picked = pool.pick_serving(Some("new"), &[]).expect("a replica");
+            assert_eq!(picked.address(), "http://127.0.0.1:2");
+        }
+        assert!(pool.pick_serving(Some("new"), &[replicas[1].clone()]).is_none());
+        assert!(pool.pick_serving(Some("other"), &[]).is_none());
+        assert!(pool.pick_serving(None, &[replicas[0].clone(), replicas[1].clone()]).is_some());
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use crate::metrics::{Operation, Outcome};
 use crate::pool::Pool;
 use crate::prompt::{PrepareInput, decoder_segments};
 use crate::state::{GatewayState, within};
+use crate::upstream::ModelInfo;
 
 /// Serves one Score request.
 pub async fn score(
@@ -58,6 +59,7 @@ pub async fn score(
         "scoring",
         call_score(
             &state.upstreams.decoder,
+            &model,
             decoder_request,
             clock.deadline,
             state.limits.max_message_bytes.get(),
@@ -123,6 +125,7 @@ pub async fn score(
 /// One decoder Score through the pool's call policy (scoring has no side effects: any replica may retry it).
 async fn call_score(
     pool: &Pool,
+    model: &ModelInfo,
     request: dec::ScoreRequest,
     deadline: Option<Instant>,
     max_message_bytes: usize,
@@ -131,6 +134,7 @@ async fn call_score(
         stage: "scoring",
         subject: "refused by the decoder".into(),
         images: 0,
+        model: Some(model.fingerprint.clone()),
     };
     let (response, mut call) = pool
         .call(&context, deadline, |channel, timeout| {

@@ -2,11 +2,18 @@
 //! that into grpc.health.v1 statuses.
 //!
 //! Every `probe_interval` each replica's `Info` is called with a short timeout; the answer marks it healthy or
-//! not (calls mark it too, in between). The decoders tell the gateway the model (fingerprint, context length,
-//! image tokens); an encoder serving another fingerprint is kept out of rotation, since the decoders would refuse
-//! its embeddings. The overall status and `readiness` are SERVING once the model is known and each pool has a
-//! healthy replica, and `readiness` turns NOT_SERVING as soon as shutdown begins.
+//! not (calls mark it too, in between) and says which model build (fingerprint) it serves. The decoders tell the
+//! gateway the model (fingerprint, context length, image tokens).
+//!
+//! **Two model builds side by side** (a rollout): replicas of several fingerprints may be in the pools at once.
+//! Every request is pinned, at its start, to one build — the newest one that both pools serve (see
+//! [`choose_model`]) — and every call it makes (encode, generate, a resumption, score) goes only to replicas of
+//! that build, so embeddings of build A only ever reach decoders of A. Once a newer build is served by both pools
+//! new requests go to it and the old build's replicas only finish what they hold: they can be stopped without
+//! failing a call. The overall status and `readiness` are SERVING once the model is known and each pool has a
+//! healthy replica of it, and `readiness` turns NOT_SERVING as soon as shutdown begins.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,70 +180,100 @@ async fn probe_encoder(replica: Arc<Replica>) -> Option<enc::InfoResponse> {
 
 /// What one probe round found.
 struct Round {
+    /// The model build new requests are pinned to.
     model: Option<Arc<ModelInfo>>,
+    /// Whether an encoder serving that build answers.
     encoders_ok: bool,
+    /// Whether a decoder serving that build answers.
     decoders_ok: bool,
 }
 
-async fn probe_round(upstreams: &Upstreams, tokenizer: &KosmosTokenizer) -> Round {
+/// The probe round in which each model build was first seen (a later round: a newer build).
+type FirstSeen = HashMap<Arc<str>, u64>;
+
+async fn probe_round(
+    upstreams: &Upstreams,
+    tokenizer: &KosmosTokenizer,
+    round: u64,
+    first_seen: &mut FirstSeen,
+) -> Round {
     let decoders = upstreams.decoder.replicas();
     let encoders = upstreams.encoder.replicas();
     let (decoder_answers, encoder_answers) = tokio::join!(
         probe_all(&decoders, probe_decoder),
         probe_all(&encoders, probe_encoder),
     );
-    let mut model: Option<Arc<ModelInfo>> = None;
+    let mut models: Vec<Arc<ModelInfo>> = Vec::new();
+    let mut decoders_of: HashMap<Arc<str>, usize> = HashMap::new();
     for (replica, answer) in decoders.iter().zip(decoder_answers) {
         let Some(info) = answer else {
             replica.set_healthy(false);
             continue;
         };
         let described = ModelInfo::from_decoder(&info);
+        replica.set_fingerprint(&described.fingerprint);
         if let Err(problem) = described.check_tokenizer(tokenizer) {
             tracing::error!(replica = replica.address(), %problem, "decoder serves a model the gateway's tokenizer does not match");
             replica.set_healthy(false);
             continue;
         }
-        match &model {
-            None => {
-                replica.set_healthy(true);
-                model = Some(Arc::new(described));
-            }
-            Some(known) if known.fingerprint == described.fingerprint => replica.set_healthy(true),
-            Some(known) => {
-                tracing::warn!(
-                    replica = replica.address(),
-                    fingerprint = %described.fingerprint,
-                    expected = %known.fingerprint,
-                    "decoder serves another model build, keeping it out of rotation"
-                );
-                replica.set_healthy(false);
-            }
+        replica.set_healthy(true);
+        *decoders_of.entry(described.fingerprint.clone()).or_default() += 1;
+        if !models
+            .iter()
+            .any(|model| model.fingerprint == described.fingerprint)
+        {
+            models.push(Arc::new(described));
         }
     }
-    let mut encoders_ok = false;
+    let mut encoders_of: HashMap<Arc<str>, usize> = HashMap::new();
     for (replica, answer) in encoders.iter().zip(encoder_answers) {
-        let matches = match (&answer, &model) {
-            (Some(info), Some(model)) => *info.model_fingerprint == *model.fingerprint,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if let (Some(info), Some(model), false) = (&answer, &model, matches) {
-            tracing::warn!(
-                replica = replica.address(),
-                fingerprint = %info.model_fingerprint,
-                expected = %model.fingerprint,
-                "encoder serves another model build, keeping it out of rotation"
-            );
+        match answer {
+            Some(info) => {
+                replica.set_fingerprint(&info.model_fingerprint);
+                replica.set_healthy(true);
+                *encoders_of
+                    .entry(Arc::from(info.model_fingerprint.as_str()))
+                    .or_default() += 1;
+            }
+            None => replica.set_healthy(false),
         }
-        replica.set_healthy(matches);
-        encoders_ok |= matches;
     }
+    for model in &models {
+        first_seen.entry(model.fingerprint.clone()).or_insert(round);
+    }
+    let model = choose_model(&models, &decoders_of, &encoders_of, first_seen);
     Round {
+        encoders_ok: model
+            .as_ref()
+            .is_some_and(|model| encoders_of.contains_key(&model.fingerprint)),
         decoders_ok: model.is_some(),
         model,
-        encoders_ok,
     }
+}
+
+/// The model build new requests are pinned to, among those a decoder serves: one that both pools serve before
+/// one only the decoders serve (text-only requests still work); then the newest (first seen in a later probe
+/// round: the build being rolled out); then the one with more decoders; then the smaller fingerprint, so that
+/// every gateway started at the same time agrees.
+fn choose_model(
+    models: &[Arc<ModelInfo>],
+    decoders_of: &HashMap<Arc<str>, usize>,
+    encoders_of: &HashMap<Arc<str>, usize>,
+    first_seen: &FirstSeen,
+) -> Option<Arc<ModelInfo>> {
+    models
+        .iter()
+        .max_by_key(|model| {
+            let fingerprint = &model.fingerprint;
+            (
+                encoders_of.contains_key(fingerprint),
+                first_seen.get(fingerprint).copied().unwrap_or(0),
+                decoders_of.get(fingerprint).copied().unwrap_or(0),
+                std::cmp::Reverse(fingerprint.clone()),
+            )
+        })
+        .cloned()
 }
 
 /// Probes every replica at once (one task each); the answers in the replicas' order.
@@ -275,7 +312,10 @@ pub async fn watch(
         .min(upstreams.decoder.config().probe_interval);
     let mut last_ready: Option<bool> = None;
     let mut last_dns_refresh: Option<tokio::time::Instant> = None;
+    let mut first_seen = FirstSeen::new();
+    let mut rounds: u64 = 0;
     loop {
+        rounds += 1;
         if shutdown.is_triggered() {
             break;
         }
@@ -285,14 +325,15 @@ pub async fn watch(
             tokio::join!(upstreams.encoder.refresh(), upstreams.decoder.refresh());
             last_dns_refresh = Some(tokio::time::Instant::now());
         }
-        let round = probe_round(&upstreams, &tokenizer).await;
+        let round = probe_round(&upstreams, &tokenizer, rounds, &mut first_seen).await;
         if round.model.is_some() && round.model != upstreams.model() {
             if let Some(model) = &round.model {
                 tracing::info!(
                     fingerprint = %model.fingerprint,
+                    previous = upstreams.model().map(|previous| previous.fingerprint.to_string()),
                     context_length = model.context_length,
                     num_image_tokens = model.num_image_tokens,
-                    "model learned from the decoder pool"
+                    "new requests now go to this model build"
                 );
             }
             writer.model.send_replace(round.model.clone());
@@ -349,4 +390,76 @@ fn dns_refresh_period(upstreams: &Upstreams) -> Duration {
         })
         .min()
         .unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(fingerprint: &str) -> Arc<ModelInfo> {
+        Arc::new(ModelInfo {
+            fingerprint: Arc::from(fingerprint),
+            context_length: 2048,
+            vocab_size: 65037,
+            num_image_tokens: 64,
+            hidden_size: 2048,
+            image_placeholder_first_id: 4,
+            eos_token_id: 2,
+        })
+    }
+
+    fn counts(pairs: &[(&str, usize)]) -> HashMap<Arc<str>, usize> {
+        pairs
+            .iter()
+            .map(|(fingerprint, count)| (Arc::from(*fingerprint), *count))
+            .collect()
+    }
+
+    fn chosen(
+        models: &[Arc<ModelInfo>],
+        decoders: &[(&str, usize)],
+        encoders: &[(&str, usize)],
+        first_seen: &[(&str, u64)],
+    ) -> Option<String> {
+        let first_seen: FirstSeen = first_seen
+            .iter()
+            .map(|(fingerprint, round)| (Arc::from(*fingerprint), *round))
+            .collect();
+        choose_model(models, &counts(decoders), &counts(encoders), &first_seen)
+            .map(|model| model.fingerprint.to_string())
+    }
+
+    #[test]
+    fn the_newest_build_both_pools_serve_takes_new_requests() {
+        let models = [model("old"), model("new")];
+        let seen = [("old", 1), ("new", 7)];
+        // The new build's decoders are up, its encoders not yet: the old build keeps serving.
+        assert_eq!(
+            chosen(&models, &[("old", 2), ("new", 1)], &[("old", 2)], &seen).as_deref(),
+            Some("old")
+        );
+        // Both pools serve the new build: it takes new requests, even with fewer replicas.
+        assert_eq!(
+            chosen(&models, &[("old", 2), ("new", 1)], &[("old", 2), ("new", 1)], &seen).as_deref(),
+            Some("new")
+        );
+        // No encoder at all: the newest build the decoders serve (text-only requests still work).
+        assert_eq!(chosen(&models, &[("old", 2), ("new", 1)], &[], &seen).as_deref(), Some("new"));
+        assert_eq!(chosen(&[], &[], &[], &[]), None);
+    }
+
+    #[test]
+    fn builds_first_seen_together_go_by_decoders_then_by_fingerprint() {
+        let models = [model("b"), model("a")];
+        let seen = [("a", 1), ("b", 1)];
+        assert_eq!(
+            chosen(&models, &[("a", 1), ("b", 3)], &[("a", 1), ("b", 1)], &seen).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            chosen(&models, &[("a", 2), ("b", 2)], &[("a", 1), ("b", 1)], &seen).as_deref(),
+            Some("a"),
+            "every gateway breaks the tie the same way"
+        );
+    }
 }

@@ -137,6 +137,7 @@ pub async fn start(
         "waiting for the decoder",
         open_stream(
             &state.upstreams.decoder,
+            &model,
             decoder_request.clone(),
             clock.deadline,
             state.limits.max_message_bytes.get(),
@@ -268,6 +269,7 @@ fn sampling(params: &ValidParams) -> dec::SamplingParams {
 /// Opens a decoder stream, trying another replica while none has answered.
 async fn open_stream(
     pool: &Pool,
+    model: &ModelInfo,
     request: dec::GenerateRequest,
     deadline: Option<Instant>,
     max_message_bytes: usize,
@@ -276,6 +278,7 @@ async fn open_stream(
         stage: "waiting for the decoder",
         subject: "refused by the decoder".into(),
         images: 0,
+        model: Some(model.fingerprint.clone()),
     };
     pool.call(&context, deadline, |channel, timeout| {
         let mut client = dec::decoder_client::DecoderClient::new(channel)
@@ -463,6 +466,7 @@ impl Generation {
             "waiting for the decoder",
             open_stream(
                 &self.state.upstreams.decoder,
+                &self.model,
                 request,
                 deadline,
                 self.state.limits.max_message_bytes.get(),
