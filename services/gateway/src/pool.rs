@@ -492,9 +492,15 @@ mod tests {
             let picked = pool.pick_serving(Some("new"), &[]).expect("a replica");
             assert_eq!(picked.address(), "http://127.0.0.1:2");
         }
-        assert!(pool.pick_serving(Some("new"), &[replicas[1].clone()]).is_none());
+        assert!(
+            pool.pick_serving(Some("new"), &[replicas[1].clone()])
+                .is_none()
+        );
         assert!(pool.pick_serving(Some("other"), &[]).is_none());
-        assert!(pool.pick_serving(None, &[replicas[0].clone(), replicas[1].clone()]).is_some());
+        assert!(
+            pool.pick_serving(None, &[replicas[0].clone(), replicas[1].clone()])
+                .is_some()
+        );
     }
 
     #[tokio::test]

@@ -218,7 +218,9 @@ async fn probe_round(
             continue;
         }
         replica.set_healthy(true);
-        *decoders_of.entry(described.fingerprint.clone()).or_default() += 1;
+        *decoders_of
+            .entry(described.fingerprint.clone())
+            .or_default() += 1;
         if !models
             .iter()
             .any(|model| model.fingerprint == described.fingerprint)
@@ -440,11 +442,20 @@ mod tests {
         );
         // Both pools serve the new build: it takes new requests, even with fewer replicas.
         assert_eq!(
-            chosen(&models, &[("old", 2), ("new", 1)], &[("old", 2), ("new", 1)], &seen).as_deref(),
+            chosen(
+                &models,
+                &[("old", 2), ("new", 1)],
+                &[("old", 2), ("new", 1)],
+                &seen
+            )
+            .as_deref(),
             Some("new")
         );
         // No encoder at all: the newest build the decoders serve (text-only requests still work).
-        assert_eq!(chosen(&models, &[("old", 2), ("new", 1)], &[], &seen).as_deref(), Some("new"));
+        assert_eq!(
+            chosen(&models, &[("old", 2), ("new", 1)], &[], &seen).as_deref(),
+            Some("new")
+        );
         assert_eq!(chosen(&[], &[], &[], &[]), None);
     }
 
