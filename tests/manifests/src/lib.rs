@@ -192,6 +192,7 @@ impl Manifests {
         add("resources", self.check_resources(profile));
         add("upstreams", self.check_gateway_upstreams());
         add("shutdown", self.check_shutdown());
+        add("rollout", self.check_rollout());
         add("scaledobject-shape", self.check_scaled_object_shape());
         add("service-monitors", self.check_service_monitors());
         add("metric-names", self.check_metric_names(catalogue));
@@ -752,6 +753,57 @@ impl Manifests {
                     "{}/{}: terminationGracePeriodSeconds {grace} < preStop sleep {sleep} + drain timeout {drain}",
                     d.namespace, d.name
                 ));
+            }
+        }
+        problems
+    }
+
+    /// A new model build rolls out without an outage (k8s/README.md, section 2): the encoder and decoder
+    /// Deployments roll one new pod at a time without taking an old one away first (`RollingUpdate`,
+    /// `maxUnavailable: 0`), and the headless Services the gateways resolve select no build-specific label
+    /// (`app.kubernetes.io/version`, `pod-template-hash`), so pods of both builds (a rolling update, or a second
+    /// Deployment with the same name and part-of labels) are replicas the gateways find and pin requests to.
+    pub fn check_rollout(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for d in &self.deployments {
+            if !matches!(Self::component(d).as_str(), "encoder" | "decoder") {
+                continue;
+            }
+            let strategy = d.object.spec.as_ref().and_then(|s| s.strategy.as_ref());
+            let kind = strategy
+                .and_then(|s| s.type_.as_deref())
+                .unwrap_or("RollingUpdate");
+            let max_unavailable = strategy
+                .and_then(|s| s.rolling_update.as_ref())
+                .and_then(|r| r.max_unavailable.clone());
+            let keeps_capacity = matches!(&max_unavailable, Some(IntOrString::Int(0)))
+                || matches!(&max_unavailable, Some(IntOrString::String(v)) if v == "0%" || v == "0");
+            if kind != "RollingUpdate" || !keeps_capacity {
+                problems.push(format!(
+                    "Deployment {}/{}: strategy {kind} with maxUnavailable {max_unavailable:?}: a rollout must add \
+                     a new pod before it takes an old one away (RollingUpdate, maxUnavailable 0)",
+                    d.namespace, d.name
+                ));
+            }
+        }
+        for s in &self.services {
+            let Some(spec) = s.object.spec.as_ref() else {
+                continue;
+            };
+            if spec.cluster_ip.as_deref() != Some("None") {
+                continue;
+            }
+            for key in ["app.kubernetes.io/version", "pod-template-hash"] {
+                if spec
+                    .selector
+                    .as_ref()
+                    .is_some_and(|selector| selector.contains_key(key))
+                {
+                    problems.push(format!(
+                        "Service {}/{} selects on `{key}`: the gateways would not find the other model build's pods",
+                        s.namespace, s.name
+                    ));
+                }
             }
         }
         problems

@@ -346,6 +346,39 @@ fn a_grace_period_shorter_than_the_drain_is_caught() {
     );
 }
 
+// rollout
+
+#[test]
+fn a_rollout_that_drops_capacity_or_hides_a_build_is_caught() {
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "Deployment", "kosmos-decoder")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] =
+                json!(1)
+        },
+        Manifests::check_rollout,
+        "a rollout must add a new pod before it takes an old one away",
+    );
+    assert_caught(
+        "dev",
+        |docs| {
+            object(docs, "Deployment", "kosmos-encoder")["spec"]["strategy"] =
+                json!({"type": "Recreate"})
+        },
+        Manifests::check_rollout,
+        "strategy Recreate",
+    );
+    assert_caught(
+        "prod",
+        |docs| {
+            object(docs, "Service", "kosmos-encoder")["spec"]["selector"]["app.kubernetes.io/version"] =
+                json!("0.1.0")
+        },
+        Manifests::check_rollout,
+        "selects on `app.kubernetes.io/version`",
+    );
+}
+
 // scaledobject-shape
 
 #[test]
