@@ -136,6 +136,30 @@ impl Process {
         format!("http://{}", self.addr)
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the process now (`VmRSS` in `/proc/<pid>/status`), in bytes.
+    pub fn resident_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("the process is not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .context("no VmRSS line")?;
+        Ok(kib * 1024)
+    }
+
     /// Whether the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -16,6 +16,7 @@ mod rollout;
 mod scale_out;
 mod score;
 mod security;
+mod soak;
 
 use kosmos_proto::v1 as pb;
 

@@ -1,0 +1,207 @@
+//! A soak: mixed load (streams, unary generations, scores, new images) for `KOSMOS_SOAK_SECONDS` (default 60)
+//! while replicas are killed (SIGKILL) or stopped (SIGTERM) at random and started again, one at a time. Every call
+//! is accounted for and ends OK (one replica of each pool always serves), seeded generations keep their tokens, the
+//! gateway's memory stays flat, and at the end no decoder holds a sequence or a KV block and no gateway slot is
+//! taken.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kosmos_e2e::process::ProcessCluster;
+use kosmos_e2e::{image, text, tiny_model_dir};
+use kosmos_proto::decoder::v1 as dec;
+use kosmos_proto::v1 as pb;
+use tokio::sync::Mutex;
+
+use crate::faults::{Delivered, all, replica_binary, sampled, score, stream, unary, wait_healthy};
+use crate::{distinct_png, greedy_request};
+
+const REQUESTS: usize = 6;
+const WORKERS: usize = 4;
+
+/// A deterministic pseudo-random schedule (xorshift), so that a failing soak can be replayed.
+struct Schedule(u64);
+
+impl Schedule {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soak_with_random_kills_and_restarts_accounts_for_every_call() -> anyhow::Result<()> {
+    let seconds: u64 = std::env::var("KOSMOS_SOAK_SECONDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(60);
+    let model = tiny_model_dir();
+    // A small embedding cache, full within seconds: the gateway's memory then has no reason to grow.
+    let gateway_overrides = ["cache.capacity_bytes=4194304".to_string()];
+    let mut cluster =
+        ProcessCluster::start(replica_binary(), &model, 2, 2, &[], &gateway_overrides).await?;
+    let client = cluster.gateway.client().await?;
+    let mut control = client.clone();
+    let clean: Vec<Delivered> = all((0..REQUESTS)
+        .map(|index| unary(client.clone(), sampled(index)))
+        .collect())
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
+    let clean = Arc::new(clean);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Mutex::new((0usize, Vec::<String>::new())));
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..WORKERS {
+        let (client, clean, stop, outcomes) = (
+            client.clone(),
+            clean.clone(),
+            stop.clone(),
+            outcomes.clone(),
+        );
+        workers.spawn(async move {
+            let mut calls = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let index = (worker + calls) % REQUESTS;
+                let outcome = match calls % 4 {
+                    0 => stream(client.clone(), sampled(index), Default::default())
+                        .await
+                        .map(|got| (got.ids != clean[index].ids).then_some("other tokens")),
+                    1 => unary(client.clone(), sampled(index))
+                        .await
+                        .map(|got| (got.ids != clean[index].ids).then_some("other tokens")),
+                    2 => client.clone().score(score(index)).await.map(|_| None),
+                    _ => {
+                        let picture = distinct_png((worker * 1_000_000 + calls) as u32);
+                        let request = greedy_request(vec![image(picture), text("An image of")], 4);
+                        client.clone().generate(request).await.map(|_| None)
+                    }
+                };
+                let mut outcomes = outcomes.lock().await;
+                outcomes.0 += 1;
+                match outcome {
+                    Ok(None) => {}
+                    Ok(Some(problem)) => outcomes
+                        .1
+                        .push(format!("worker {worker} call {calls}: {problem}")),
+                    Err(status) => outcomes
+                        .1
+                        .push(format!("worker {worker} call {calls}: {status:?}")),
+                }
+                calls += 1;
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let mut schedule = Schedule(0x5eed_0f_50a4);
+    let mut memory = Vec::new();
+    let mut faults = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        memory.push(cluster.gateway.resident_bytes()?);
+        let decoder = schedule.next(2) == 0;
+        let index = schedule.next(2) as usize;
+        let (pool, process) = if decoder {
+            ("decoder", &mut cluster.decoders[index])
+        } else {
+            ("encoder", &mut cluster.encoders[index])
+        };
+        if schedule.next(2) == 0 {
+            process.kill();
+        } else {
+            process.terminate()?;
+            let status = process.wait_exit(Duration::from_secs(60)).await?;
+            assert!(
+                status.success(),
+                "{pool} {index} exited cleanly on SIGTERM: {status}"
+            );
+        }
+        faults += 1;
+        tokio::time::sleep(Duration::from_millis(200 + schedule.next(800))).await;
+        process.restart()?;
+        process.wait_serving("", Duration::from_secs(120)).await?;
+        wait_healthy(&mut control, pool, 2).await?;
+        tokio::time::sleep(Duration::from_millis(200 + schedule.next(800))).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    while let Some(done) = workers.join_next().await {
+        done?;
+    }
+    memory.push(cluster.gateway.resident_bytes()?);
+
+    let outcomes = outcomes.lock().await;
+    eprintln!(
+        "soak: {seconds} s, {faults} faults, {} calls, gateway memory {:?} MiB",
+        outcomes.0,
+        memory.iter().map(|bytes| bytes >> 20).collect::<Vec<_>>()
+    );
+    assert!(
+        outcomes.1.is_empty(),
+        "{} of {} calls failed: {:#?}",
+        outcomes.1.len(),
+        outcomes.0,
+        outcomes.1
+    );
+    assert!(
+        outcomes.0 >= WORKERS * 4,
+        "the load ran: {} calls",
+        outcomes.0
+    );
+    // Flat: the second half's peak within 64 MiB of the first half's (the cache and pools warm up in the first).
+    let half = memory.len() / 2;
+    let first = memory[..half.max(1)].iter().max().copied().unwrap_or(0);
+    let second = memory[half..].iter().max().copied().unwrap_or(0);
+    assert!(
+        second <= first + (64 << 20),
+        "the gateway's memory grew from {} MiB to {} MiB",
+        first >> 20,
+        second >> 20
+    );
+
+    // Nothing held at the end: no gateway slot or pool call, no decoder sequence or KV block.
+    let mut settled = false;
+    for _ in 0..100 {
+        let stats = control
+            .get_model_info(pb::GetModelInfoRequest::default())
+            .await?
+            .into_inner()
+            .stats
+            .unwrap_or_default();
+        let pools = [
+            stats.encoder.unwrap_or_default(),
+            stats.decoder.unwrap_or_default(),
+        ];
+        if stats.requests_in_flight == 0
+            && pools
+                .iter()
+                .all(|pool| pool.in_flight == 0 && pool.pending == 0)
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        settled,
+        "the gateway still holds calls after the load stopped"
+    );
+    for decoder in &cluster.decoders {
+        let mut client = dec::decoder_client::DecoderClient::connect(decoder.endpoint()).await?;
+        let info = client.info(dec::InfoRequest {}).await?.into_inner();
+        assert_eq!(
+            (
+                info.running_sequences,
+                info.waiting_requests,
+                info.kv_blocks_used
+            ),
+            (0, 0, 0),
+            "decoder {} holds nothing: {info:?}",
+            decoder.endpoint()
+        );
+    }
+    Ok(())
+}
