@@ -98,7 +98,7 @@ async fn a_soak_with_random_kills_and_restarts_accounts_for_every_call() -> anyh
     }
 
     let started = Instant::now();
-    let mut schedule = Schedule(0x5eed_0f_50a4);
+    let mut schedule = Schedule(0x5eed_50a4);
     let mut memory = Vec::new();
     let mut faults = 0;
     while started.elapsed() < Duration::from_secs(seconds) {
