@@ -82,6 +82,7 @@ else
 fi
 
 say() { echo "$*" | tee -a "$log"; }
+export scratch out python bin_dir device dtype streams new_tokens
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND with its output in the log, records status and seconds.
 step() {
@@ -89,7 +90,13 @@ step() {
     shift 2
     say "== $name (limit ${limit}s, at $((SECONDS - started_all))s)"
     started=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    if declare -F "$1" >/dev/null; then
+        # A shell function: timeout runs programs, so the function goes to a child bash (with the variables below
+        # exported).
+        timeout --kill-after=10 "$limit" bash -c "$(declare -f "$1"); $(printf '%q ' "$@")" >>"$log" 2>&1
+    else
+        timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    fi
     rc=$?
     say "== $name: exit $rc in $((SECONDS - started))s"
     printf '{"step": "%s", "exit": %d, "seconds": %d}\n' "$name" "$rc" "$((SECONDS - started))" >>"$steps"
@@ -144,7 +151,11 @@ if [[ $device != cpu ]]; then
 fi
 
 env_info() {
-    { nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || true; } | tee "$out/gpu.txt"
+    if command -v nvidia-smi >/dev/null; then
+        { nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || true; } | tee "$out/gpu.txt"
+    else
+        echo "no GPU (no nvidia-smi): device $device" | tee "$out/gpu.txt"
+    fi
     "$python" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
     for b in "$scratch"/bin/*; do
         echo "$(basename "$b"):"
@@ -163,6 +174,8 @@ if [[ -z "$model" ]]; then
     model="$scratch/kosmos2-random"
     step model 240 "$python" tools/reference/make_bench_model.py "$model" --shape kosmos2 --device "$device"
 fi
+
+export model
 
 # ---------------------------------------------------------------------------------------------------- tests
 # The whole model crate's unit tests: the paged ops' CUDA tests (CUDA vs the CPU op in f32, f16 and bf16; a
