@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -38,10 +38,27 @@ impl Kind {
     }
 }
 
-/// A free loopback port (bound once and released: another process could take it in between, which on a test
-/// machine does not happen in practice).
+/// A free loopback port for a process, below Linux's ephemeral range (32768–60999). A process keeps its port
+/// across restarts, and while it is down nothing else may take that port: the OS hands out ports for `127.0.0.1:0`
+/// (what every in-process test binds) only from the ephemeral range, and within this test binary each port is
+/// handed out once.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Start where another test binary running at the same time is unlikely to be.
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 500) as u16 * 20,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2_000 {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        anyhow::ensure!(port < 32_768, "no free port left below the ephemeral range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port found below the ephemeral range")
 }
 
 /// One service process on a fixed loopback port; restartable on the same port; killed when dropped.

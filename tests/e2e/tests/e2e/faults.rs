@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kosmos_e2e::process::{Process, ProcessCluster};
@@ -13,6 +13,7 @@ use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 use kosmos_proto::v1::kosmos_client::KosmosClient;
 use kosmos_testkit::metrics as prom;
+use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -163,6 +164,85 @@ pub(crate) async fn all<T: Send + 'static>(
         .into_iter()
         .map(|result| result.expect("every call answered"))
         .collect()
+}
+
+/// Steady mixed load until stopped: callers each cycling through a seeded stream and a seeded unary Generate (both
+/// compared with the fault-free `clean` answers), a Score, and a caption of a new image (so the encoders work: the
+/// embedding cache cannot answer it). Every call is counted; a failed or different one is recorded.
+pub(crate) struct MixedLoad {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<(usize, Vec<String>)>>,
+    workers: JoinSet<()>,
+}
+
+impl MixedLoad {
+    /// Starts `workers` callers cycling through the requests `sampled(0..clean.len())`.
+    pub(crate) fn start(
+        client: &KosmosClient<Channel>,
+        clean: Vec<Delivered>,
+        workers: usize,
+    ) -> Self {
+        let clean = Arc::new(clean);
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new((0usize, Vec::new())));
+        let mut set = JoinSet::new();
+        for worker in 0..workers {
+            let (client, clean, stop, outcomes) = (
+                client.clone(),
+                clean.clone(),
+                stop.clone(),
+                outcomes.clone(),
+            );
+            set.spawn(async move {
+                let mut calls = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let index = (worker + calls) % clean.len();
+                    let differs =
+                        |got: Delivered| (got.ids != clean[index].ids).then_some("other tokens");
+                    let outcome = match calls % 4 {
+                        0 => stream(client.clone(), sampled(index), Default::default())
+                            .await
+                            .map(differs),
+                        1 => unary(client.clone(), sampled(index)).await.map(differs),
+                        2 => client.clone().score(score(index)).await.map(|_| None),
+                        _ => {
+                            let picture = distinct_png((worker * 1_000_000 + calls) as u32);
+                            let request =
+                                greedy_request(vec![image(picture), text("An image of")], 4);
+                            client.clone().generate(request).await.map(|_| None)
+                        }
+                    };
+                    let mut outcomes = outcomes.lock().await;
+                    outcomes.0 += 1;
+                    match outcome {
+                        Ok(None) => {}
+                        Ok(Some(problem)) => outcomes
+                            .1
+                            .push(format!("worker {worker} call {calls}: {problem}")),
+                        Err(status) => outcomes
+                            .1
+                            .push(format!("worker {worker} call {calls}: {status:?}")),
+                    }
+                    calls += 1;
+                }
+            });
+        }
+        Self {
+            stop,
+            outcomes,
+            workers: set,
+        }
+    }
+
+    /// Stops the callers after their current call; the number of calls and the failures.
+    pub(crate) async fn stop(mut self) -> anyhow::Result<(usize, Vec<String>)> {
+        self.stop.store(true, Ordering::SeqCst);
+        while let Some(done) = self.workers.join_next().await {
+            done?;
+        }
+        let outcomes = self.outcomes.lock().await;
+        Ok((outcomes.0, outcomes.1.clone()))
+    }
 }
 
 /// Sequences running or waiting on a decoder process now.

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::distinct_png;
-use crate::faults::{Delivered, all, replica_binary, sampled, score, stream, unary, wait_healthy};
+use crate::faults::{Delivered, MixedLoad, all, replica_binary, sampled, unary, wait_healthy};
 use crate::greedy_request;
 
 /// Distinct seeded requests the load cycles through.
@@ -39,57 +39,7 @@ async fn a_rolling_restart_of_every_replica_under_steady_load_fails_no_call() ->
     .await
     .into_iter()
     .collect::<Result<_, _>>()?;
-    let clean = Arc::new(clean);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..WORKERS {
-        let (client, clean, stop, failures) = (
-            client.clone(),
-            clean.clone(),
-            stop.clone(),
-            failures.clone(),
-        );
-        workers.spawn(async move {
-            let mut calls = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                let index = (worker + calls) % REQUESTS;
-                let outcome = match calls % 4 {
-                    0 => stream(client.clone(), sampled(index), Default::default())
-                        .await
-                        .map(|delivered| {
-                            (delivered.ids != clean[index].ids).then_some("other tokens")
-                        }),
-                    1 => unary(client.clone(), sampled(index))
-                        .await
-                        .map(|delivered| {
-                            (delivered.ids != clean[index].ids).then_some("other tokens")
-                        }),
-                    2 => client.clone().score(score(index)).await.map(|_| None),
-                    _ => {
-                        // A new image each time: the encoders work (the embedding cache cannot answer).
-                        let picture = distinct_png((worker * 100_000 + calls) as u32);
-                        let request = greedy_request(vec![image(picture), text("An image of")], 4);
-                        client.clone().generate(request).await.map(|_| None)
-                    }
-                };
-                match outcome {
-                    Ok(None) => {}
-                    Ok(Some(problem)) => failures
-                        .lock()
-                        .await
-                        .push(format!("worker {worker} call {calls}: {problem}")),
-                    Err(status) => failures
-                        .lock()
-                        .await
-                        .push(format!("worker {worker} call {calls}: {status:?}")),
-                }
-                calls += 1;
-            }
-            calls
-        });
-    }
+    let load = MixedLoad::start(&client, clean, WORKERS);
 
     let replicas = [
         ("decoder", 0),
@@ -114,12 +64,7 @@ async fn a_rolling_restart_of_every_replica_under_steady_load_fails_no_call() ->
         wait_healthy(&mut control, pool, 2).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut calls = 0;
-    while let Some(done) = workers.join_next().await {
-        calls += done?;
-    }
-    let failures = failures.lock().await;
+    let (calls, failures) = load.stop().await?;
     assert!(
         failures.is_empty(),
         "{} of {calls} calls failed: {failures:#?}",

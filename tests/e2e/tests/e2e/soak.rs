@@ -4,18 +4,14 @@
 //! gateway's memory stays flat, and at the end no decoder holds a sequence or a KV block and no gateway slot is
 //! taken.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kosmos_e2e::process::ProcessCluster;
-use kosmos_e2e::{image, text, tiny_model_dir};
+use kosmos_e2e::tiny_model_dir;
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
-use tokio::sync::Mutex;
 
-use crate::faults::{Delivered, all, replica_binary, sampled, score, stream, unary, wait_healthy};
-use crate::{distinct_png, greedy_request};
+use crate::faults::{Delivered, MixedLoad, all, replica_binary, sampled, unary, wait_healthy};
 
 const REQUESTS: usize = 6;
 const WORKERS: usize = 4;
@@ -51,51 +47,7 @@ async fn a_soak_with_random_kills_and_restarts_accounts_for_every_call() -> anyh
     .await
     .into_iter()
     .collect::<Result<_, _>>()?;
-    let clean = Arc::new(clean);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcomes = Arc::new(Mutex::new((0usize, Vec::<String>::new())));
-    let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..WORKERS {
-        let (client, clean, stop, outcomes) = (
-            client.clone(),
-            clean.clone(),
-            stop.clone(),
-            outcomes.clone(),
-        );
-        workers.spawn(async move {
-            let mut calls = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                let index = (worker + calls) % REQUESTS;
-                let outcome = match calls % 4 {
-                    0 => stream(client.clone(), sampled(index), Default::default())
-                        .await
-                        .map(|got| (got.ids != clean[index].ids).then_some("other tokens")),
-                    1 => unary(client.clone(), sampled(index))
-                        .await
-                        .map(|got| (got.ids != clean[index].ids).then_some("other tokens")),
-                    2 => client.clone().score(score(index)).await.map(|_| None),
-                    _ => {
-                        let picture = distinct_png((worker * 1_000_000 + calls) as u32);
-                        let request = greedy_request(vec![image(picture), text("An image of")], 4);
-                        client.clone().generate(request).await.map(|_| None)
-                    }
-                };
-                let mut outcomes = outcomes.lock().await;
-                outcomes.0 += 1;
-                match outcome {
-                    Ok(None) => {}
-                    Ok(Some(problem)) => outcomes
-                        .1
-                        .push(format!("worker {worker} call {calls}: {problem}")),
-                    Err(status) => outcomes
-                        .1
-                        .push(format!("worker {worker} call {calls}: {status:?}")),
-                }
-                calls += 1;
-            }
-        });
-    }
+    let load = MixedLoad::start(&client, clean, WORKERS);
 
     let started = Instant::now();
     let mut schedule = Schedule(0x5eed_50a4);
@@ -127,30 +79,22 @@ async fn a_soak_with_random_kills_and_restarts_accounts_for_every_call() -> anyh
         wait_healthy(&mut control, pool, 2).await?;
         tokio::time::sleep(Duration::from_millis(200 + schedule.next(800))).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    while let Some(done) = workers.join_next().await {
-        done?;
-    }
+    let (calls, failures) = load.stop().await?;
     memory.push(cluster.gateway.resident_bytes()?);
 
-    let outcomes = outcomes.lock().await;
     eprintln!(
         "soak: {seconds} s, {faults} faults, {} calls, gateway memory {:?} MiB",
-        outcomes.0,
+        calls,
         memory.iter().map(|bytes| bytes >> 20).collect::<Vec<_>>()
     );
     assert!(
-        outcomes.1.is_empty(),
+        failures.is_empty(),
         "{} of {} calls failed: {:#?}",
-        outcomes.1.len(),
-        outcomes.0,
-        outcomes.1
+        failures.len(),
+        calls,
+        failures
     );
-    assert!(
-        outcomes.0 >= WORKERS * 4,
-        "the load ran: {} calls",
-        outcomes.0
-    );
+    assert!(calls >= WORKERS * 4, "the load ran: {} calls", calls);
     // Flat: the second half's peak within 64 MiB of the first half's (the cache and pools warm up in the first).
     let half = memory.len() / 2;
     let first = memory[..half.max(1)].iter().max().copied().unwrap_or(0);
