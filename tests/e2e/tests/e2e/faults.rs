@@ -166,6 +166,19 @@ pub(crate) async fn all<T: Send + 'static>(
         .collect()
 }
 
+/// The fault-free answers to `sampled(0..count)`, generated concurrently.
+pub(crate) async fn fault_free(
+    client: &KosmosClient<Channel>,
+    count: usize,
+) -> anyhow::Result<Vec<Delivered>> {
+    Ok(all((0..count)
+        .map(|index| unary(client.clone(), sampled(index)))
+        .collect())
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?)
+}
+
 /// Steady mixed load until stopped: callers each cycling through a seeded stream and a seeded unary Generate (both
 /// compared with the fault-free `clean` answers), a Score, and a caption of a new image (so the encoders work: the
 /// embedding cache cannot answer it). Every call is counted; a failed or different one is recorded.
@@ -317,12 +330,7 @@ async fn killing_a_decoder_or_an_encoder_mid_way_loses_no_call() -> anyhow::Resu
     let mut control = client.clone();
 
     // Fault-free: what every call gives.
-    let clean: Vec<Delivered> = all((0..CALLS)
-        .map(|index| unary(client.clone(), sampled(index)))
-        .collect())
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
+    let clean = fault_free(&client, CALLS).await?;
     let long = clean
         .iter()
         .filter(|delivered| delivered.ids.len() >= 40)

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::distinct_png;
-use crate::faults::{Delivered, MixedLoad, all, replica_binary, sampled, unary, wait_healthy};
+use crate::faults::{MixedLoad, all, fault_free, replica_binary, wait_healthy};
 use crate::greedy_request;
 
 /// Distinct seeded requests the load cycles through.
@@ -33,12 +33,7 @@ async fn a_rolling_restart_of_every_replica_under_steady_load_fails_no_call() ->
     let mut cluster = ProcessCluster::start(replica_binary(), &model, 2, 2, &[], &[]).await?;
     let client = cluster.gateway.client().await?;
     let mut control = client.clone();
-    let clean: Vec<Delivered> = all((0..REQUESTS)
-        .map(|index| unary(client.clone(), sampled(index)))
-        .collect())
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
+    let clean = fault_free(&client, REQUESTS).await?;
     let load = MixedLoad::start(&client, clean, WORKERS);
 
     let replicas = [

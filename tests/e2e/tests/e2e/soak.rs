@@ -11,7 +11,7 @@ use kosmos_e2e::tiny_model_dir;
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 
-use crate::faults::{Delivered, MixedLoad, all, replica_binary, sampled, unary, wait_healthy};
+use crate::faults::{MixedLoad, fault_free, replica_binary, wait_healthy};
 
 const REQUESTS: usize = 6;
 const WORKERS: usize = 4;
@@ -41,12 +41,7 @@ async fn a_soak_with_random_kills_and_restarts_accounts_for_every_call() -> anyh
         ProcessCluster::start(replica_binary(), &model, 2, 2, &[], &gateway_overrides).await?;
     let client = cluster.gateway.client().await?;
     let mut control = client.clone();
-    let clean: Vec<Delivered> = all((0..REQUESTS)
-        .map(|index| unary(client.clone(), sampled(index)))
-        .collect())
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
+    let clean = fault_free(&client, REQUESTS).await?;
     let load = MixedLoad::start(&client, clean, WORKERS);
 
     let started = Instant::now();
