@@ -539,8 +539,8 @@ mod tests {
         ] {
             let mut worst = 0f32;
             for (heads, head_dim, block_size) in GEOMETRIES {
-                let scenario =
-                    Scenario::random(&mut rng, heads, head_dim, block_size, 1 + rng.below(6));
+                let sequences = 1 + rng.below(6);
+                let scenario = Scenario::random(&mut rng, heads, head_dim, block_size, sequences);
                 let all: Vec<usize> = (0..scenario.seqs.len()).collect();
                 let on_cpu = scenario.attend(&scenario.pool(&Device::Cpu, dtype), dtype, &all);
                 let on_cuda = scenario.attend(&scenario.pool(&cuda, dtype), dtype, &all);
