@@ -4,11 +4,17 @@
 //!
 //! When every attempt found its replica saturated (RESOURCE_EXHAUSTED), the pool is overloaded and the caller
 //! gets RESOURCE_EXHAUSTED too (with a retry-later meaning), not UNAVAILABLE.
+//!
+//! Retries are spaced by exponential backoff with full jitter (the n-th retry waits a uniform time up to
+//! `retry_backoff · 2ⁿ⁻¹`, at most 32 × `retry_backoff`, never past the deadline) and rationed by the pool's retry
+//! budget (`retry_budget_percent` of the calls, over 10 s, plus 10 a second), so that callers of a sick pool do
+//! not multiply its load. A call that finds no replica at all waits for one ([`Pool::wait_for_replica`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use tonic::Code;
 
 use crate::error::RequestError;
@@ -99,8 +105,44 @@ impl Pool {
         let mut tried = Vec::new();
         let mut failures: Vec<String> = Vec::new();
         let mut all_overloaded = true;
+        let mut budget_spent = false;
+        let mut waited = None;
+        self.deposit_call();
         for attempt in 0..max_attempts {
-            let Some(replica) = self.pick_serving(context.model.as_deref(), &tried) else {
+            if attempt > 0 {
+                if !self.may_retry() {
+                    budget_spent = true;
+                    tracing::warn!(
+                        pool = self.name(),
+                        "retry budget spent: not retrying (the pool fails too many calls)"
+                    );
+                    break;
+                }
+                let wait = backoff(self.config().retry_backoff, attempt);
+                let wait = match deadline {
+                    Some(at) => wait.min(at.saturating_duration_since(Instant::now())),
+                    None => wait,
+                };
+                tokio::time::sleep(wait).await;
+            }
+            let model = context.model.as_deref();
+            let picked = match self.pick_serving(model, &tried) {
+                Some(replica) => Some(replica),
+                // No replica serves the request at all (none tried yet): wait for one to come.
+                None if tried.is_empty() => {
+                    let started = Instant::now();
+                    let found = self
+                        .wait_for_replica(model, context.images, deadline)
+                        .await;
+                    waited = Some(started.elapsed());
+                    found
+                }
+                None => None,
+            };
+            let Some(replica) = picked else {
+                if deadline.is_some_and(|at| Instant::now() >= at) {
+                    return Err(RequestError::DeadlineExceeded(context.stage));
+                }
                 break;
             };
             tried.push(replica.clone());
@@ -142,9 +184,18 @@ impl Pool {
             // The caller sees the code and the replica's message, never the replica's address (logged above).
             failures.push(format!("{:?}: {}", status.code(), status.message()));
         }
-        let message = match failures.last() {
-            Some(last) => format!("{} ({last})", context.subject),
-            None => format!("{} (no replica)", context.subject),
+        let message = match (failures.last(), waited) {
+            (Some(last), _) if budget_spent => format!(
+                "{} ({last}; not retried: the pool's retry budget is spent)",
+                context.subject
+            ),
+            (Some(last), _) => format!("{} ({last})", context.subject),
+            (None, Some(waited)) => format!(
+                "{} (no replica; waited {:.1} s for one)",
+                context.subject,
+                waited.as_secs_f64()
+            ),
+            (None, None) => format!("{} (no replica)", context.subject),
         };
         if all_overloaded && !failures.is_empty() {
             return Err(RequestError::PoolOverloaded {
@@ -159,9 +210,31 @@ impl Pool {
     }
 }
 
+/// The wait before retry `attempt` (1, 2, …): uniform in [0, `base` · 2^(attempt-1)], capped at 32 × `base`.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.saturating_sub(1).min(5));
+    if ceiling.is_zero() {
+        return Duration::ZERO;
+    }
+    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_its_ceiling_up_to_32_times_the_base() {
+        let base = Duration::from_millis(10);
+        for attempt in 1..12 {
+            let ceiling = Duration::from_millis(10 << (attempt - 1).min(5));
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(base, attempt)).collect();
+            assert!(waits.iter().all(|wait| *wait <= ceiling), "attempt {attempt}");
+            // Full jitter: the waits spread over the range rather than sitting at its top.
+            assert!(waits.iter().any(|wait| *wait < ceiling / 2), "attempt {attempt}");
+        }
+        assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
+    }
 
     #[test]
     fn call_timeouts_take_the_tighter_bound_and_refuse_a_passed_deadline() {

@@ -67,6 +67,14 @@ pub mod names {
     pub const POOL_FAILURES: &str = "kosmos.gateway.pool.failures";
     /// `kosmos_gateway_pool_retries_total`
     pub const POOL_RETRIES: &str = "kosmos.gateway.pool.retries";
+    /// `kosmos_gateway_pool_retries_refused_total`
+    pub const POOL_RETRIES_REFUSED: &str = "kosmos.gateway.pool.retries_refused";
+    /// `kosmos_gateway_pool_waiting_requests`
+    pub const POOL_WAITING_REQUESTS: &str = "kosmos.gateway.pool.waiting_requests";
+    /// `kosmos_gateway_pool_ejected_replicas`
+    pub const POOL_EJECTED_REPLICAS: &str = "kosmos.gateway.pool.ejected_replicas";
+    /// `kosmos_gateway_pool_ejections_total`
+    pub const POOL_EJECTIONS: &str = "kosmos.gateway.pool.ejections";
     /// `kosmos_gateway_embedding_cache_queries_total`
     pub const CACHE_QUERIES: &str = "kosmos.gateway.embedding_cache.queries";
     /// `kosmos_gateway_embedding_cache_hits_total`
@@ -323,7 +331,7 @@ const fn pool(read: fn(&PoolStats) -> u64) -> Read {
 }
 
 /// Every instrument observed at scrape time.
-const OBSERVED: [Observed; 17] = [
+const OBSERVED: [Observed; 21] = [
     Observed {
         name: names::INFLIGHT_BYTES,
         help: "Request bytes held by calls now (bounded by limits.max_inflight_bytes).",
@@ -428,5 +436,31 @@ const OBSERVED: [Observed; 17] = [
         help: "Calls retried on another replica of the pool.",
         kind: Kind::Counter,
         read: pool(|p| p.retries_total),
+    },
+    Observed {
+        name: names::POOL_RETRIES_REFUSED,
+        help: "Retries not made because the pool's retry budget (`retry_budget_percent` of its calls, plus 10 a \
+               second) was spent.",
+        kind: Kind::Counter,
+        read: pool(|p| p.retries_refused_total),
+    },
+    Observed {
+        name: names::POOL_WAITING_REQUESTS,
+        help: "Calls waiting for the pool to have a replica serving their model build (scaled to zero, or every \
+               replica gone), at most `limits.max_waiting_for_replica_seconds`; also counted as pending.",
+        kind: Kind::Gauge,
+        read: pool(|p| p.waiting),
+    },
+    Observed {
+        name: names::POOL_EJECTED_REPLICAS,
+        help: "Replicas of the pool out of rotation for failing call after call (`eject_after_failures`).",
+        kind: Kind::Gauge,
+        read: pool(|p| u64::from(p.ejected_replicas)),
+    },
+    Observed {
+        name: names::POOL_EJECTIONS,
+        help: "Ejections of the pool's replicas for failing call after call.",
+        kind: Kind::Counter,
+        read: pool(|p| p.ejections_total),
     },
 ];

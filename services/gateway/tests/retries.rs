@@ -93,14 +93,20 @@ async fn start_fake(behaviour: Behaviour) -> (SocketAddr, Arc<AtomicU64>) {
 
 fn pool(addrs: &[SocketAddr], max_attempts: u32) -> Pool {
     let config = PoolConfig {
-        discovery: Discovery::Static(addrs.iter().map(|addr| format!("http://{addr}")).collect()),
         connect_timeout: Duration::from_secs(1),
         call_timeout: Some(Duration::from_secs(5)),
         max_attempts: NonZeroU32::new(max_attempts).expect("non-zero"),
-        probe_interval: Duration::from_secs(1),
-        tls: None,
+        ..PoolConfig::with_discovery(Discovery::Static(
+            addrs.iter().map(|addr| format!("http://{addr}")).collect(),
+        ))
     };
-    Pool::new("encoder", config).expect("pool")
+    let pool = Pool::new("encoder", config).expect("pool");
+    // What the gateway's probe round records before any call: every fake serves model build "fp" (calls are
+    // pinned to the request's build, and a replica not probed yet serves none).
+    for replica in pool.replicas().iter() {
+        replica.set_fingerprint("fp");
+    }
+    pool
 }
 
 fn model() -> ModelInfo {
@@ -154,6 +160,68 @@ async fn an_encode_that_fails_on_one_replica_is_retried_on_another() {
         failed < 8,
         "a failed replica leaves the rotation until it answers again (tried {failed} times)"
     );
+}
+
+#[tokio::test]
+async fn a_replica_whose_calls_keep_failing_is_ejected_though_its_probe_answers() {
+    // The fake's `Info` answers while its `Encode` fails: a half-broken replica (a GPU throwing errors).
+    let (sick, sick_calls) = start_fake(Behaviour::Down).await;
+    let (healthy, healthy_calls) = start_fake(Behaviour::Healthy).await;
+    let pool = pool(&[sick, healthy], 2);
+    let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
+    for seed in 0..40 {
+        // What a probe round does between calls: `Info` answered, so both replicas are healthy again.
+        for replica in pool.replicas().iter() {
+            replica.set_healthy(true);
+        }
+        encoder
+            .embeddings(&[image(seed)], &model(), None, "")
+            .await
+            .expect("retried on the healthy replica");
+    }
+    let eject_after = PoolConfig::with_discovery(Discovery::Static(Vec::new()))
+        .eject_after_failures
+        .expect("ejection is on by default")
+        .get();
+    assert_eq!(
+        sick_calls.load(Ordering::SeqCst),
+        u64::from(eject_after),
+        "after {eject_after} failures in a row the replica is out of rotation, probes notwithstanding"
+    );
+    assert_eq!(healthy_calls.load(Ordering::SeqCst), 40);
+    let stats = pool.stats();
+    assert_eq!((stats.ejected_replicas, stats.ejections_total), (1, 1));
+}
+
+#[tokio::test]
+async fn a_pool_with_no_replica_of_the_model_waits_then_is_unavailable() {
+    let (healthy, healthy_calls) = start_fake(Behaviour::Healthy).await;
+    let config = PoolConfig {
+        max_wait_for_replica: Duration::from_millis(400),
+        ..PoolConfig::with_discovery(Discovery::Static(vec![format!("http://{healthy}")]))
+    };
+    let pool = Pool::new("encoder", config).expect("pool");
+    // Not probed yet: the replica serves no known build, so the call waits for one, then gives up.
+    let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
+    let started = std::time::Instant::now();
+    let err = encoder
+        .embeddings(&[image(0)], &model(), None, "")
+        .await
+        .expect_err("no replica of build fp");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("waited"), "{err}");
+    // A probe tells the build while a call waits: the call proceeds.
+    let waiting = tokio::spawn({
+        let encoder = encoder.clone();
+        async move { encoder.embeddings(&[image(1)], &model(), None, "").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!((pool.stats().waiting, pool.stats().pending), (1, 1));
+    pool.replicas()[0].set_fingerprint("fp");
+    waiting.await.expect("joined").expect("encoded once the replica came");
+    assert_eq!(healthy_calls.load(Ordering::SeqCst), 1);
+    assert_eq!((pool.stats().waiting, pool.stats().pending), (0, 0));
 }
 
 #[tokio::test]
@@ -253,17 +321,10 @@ async fn with_every_replica_full_the_pool_is_overloaded_and_stays_in_rotation() 
 
 #[tokio::test]
 async fn a_dns_name_is_resolved_into_replicas() {
-    let config = PoolConfig {
-        discovery: Discovery::Dns {
-            name: "localhost:50999".into(),
-            refresh: Duration::from_secs(1),
-        },
-        connect_timeout: Duration::from_secs(1),
-        call_timeout: None,
-        max_attempts: NonZeroU32::MIN,
-        probe_interval: Duration::from_secs(1),
-        tls: None,
-    };
+    let config = PoolConfig::with_discovery(Discovery::Dns {
+        name: "localhost:50999".into(),
+        refresh: Duration::from_secs(1),
+    });
     let pool = Pool::new("decoder", config).expect("pool");
     assert!(
         pool.replicas().is_empty(),

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The most `limits.max_resumptions` may be: a request that lost more decoders than this is not going to succeed.
 const MAX_RESUMPTIONS: u32 = 16;
 
+/// The longest `limits.max_waiting_for_replica_seconds`: a GPU node and a model load take minutes, not hours.
+const MAX_WAITING_FOR_REPLICA: Duration = Duration::from_secs(3600);
+
 /// `[limits]`, as `kosmos.v1.Limits` publishes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,6 +69,11 @@ pub struct RawLimits {
     pub stream_idle_timeout: Duration,
     /// Most times one generation is resumed on another decoder after its replica failed mid-stream (0: never).
     pub max_resumptions: u32,
+    /// How long a call waits for a replica when its pool has none that serves the model (a pool scaled to zero,
+    /// or every replica gone): it waits as a pending call, the signal that wakes the pool. The caller's deadline
+    /// bounds it too.
+    #[serde(rename = "max_waiting_for_replica_seconds", with = "seconds")]
+    pub max_waiting_for_replica: Duration,
 }
 
 impl Default for RawLimits {
@@ -95,6 +103,7 @@ impl Default for RawLimits {
             max_deadline: Duration::from_secs(1800),
             stream_idle_timeout: Duration::from_secs(60),
             max_resumptions: 3,
+            max_waiting_for_replica: Duration::from_secs(3),
         }
     }
 }
@@ -152,6 +161,8 @@ pub struct Limits {
     pub stream_idle_timeout: Duration,
     /// Most resumptions of one generation on another decoder (`limits.max_resumptions`).
     pub max_resumptions: u32,
+    /// Longest wait for a replica of a pool that has none (`limits.max_waiting_for_replica_seconds`).
+    pub max_waiting_for_replica: Duration,
 }
 
 impl Limits {
@@ -236,6 +247,16 @@ pub(super) fn limits(
             format!("must be <= {MAX_RESUMPTIONS}, got {}", raw.max_resumptions),
         ));
     }
+    if raw.max_waiting_for_replica > MAX_WAITING_FOR_REPLICA {
+        return Err(invalid(
+            "limits.max_waiting_for_replica_seconds",
+            format!(
+                "must be <= {} (an hour), got {}",
+                MAX_WAITING_FOR_REPLICA.as_secs(),
+                raw.max_waiting_for_replica.as_secs_f64()
+            ),
+        ));
+    }
     if raw.stream_idle_timeout.is_zero() {
         return Err(invalid("limits.stream_idle_timeout_seconds", "must be > 0"));
     }
@@ -291,5 +312,6 @@ pub(super) fn limits(
         max_deadline,
         stream_idle_timeout: raw.stream_idle_timeout,
         max_resumptions: raw.max_resumptions,
+        max_waiting_for_replica: raw.max_waiting_for_replica,
     })
 }

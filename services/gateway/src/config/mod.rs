@@ -13,6 +13,10 @@
 //! call_timeout_seconds = 0.0            # 0: only the caller's deadline bounds a call
 //! max_attempts = 3                      # every call may be retried on another replica before any answer
 //! probe_interval_seconds = 1.0
+//! retry_budget_percent = 20.0           # retries add at most 20 % to the calls (+ 10 a second)
+//! retry_backoff_seconds = 0.025         # full-jitter exponential backoff between attempts, from this base
+//! eject_after_failures = 5              # calls failing in a row that eject a replica (0: never)
+//! ejection_seconds = 30.0               # a first ejection; doubled each time after, at most 10 times
 //!
 //! [decoder]
 //! endpoints = ["http://10.0.0.8:50053"]
@@ -26,7 +30,11 @@
 //! max_deadline_seconds = 1800.0        # longer deadlines are shortened to this (0: no bound)
 //! stream_idle_timeout_seconds = 60.0   # a stream whose caller stops reading ends, its decoder work freed
 //! max_resumptions = 3                  # a generation whose decoder fails mid-stream resumes on another (0: never)
+//! max_waiting_for_replica_seconds = 3.0 # a call to a pool with no replica waits (pending) this long for one
 //! # … every limit of `Limits` in kosmos.v1
+//!
+//! [health]
+//! ready_without_decoders = false       # true: `readiness` SERVING with no decoder (a pool that scales to zero)
 //!
 //! [cache]
 //! capacity_bytes = 268435456           # 0 disables the embedding cache (partitioned by API key)
@@ -116,6 +124,17 @@ pub struct RawConfig {
     pub auth: RawAuth,
     /// `[http]`: the OpenAI-compatible API.
     pub http: RawHttp,
+    /// `[health]`: what the gateway's readiness means.
+    pub health: RawHealth,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    /// `readiness` is SERVING even while no decoder serves (the decoder pool scales to zero and the requests
+    /// that wake it must reach the gateway); by default the gateway is ready while its decoder pool serves.
+    pub ready_without_decoders: bool,
 }
 
 impl Default for RawConfig {
@@ -137,6 +156,7 @@ impl Default for RawConfig {
             cache: RawCache::default(),
             auth: RawAuth::default(),
             http: RawHttp::default(),
+            health: RawHealth::default(),
         }
     }
 }
@@ -186,6 +206,8 @@ pub struct GatewayConfig {
     pub api_keys_file: Option<PathBuf>,
     /// `[http]`.
     pub http: HttpConfig,
+    /// `health.ready_without_decoders`.
+    pub ready_without_decoders: bool,
 }
 
 impl GatewayConfig {
@@ -203,8 +225,8 @@ impl TryFrom<RawConfig> for GatewayConfig {
         let server = ServerSettings::from_raw(&raw.server, &raw.grpc, &raw.metrics, &raw.tls)?;
         Ok(Self {
             model_dir: required_path("model_dir", &raw.model_dir)?,
-            encoder: pool::pool(raw.encoder, "encoder")?,
-            decoder: pool::pool(raw.decoder, "decoder")?,
+            encoder: pool::pool(raw.encoder, "encoder", raw.limits.max_waiting_for_replica)?,
+            decoder: pool::pool(raw.decoder, "decoder", raw.limits.max_waiting_for_replica)?,
             limits: limits::limits(raw.limits, server.max_message_bytes)?,
             cache_capacity_bytes: raw.cache.capacity_bytes,
             stream_buffer_messages: positive(
@@ -214,6 +236,7 @@ impl TryFrom<RawConfig> for GatewayConfig {
             http: http::http(raw.http)?,
             server,
             api_keys_file: kosmos_runtime::reload::optional_path(&raw.auth.api_keys_file),
+            ready_without_decoders: raw.health.ready_without_decoders,
         })
     }
 }
