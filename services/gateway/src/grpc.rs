@@ -18,7 +18,7 @@ use crate::error::RequestError;
 use crate::generate::{self, RequestClock};
 use crate::metrics::GatewayStats;
 use crate::metrics::Operation;
-use crate::pool::PoolStats;
+use crate::pool::{PoolHealth, PoolStats};
 use crate::score;
 use crate::state::{GatewayState, deadline_of};
 
@@ -233,6 +233,15 @@ fn wire_pool(name: &str, stats: &PoolStats) -> pb::PoolStats {
         calls_total: stats.calls_total,
         failures_total: stats.failures_total,
         retries_total: stats.retries_total,
+        waiting: stats.waiting,
+        ejected_replicas: stats.ejected_replicas,
+        retries_refused_total: stats.retries_refused_total,
+        state: match stats.health() {
+            PoolHealth::Serving => pb::PoolState::Serving,
+            PoolHealth::Degraded => pb::PoolState::Degraded,
+            PoolHealth::Down => pb::PoolState::Down,
+            PoolHealth::Empty => pb::PoolState::Empty,
+        } as i32,
     }
 }
 

@@ -29,7 +29,7 @@ pub async fn score(
 ) -> Result<pb::ScoreResponse, RequestError> {
     let _permit = state.admit()?;
     let quota = state.admit_caller(&caller)?;
-    let model = state.model()?;
+    let model = state.wait_model(clock.deadline).await?;
     tracing::info_span!("gateway.validate")
         .in_scope(|| validate_candidates(&request.candidates, &state.limits))?;
     let input = PrepareInput {

@@ -53,7 +53,7 @@ impl GatewayHandle {
         )
     }
 
-    /// Waits until both pools answer and the model is known, or `timeout`; returns whether it is ready.
+    /// Waits until both pools serve the model, or `timeout`; returns whether they do.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         self.state.upstreams.wait_ready(timeout).await
     }
@@ -133,12 +133,17 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
         }
         None => None,
     };
-    let watcher = follow_pools(Arc::clone(&state), writer, Arc::clone(&registry), model);
+    let watcher = follow_pools(
+        Arc::clone(&state),
+        writer,
+        Arc::clone(&registry),
+        model,
+        config.ready_without_decoders,
+    );
     let mut service = Service::new("gateway", config.server.clone(), registry)?
         .byte_budget(Arc::clone(&state.budget))
         .add_service(kosmos)
-        .watch(watcher)
-        .not_live_until_ready();
+        .watch(watcher);
     if let Some((listen, router)) = http_api {
         service = service.http(listen, router);
     }
@@ -151,13 +156,14 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> Result<(), StartE
     Ok(bind(config).await?.0.serve(shutdown).await?)
 }
 
-/// Health follows the probes of both pools (not serving until both answer); `kosmos_build_info` names the model
-/// the decoders serve once they have described it.
+/// Health follows the probes of both pools (see `crate::upstream`); `kosmos_build_info` names the model the
+/// decoders serve once they have described it.
 fn follow_pools(
     state: Arc<GatewayState>,
     writer: UpstreamsWriter,
     registry: Arc<Registry>,
     model: String,
+    ready_without_decoders: bool,
 ) -> Watcher {
     watcher(move |health, shutdown| async move {
         health.set_status(SERVICE_NAME, false).await;
@@ -181,6 +187,7 @@ fn follow_pools(
             state.tokenizer.clone(),
             health,
             shutdown,
+            ready_without_decoders,
         );
         // The probes end at shutdown; the model watch ends with them.
         tokio::select! {

@@ -104,6 +104,25 @@ impl GatewayState {
             .ok_or_else(|| RequestError::NotReady("no decoder replica has answered yet".into()))
     }
 
+    /// The model for a request: while no decoder has described it yet, waits for one (as a pending call of the
+    /// decoder pool, see [`crate::upstream::Upstreams::wait_model`]); UNAVAILABLE if none came, DEADLINE_EXCEEDED
+    /// if the deadline passed first.
+    pub async fn wait_model(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Arc<ModelInfo>, RequestError> {
+        match self.upstreams.wait_model(deadline).await {
+            Some(model) => Ok(model),
+            None if deadline.is_some_and(|at| std::time::Instant::now() >= at) => {
+                Err(RequestError::DeadlineExceeded("waiting for a decoder replica"))
+            }
+            None => Err(RequestError::NotReady(format!(
+                "no decoder replica has answered (waited {:.1} s: limits.max_waiting_for_replica_seconds)",
+                self.upstreams.decoder.config().max_wait_for_replica.as_secs_f64()
+            ))),
+        }
+    }
+
     /// The gateway's load now.
     pub fn stats(&self) -> GatewayStats {
         let free = self.permits.available_permits();

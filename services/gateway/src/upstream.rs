@@ -10,8 +10,15 @@
 //! [`choose_model`]) — and every call it makes (encode, generate, a resumption, score) goes only to replicas of
 //! that build, so embeddings of build A only ever reach decoders of A. Once a newer build is served by both pools
 //! new requests go to it and the old build's replicas only finish what they hold: they can be stopped without
-//! failing a call. The overall status and `readiness` are SERVING once the model is known and each pool has a
-//! healthy replica of it, and `readiness` turns NOT_SERVING as soon as shutdown begins.
+//! failing a call.
+//!
+//! **Health.** `""` (liveness) says only that the process works: it is SERVING from the start to the end, so a
+//! pool's outage never makes a kubelet restart gateways. `kosmos.v1.Kosmos` and `readiness` are SERVING while a
+//! decoder serves the model (text-only requests can be served; image requests also need an encoder, and fail
+//! fast without one); with `health.ready_without_decoders` `readiness` is SERVING regardless, for a decoder pool
+//! that scales to zero and is woken by the requests that wait for it. `readiness` turns NOT_SERVING as soon as
+//! shutdown begins. While a pool does not serve, its replicas are probed every 100 ms rather than every
+//! `probe_interval`, so a replica that comes up takes traffic at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,31 +102,42 @@ pub struct Upstreams {
     /// The decoder pool.
     pub decoder: Pool,
     model: watch::Receiver<Option<Arc<ModelInfo>>>,
-    ready: watch::Receiver<bool>,
+    serving: watch::Receiver<Serving>,
+}
+
+/// Which pools serve the model new requests are pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Serving {
+    /// An encoder of that build answers.
+    pub encoders: bool,
+    /// A decoder of that build answers.
+    pub decoders: bool,
+    /// `readiness` as published: decoders serve (or `health.ready_without_decoders`), not shutting down.
+    pub ready: bool,
 }
 
 /// The writing side of [`Upstreams`], owned by the probe task.
 #[derive(Debug)]
 pub struct UpstreamsWriter {
     model: watch::Sender<Option<Arc<ModelInfo>>>,
-    ready: watch::Sender<bool>,
+    serving: watch::Sender<Serving>,
 }
 
 impl Upstreams {
     /// Pools with no model known yet.
     pub fn new(encoder: Pool, decoder: Pool) -> (Self, UpstreamsWriter) {
         let (model_tx, model) = watch::channel(None);
-        let (ready_tx, ready) = watch::channel(false);
+        let (serving_tx, serving) = watch::channel(Serving::default());
         (
             Self {
                 encoder,
                 decoder,
                 model,
-                ready,
+                serving,
             },
             UpstreamsWriter {
                 model: model_tx,
-                ready: ready_tx,
+                serving: serving_tx,
             },
         )
     }
@@ -134,17 +152,44 @@ impl Upstreams {
         self.model.clone()
     }
 
-    /// Whether both pools answer and the model is known, now.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+    /// Which pools serve now.
+    pub fn serving(&self) -> Serving {
+        *self.serving.borrow()
     }
 
-    /// Waits until both pools answer and the model is known, or `timeout`; returns readiness.
+    /// The gateway's readiness now (the `readiness` health status).
+    pub fn is_ready(&self) -> bool {
+        self.serving().ready
+    }
+
+    /// Waits until both pools serve the model, or `timeout`; returns whether they do.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let mut ready = self.ready.clone();
-        tokio::time::timeout(timeout, ready.wait_for(|ready| *ready))
+        let mut serving = self.serving.clone();
+        tokio::time::timeout(
+            timeout,
+            serving.wait_for(|serving| serving.encoders && serving.decoders),
+        )
+        .await
+        .is_ok_and(|result| result.is_ok())
+    }
+
+    /// The model, waiting for a decoder to describe it when none has yet (a decoder pool that scales from zero)
+    /// for at most `limits.max_waiting_for_replica_seconds` and until `deadline`, counted as a pending call of
+    /// the decoder pool (the signal that wakes it). `None` when no decoder came.
+    pub async fn wait_model(&self, deadline: Option<std::time::Instant>) -> Option<Arc<ModelInfo>> {
+        if let Some(model) = self.model() {
+            return Some(model);
+        }
+        let _waiting = self.decoder.waiting(0);
+        let mut wait = self.decoder.config().max_wait_for_replica;
+        if let Some(deadline) = deadline {
+            wait = wait.min(deadline.saturating_duration_since(std::time::Instant::now()));
+        }
+        let mut changes = self.model.clone();
+        tokio::time::timeout(wait, changes.wait_for(Option::is_some))
             .await
-            .is_ok_and(|result| result.is_ok())
+            .ok()
+            .and_then(|found| found.ok().and_then(|model| model.clone()))
     }
 }
 
@@ -306,13 +351,14 @@ pub async fn watch(
     tokenizer: Arc<KosmosTokenizer>,
     health: Health,
     shutdown: Shutdown,
+    ready_without_decoders: bool,
 ) {
     let interval = upstreams
         .encoder
         .config()
         .probe_interval
         .min(upstreams.decoder.config().probe_interval);
-    let mut last_ready: Option<bool> = None;
+    let mut last: Option<Serving> = None;
     let mut last_dns_refresh: Option<tokio::time::Instant> = None;
     let mut first_seen = FirstSeen::new();
     let mut rounds: u64 = 0;
@@ -343,30 +389,19 @@ pub async fn watch(
         if shutdown.is_triggered() {
             break;
         }
-        let ready = round.decoders_ok && round.encoders_ok;
-        if last_ready != Some(ready) {
-            if ready {
-                tracing::info!("both pools answer, gateway serving");
-            } else if last_ready.is_none() {
-                tracing::info!(
-                    encoders_ok = round.encoders_ok,
-                    decoders_ok = round.decoders_ok,
-                    "waiting for both pools to answer"
-                );
-            } else {
-                tracing::warn!(
-                    encoders_ok = round.encoders_ok,
-                    decoders_ok = round.decoders_ok,
-                    "gateway not serving: a pool has no healthy replica"
-                );
-            }
-            health.set_status("", ready).await;
-            health.set_status(SERVICE_NAME, ready).await;
-            health.set_status(READINESS, ready).await;
-            writer.ready.send_replace(ready);
-            last_ready = Some(ready);
+        let serving = Serving {
+            encoders: round.encoders_ok,
+            decoders: round.decoders_ok,
+            ready: round.decoders_ok || ready_without_decoders,
+        };
+        if last != Some(serving) {
+            log_change(last, serving);
+            health.set_status(SERVICE_NAME, serving.decoders).await;
+            health.set_status(READINESS, serving.ready).await;
+            writer.serving.send_replace(serving);
+            last = Some(serving);
         }
-        let period = if ready {
+        let period = if serving.encoders && serving.decoders {
             interval
         } else {
             STARTUP_PROBE_INTERVAL.min(interval)
@@ -379,7 +414,26 @@ pub async fn watch(
     tracing::info!("shutting down, readiness off");
     health.set_not_ready().await;
     health.set_status(SERVICE_NAME, false).await;
-    writer.ready.send_replace(false);
+    writer.serving.send_modify(|serving| serving.ready = false);
+}
+
+/// Logs what changed in which pools serve.
+fn log_change(last: Option<Serving>, now: Serving) {
+    match (last, now.encoders, now.decoders) {
+        (_, true, true) => tracing::info!("both pools serve, gateway serving"),
+        (None, encoders_ok, decoders_ok) => {
+            tracing::info!(encoders_ok, decoders_ok, "waiting for both pools to answer")
+        }
+        (Some(_), true, false) => tracing::warn!(
+            ready = now.ready,
+            "no decoder serves: requests wait for one (up to limits.max_waiting_for_replica_seconds)"
+        ),
+        (Some(_), false, true) => tracing::warn!(
+            "no encoder serves: text-only requests are served, requests with images wait for one (up to \
+             limits.max_waiting_for_replica_seconds)"
+        ),
+        (Some(_), false, false) => tracing::warn!(ready = now.ready, "neither pool serves"),
+    }
 }
 
 fn dns_refresh_period(upstreams: &Upstreams) -> Duration {

@@ -202,11 +202,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     let gateway_addr = gateway.address;
-    let gateway_health = gateway.health;
     let http_addr = gateway.http_address;
     let mut services = vec![gateway, encoder, decoder];
 
-    if wait_until_ready(gateway_health, &shutdown, &services, started).await {
+    if wait_until_ready(&shutdown, &services, started).await {
         let (tls, keys) = (args.tls_cert.is_some(), args.api_keys.is_some());
         print_ready(gateway_addr, http_addr, started, tls, keys).await;
         shutdown.wait().await;
@@ -288,17 +287,17 @@ async fn print_ready(
     }
 }
 
-/// Waits until the gateway's `readiness` is SERVING (its health, as Kubernetes probes it, at `health_addr`),
-/// printing a line every few seconds; false if shutdown comes first or a service stops.
-async fn wait_until_ready(
-    health_addr: SocketAddr,
-    shutdown: &Shutdown,
-    services: &[Running],
-    started: Instant,
-) -> bool {
+/// Waits until every service's `readiness` is SERVING (its health, as Kubernetes probes it; the gateway's alone
+/// says only that the decoder serves), printing a line every few seconds; false if shutdown comes first or a
+/// service stops.
+async fn wait_until_ready(shutdown: &Shutdown, services: &[Running], started: Instant) -> bool {
     let mut last_note = Instant::now();
     loop {
-        if readiness(health_addr).await == Some(ServingStatus::Serving) {
+        let mut ready = true;
+        for service in services {
+            ready &= readiness(service.health).await == Some(ServingStatus::Serving);
+        }
+        if ready {
             return true;
         }
         if let Some(service) = services.iter().find(|service| service.task.is_finished()) {

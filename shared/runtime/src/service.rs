@@ -86,7 +86,6 @@ pub struct Service {
     watcher: Option<Watcher>,
     on_drain: Option<Box<dyn FnOnce() + Send>>,
     on_stop: Option<BoxFuture<()>>,
-    live_before_ready: bool,
     /// The proto packages of the services added: what reflection describes.
     packages: Vec<String>,
     byte_budget: Option<Arc<crate::budget::ByteBudget>>,
@@ -122,7 +121,6 @@ impl Service {
             watcher: None,
             on_drain: None,
             on_stop: None,
-            live_before_ready: true,
             packages: Vec::new(),
             byte_budget: None,
             http: None,
@@ -165,13 +163,6 @@ impl Service {
     /// Runs after the server has drained (or the drain timeout passed).
     pub fn on_stop(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
         self.on_stop = Some(Box::pin(hook));
-        self
-    }
-
-    /// The overall health status (`""`) too starts NOT_SERVING, for the watcher to turn SERVING (the gateway:
-    /// nothing answers before its pools do).
-    pub fn not_live_until_ready(mut self) -> Self {
-        self.live_before_ready = false;
         self
     }
 
@@ -336,7 +327,8 @@ impl Bound {
         } = self;
         let name = service.name;
         let health = service.health.clone();
-        health.set_status("", service.live_before_ready).await;
+        // `""` is liveness: the process works. It stays SERVING through the drain; only readiness drops.
+        health.set_status("", true).await;
         health.set_status(READINESS, false).await;
         let metrics_server = tokio::spawn(crate::metrics::serve(
             metrics_listener,

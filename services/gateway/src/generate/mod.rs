@@ -93,7 +93,7 @@ pub async fn start(
 ) -> Result<Generation, RequestError> {
     let permit = state.admit()?;
     let quota = state.admit_caller(&caller)?;
-    let model = state.model()?;
+    let model = state.wait_model(clock.deadline).await?;
     let params = tracing::info_span!("gateway.validate")
         .in_scope(|| validate_params(request.params, &state.limits, model.vocab_size))?;
     let input = PrepareInput {

@@ -179,9 +179,7 @@ async fn ready(State(api): State<Arc<HttpApi>>) -> Response {
         return axum::Json(json!({"status": "ready"})).into_response();
     }
     let mut err = ApiError::from_request(
-        &crate::error::RequestError::NotReady(
-            "the encoder and decoder pools do not both answer yet".into(),
-        ),
+        &crate::error::RequestError::NotReady("no decoder replica serves the model".into()),
         &FieldNames::default(),
     );
     err.code = Some("not_ready");
