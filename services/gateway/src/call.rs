@@ -131,9 +131,7 @@ impl Pool {
                 // No replica serves the request at all (none tried yet): wait for one to come.
                 None if tried.is_empty() => {
                     let started = Instant::now();
-                    let found = self
-                        .wait_for_replica(model, context.images, deadline)
-                        .await;
+                    let found = self.wait_for_replica(model, context.images, deadline).await;
                     waited = Some(started.elapsed());
                     found
                 }
@@ -229,9 +227,15 @@ mod tests {
         for attempt in 1..12 {
             let ceiling = Duration::from_millis(10 << (attempt - 1).min(5));
             let waits: Vec<Duration> = (0..200).map(|_| backoff(base, attempt)).collect();
-            assert!(waits.iter().all(|wait| *wait <= ceiling), "attempt {attempt}");
+            assert!(
+                waits.iter().all(|wait| *wait <= ceiling),
+                "attempt {attempt}"
+            );
             // Full jitter: the waits spread over the range rather than sitting at its top.
-            assert!(waits.iter().any(|wait| *wait < ceiling / 2), "attempt {attempt}");
+            assert!(
+                waits.iter().any(|wait| *wait < ceiling / 2),
+                "attempt {attempt}"
+            );
         }
         assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
     }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use kosmos_runtime::telemetry::TracePropagation;
 use rand::Rng;
 use tonic::service::interceptor::InterceptedService;
-use tower::retry::budget::{Budget as _, TpsBudget};
 use tonic::transport::{Channel, Endpoint};
+use tower::retry::budget::{Budget as _, TpsBudget};
 
 /// A channel to a replica that propagates the caller's trace context (`traceparent`) on every call.
 pub type UpstreamChannel = InterceptedService<Channel, TracePropagation>;
@@ -805,7 +805,10 @@ mod ejection_tests {
         assert!(replicas[0].is_ejected());
         replicas[0].set_healthy(true);
         for _ in 0..20 {
-            assert_eq!(pool.pick(&[]).expect("a replica").address(), "http://127.0.0.1:2");
+            assert_eq!(
+                pool.pick(&[]).expect("a replica").address(),
+                "http://127.0.0.1:2"
+            );
         }
         let stats = pool.stats();
         assert_eq!((stats.ejected_replicas, stats.ejections_total), (1, 1));
@@ -850,17 +853,27 @@ mod ejection_tests {
             (1, 1, 2)
         );
         replica.set_fingerprint("b");
-        let found = waiting.await.expect("joined").expect("the replica that came");
+        let found = waiting
+            .await
+            .expect("joined")
+            .expect("the replica that came");
         assert!(Arc::ptr_eq(&found, &replica));
         let stats = pool.stats();
-        assert_eq!((stats.waiting, stats.pending, stats.pending_images), (0, 0, 0));
+        assert_eq!(
+            (stats.waiting, stats.pending, stats.pending_images),
+            (0, 0, 0)
+        );
         // Nothing comes: the wait ends at `max_wait_for_replica`, or sooner at the deadline.
         let started = Instant::now();
         assert!(pool.wait_for_replica(Some("c"), 0, None).await.is_none());
         assert!(started.elapsed() >= Duration::from_millis(300));
         let started = Instant::now();
         let deadline = Some(Instant::now() + Duration::from_millis(60));
-        assert!(pool.wait_for_replica(Some("c"), 0, deadline).await.is_none());
+        assert!(
+            pool.wait_for_replica(Some("c"), 0, deadline)
+                .await
+                .is_none()
+        );
         assert!(started.elapsed() < Duration::from_millis(300));
         assert_eq!(pool.stats().waiting, 0);
     }

@@ -113,12 +113,16 @@ impl GatewayState {
     ) -> Result<Arc<ModelInfo>, RequestError> {
         match self.upstreams.wait_model(deadline).await {
             Some(model) => Ok(model),
-            None if deadline.is_some_and(|at| std::time::Instant::now() >= at) => {
-                Err(RequestError::DeadlineExceeded("waiting for a decoder replica"))
-            }
+            None if deadline.is_some_and(|at| std::time::Instant::now() >= at) => Err(
+                RequestError::DeadlineExceeded("waiting for a decoder replica"),
+            ),
             None => Err(RequestError::NotReady(format!(
                 "no decoder replica has answered (waited {:.1} s: limits.max_waiting_for_replica_seconds)",
-                self.upstreams.decoder.config().max_wait_for_replica.as_secs_f64()
+                self.upstreams
+                    .decoder
+                    .config()
+                    .max_wait_for_replica
+                    .as_secs_f64()
             ))),
         }
     }

@@ -219,7 +219,10 @@ async fn a_pool_with_no_replica_of_the_model_waits_then_is_unavailable() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!((pool.stats().waiting, pool.stats().pending), (1, 1));
     pool.replicas()[0].set_fingerprint("fp");
-    waiting.await.expect("joined").expect("encoded once the replica came");
+    waiting
+        .await
+        .expect("joined")
+        .expect("encoded once the replica came");
     assert_eq!(healthy_calls.load(Ordering::SeqCst), 1);
     assert_eq!((pool.stats().waiting, pool.stats().pending), (0, 0));
 }

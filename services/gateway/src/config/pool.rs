@@ -215,10 +215,7 @@ pub(super) fn pool(
     if raw.retry_backoff > Duration::from_secs(10) {
         return Err(invalid(
             &key("retry_backoff_seconds"),
-            format!(
-                "must be <= 10, got {}",
-                raw.retry_backoff.as_secs_f64()
-            ),
+            format!("must be <= 10, got {}", raw.retry_backoff.as_secs_f64()),
         ));
     }
     let tls = kosmos_runtime::tls::ClientTlsSettings::from_raw(&key("tls"), &raw.tls)?;
