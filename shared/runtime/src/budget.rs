@@ -6,6 +6,10 @@
 //! fit fails the call with RESOURCE_EXHAUSTED (naming the limit) and its bytes are never held. A call's bytes
 //! return to the budget when its response ends (the last message of a stream, an error, or the caller going
 //! away): the request message, its images and what is derived from them live about that long.
+//!
+//! The same budget serves an HTTP API beside the gRPC one: [`Charge`], [`ChargedBody`] and [`HeldBody::new`] let
+//! an HTTP middleware charge its request bodies (up front when `Content-Length` says how much, else as they arrive)
+//! and hold the charge until its response ends.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,13 +55,13 @@ impl ByteBudget {
         self.rejected.load(Ordering::Relaxed)
     }
 
-    fn try_take(&self, bytes: u64) -> Result<(), tonic::Status> {
+    fn try_take(&self, bytes: u64) -> Result<(), OverBudget> {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let next = used.saturating_add(bytes);
             if next > self.max {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(tonic::Status::resource_exhausted(format!(
+                return Err(OverBudget(format!(
                     "server overloaded: {used} request bytes in flight, {bytes} more would exceed `{}` ({}); \
                      retry later",
                     self.key, self.max
@@ -74,11 +78,33 @@ impl ByteBudget {
     }
 }
 
+/// A request that does not fit the budget: the message names the limit (RESOURCE_EXHAUSTED, HTTP 429).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OverBudget(pub String);
+
 /// What one call holds of the budget; returned when the last holder (request body, response body) drops.
 #[derive(Debug)]
-struct Charge {
+pub struct Charge {
     budget: Arc<ByteBudget>,
     bytes: AtomicU64,
+}
+
+impl Charge {
+    /// A call's charge, holding nothing yet.
+    pub fn new(budget: &Arc<ByteBudget>) -> Arc<Self> {
+        Arc::new(Self {
+            budget: Arc::clone(budget),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Takes `bytes` more for this call, or refuses them (nothing taken).
+    pub fn take(&self, bytes: u64) -> Result<(), OverBudget> {
+        self.budget.try_take(bytes)?;
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 impl Drop for Charge {
@@ -134,12 +160,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let charge = self.budget.as_ref().map(|budget| {
-            Arc::new(Charge {
-                budget: Arc::clone(budget),
-                bytes: AtomicU64::new(0),
-            })
-        });
+        let charge = self.budget.as_ref().map(Charge::new);
         let request = match &charge {
             Some(charge) => request.map(|body| {
                 tonic::body::Body::new(CountedBody {
@@ -182,14 +203,75 @@ impl Body for CountedBody {
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
+        if let (Some(data), Some(charge)) = (frame.data_ref(), this.charge.as_ref())
+            && let Err(over) = charge.take(data.len() as u64)
+        {
+            // Nothing more is read of this body; what it holds returns when the call ends.
+            *this.charge = None;
+            return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(over.0))));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Any request body (an HTTP API's) whose bytes past the first `prepaid` (taken up front from a
+    /// `Content-Length`) are taken from the budget as they arrive; a frame that does not fit ends the body with
+    /// [`OverBudget`], which a reader finds in its error's source chain.
+    pub struct ChargedBody<B> {
+        #[pin]
+        inner: B,
+        charge: Option<Arc<Charge>>,
+        prepaid: u64,
+    }
+}
+
+impl<B> ChargedBody<B> {
+    /// `inner` charged to `charge`, its first `prepaid` bytes already taken.
+    pub fn new(inner: B, charge: Arc<Charge>, prepaid: u64) -> Self {
+        Self {
+            inner,
+            charge: Some(charge),
+            prepaid,
+        }
+    }
+}
+
+impl<B> Body for ChargedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::service::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::service::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::service::BoxError>>> {
+        let this = self.project();
+        let frame = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
         if let (Some(data), Some(charge)) = (frame.data_ref(), this.charge.as_ref()) {
-            let bytes = data.len() as u64;
-            if let Err(status) = charge.budget.try_take(bytes) {
-                // Nothing more is read of this body; what it holds returns when the call ends.
+            let length = data.len() as u64;
+            let prepaid = length.min(*this.prepaid);
+            *this.prepaid -= prepaid;
+            if let Err(over) = charge.take(length - prepaid) {
                 *this.charge = None;
-                return Poll::Ready(Some(Err(status)));
+                return Poll::Ready(Some(Err(Box::new(over))));
             }
-            charge.bytes.fetch_add(bytes, Ordering::AcqRel);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -209,6 +291,16 @@ pin_project! {
         #[pin]
         inner: B,
         _charge: Option<Arc<Charge>>,
+    }
+}
+
+impl<B> HeldBody<B> {
+    /// `inner`, holding `charge` until it drops.
+    pub fn new(inner: B, charge: Arc<Charge>) -> Self {
+        Self {
+            inner,
+            _charge: Some(charge),
+        }
     }
 }
 
@@ -236,6 +328,70 @@ impl<B: Body> Body for HeldBody<B> {
 mod tests {
     use super::*;
 
+    /// A body of the given frames.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn frames(sizes: &[usize]) -> Frames {
+        Frames(
+            sizes
+                .iter()
+                .map(|size| Bytes::from(vec![0u8; *size]))
+                .collect(),
+        )
+    }
+
+    /// Reads `body` to its end or its first error; the bytes read.
+    fn read(body: ChargedBody<Frames>) -> Result<usize, crate::service::BoxError> {
+        let mut body = std::pin::pin!(body);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut read = 0;
+        loop {
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => read += frame.data_ref().map_or(0, Bytes::len),
+                Poll::Ready(Some(Err(err))) => return Err(err),
+                Poll::Ready(None) => return Ok(read),
+                Poll::Pending => unreachable!("the frames are all there"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_charged_body_takes_what_was_not_prepaid_and_stops_at_the_bound() {
+        let budget = ByteBudget::new(100, "limits.max_inflight_bytes");
+        // 30 bytes prepaid (a Content-Length), 50 arrive: 20 more are taken as they come.
+        let charge = Charge::new(&budget);
+        charge.take(30).expect("fits");
+        assert_eq!(
+            read(ChargedBody::new(frames(&[25, 25]), Arc::clone(&charge), 30)).ok(),
+            Some(50)
+        );
+        assert_eq!(budget.used(), 50);
+        // Another call's body over what is left fails with the limit in its error, and takes nothing more.
+        let other = Charge::new(&budget);
+        let err = read(ChargedBody::new(frames(&[40, 40]), Arc::clone(&other), 0))
+            .expect_err("over the bound");
+        let over = err.downcast_ref::<OverBudget>().expect("an OverBudget");
+        assert!(over.0.contains("limits.max_inflight_bytes"), "{over}");
+        assert_eq!(budget.used(), 90);
+        // Every charge returns its bytes when its holders drop.
+        drop(other);
+        drop(charge);
+        assert_eq!(budget.used(), 0);
+    }
+
     #[test]
     fn takes_fit_until_the_bound_and_a_charge_returns_its_bytes() {
         let budget = ByteBudget::new(100, "limits.max_inflight_bytes");
@@ -246,12 +402,7 @@ mod tests {
         budget.try_take(60).expect("fits");
         charge.bytes.fetch_add(60, Ordering::Relaxed);
         let err = budget.try_take(41).expect_err("over");
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            err.message().contains("limits.max_inflight_bytes"),
-            "{}",
-            err.message()
-        );
+        assert!(err.0.contains("limits.max_inflight_bytes"), "{}", err.0);
         assert_eq!(budget.rejected(), 1);
         budget.try_take(40).expect("exactly fits");
         budget.used.fetch_sub(40, Ordering::Relaxed);

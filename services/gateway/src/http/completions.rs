@@ -45,21 +45,38 @@ fn request_span(route: &'static str, headers: &HeaderMap) -> tracing::Span {
     span
 }
 
-/// The body, or 413 when it is over the limit.
+/// The body, or 413 when it is over the limit, or 429 when the byte budget could not take it as it arrived.
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<RequestBody, ApiError> {
-    match body {
-        Ok(bytes) => RequestBody::parse(&bytes),
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            Err(ApiError::too_large(format!(
-                "the request body is over the limit ({}); the limit is `grpc.max_message_bytes` × 4/3 (base64 images)",
-                rejection.body_text()
-            )))
-        }
-        Err(rejection) => Err(ApiError::bad_request(format!(
-            "the request body could not be read: {}",
-            rejection.body_text()
-        ))),
+    let rejection = match body {
+        Ok(bytes) => return RequestBody::parse(&bytes),
+        Err(rejection) => rejection,
+    };
+    if let Some(over) = over_budget_in(&rejection) {
+        return Err(super::over_budget(over));
     }
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return Err(ApiError::too_large(format!(
+            "the request body is over the limit ({}); the limit is `grpc.max_message_bytes` × 4/3 (base64 images)",
+            rejection.body_text()
+        )));
+    }
+    Err(ApiError::bad_request(format!(
+        "the request body could not be read: {}",
+        rejection.body_text()
+    )))
+}
+
+/// The budget refusal a body-read failure carries, if it is one (somewhere in its source chain).
+fn over_budget_in(rejection: &BytesRejection) -> Option<&kosmos_runtime::budget::OverBudget> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> =
+        std::error::Error::source(rejection);
+    while let Some(err) = source {
+        if let Some(over) = err.downcast_ref::<kosmos_runtime::budget::OverBudget>() {
+            return Some(over);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Runs a handler's work in its span and records the status.

@@ -6,7 +6,11 @@
 //! differs ([`wire`] in, [`response`] out, [`error`] for failures). A `traceparent` header is continued.
 //!
 //! Routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`,
-//! `POST /v1/score` (extension), `GET /health` (live), `GET /ready` (both pools answer).
+//! `POST /v1/score` (extension), `GET /health` (live), `GET /ready` (a decoder serves the model).
+//!
+//! Request bodies are charged to the gateway's byte budget (`limits.max_inflight_bytes`) like gRPC messages: up
+//! front when `Content-Length` says how much, else as they arrive; a body that does not fit is refused with 429
+//! before it is read, and the bytes return when the response ends (a stream's last event included).
 
 mod completions;
 mod convert;
@@ -28,6 +32,7 @@ use serde_json::json;
 
 pub use error::{ApiError, FieldNames};
 
+use kosmos_runtime::budget::{ByteBudget, Charge, ChargedBody, HeldBody, OverBudget};
 use kosmos_runtime::reload::ReloadError;
 
 use crate::auth::Caller;
@@ -70,6 +75,38 @@ pub fn has_chat_template(model_dir: &std::path::Path) -> bool {
             .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()))
 }
 
+/// Charges the request's body to the byte budget (see the module doc) and holds the charge until the response
+/// body ends.
+async fn charge_bytes(
+    State(budget): State<Arc<ByteBudget>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let charge = Charge::new(&budget);
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if let Err(over) = charge.take(declared) {
+        return over_budget(&over).into_response();
+    }
+    let request = request
+        .map(|body| axum::body::Body::new(ChargedBody::new(body, Arc::clone(&charge), declared)));
+    next.run(request)
+        .await
+        .map(|body| axum::body::Body::new(HeldBody::new(body, charge)))
+}
+
+/// 429 for a body the byte budget cannot take (a retry may fit).
+pub(crate) fn over_budget(over: &OverBudget) -> ApiError {
+    ApiError {
+        code: Some("server_overloaded"),
+        retry_after: Some(1),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, over.0.clone())
+    }
+}
+
 /// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's). Fails
 /// when `http.fetch_ca_file` cannot be read.
 pub fn router(
@@ -98,6 +135,10 @@ pub fn router(
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api.state.budget),
+            charge_bytes,
+        ))
         .with_state(api);
     Ok(router)
 }
