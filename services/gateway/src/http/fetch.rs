@@ -63,6 +63,11 @@ pub enum FetchError {
     /// Name resolution, connection or the HTTP exchange failed.
     #[error("{0}")]
     Connection(String),
+    /// A redirect from `https://` to `http://`: the image would travel in the clear after the caller asked for TLS.
+    #[error(
+        "a redirect from https:// to http:// (`{0}`) is not followed: the image would travel unencrypted"
+    )]
+    Downgrade(String),
     /// More redirects than `http.fetch_max_redirects`.
     #[error("more than {0} redirects (`http.fetch_max_redirects`)")]
     TooManyRedirects(u32),
@@ -112,7 +117,15 @@ async fn fetch_hops(
                 .get(http::header::LOCATION)
                 .and_then(|value| value.to_str().ok())
                 .ok_or_else(|| FetchError::Connection(format!("a {status} without a Location")))?;
-            uri = redirect_target(&uri, location)?;
+            let target = redirect_target(&uri, location)?;
+            if hop.https
+                && !target
+                    .scheme_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+            {
+                return Err(FetchError::Downgrade(target.to_string()));
+            }
+            uri = target;
             continue;
         }
         if !status.is_success() {

@@ -131,7 +131,8 @@ async fn image_urls_are_fetched_within_the_allowed_hosts_and_limits() -> anyhow:
 }
 
 /// An image server over TLS on a free loopback port, with the certificate `pki` issued for localhost / 127.0.0.1:
-/// one hand-written HTTP/1.1 answer per connection (the image), so the test needs no HTTP server features.
+/// one hand-written HTTP/1.1 answer per connection (the image; for `GET /down`, a redirect to a plain `http://`
+/// URL), so the test needs no HTTP server features.
 async fn tls_image_server(pki: &kosmos_e2e::pki::Pki) -> anyhow::Result<SocketAddr> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -163,6 +164,12 @@ async fn tls_image_server(pki: &kosmos_e2e::pki::Pki) -> anyhow::Result<SocketAd
                         Ok(0) | Err(_) => return,
                         Ok(read) => request.extend_from_slice(&buffer[..read]),
                     }
+                }
+                if request.starts_with(b"GET /down ") {
+                    let head = "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:9/img.png\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                    return;
                 }
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -218,6 +225,14 @@ async fn https_image_urls_are_fetched_when_the_certificate_is_trusted() -> anyho
         "{message}"
     );
     assert!(message.contains("TLS handshake"), "{message}");
+    // A redirect from https:// down to http:// is not followed.
+    let answer = chat(format!("https://127.0.0.1:{}/down", server.port())).await?;
+    assert_eq!(answer.status.as_u16(), 400);
+    let message = answer.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("from https:// to http://"), "{message}");
     cluster.shutdown().await;
     Ok(())
 }
