@@ -344,7 +344,8 @@ impl Manifests {
         problems
     }
 
-    /// Probe ports exist on the container; startup and readiness probe gRPC `readiness`, liveness the server.
+    /// Probe ports exist on the container; readiness probes gRPC `readiness`, liveness the server, startup
+    /// `readiness` on the GPU pools and the server on the gateway.
     pub fn check_probes(&self) -> Vec<String> {
         let mut problems = Vec::new();
         for d in &self.deployments {
@@ -370,7 +371,11 @@ impl Manifests {
                         continue;
                     };
                     let service = grpc.service.as_deref().unwrap_or_default();
-                    let expected = if kind == "livenessProbe" {
+                    // The gateway's startup is its process (its readiness depends on the decoder pool, which may
+                    // be down or at zero for longer than any startup probe waits); a GPU replica's startup is its
+                    // model load, which `readiness` reports.
+                    let gateway_startup = kind == "startupProbe" && Self::component(d) == "gateway";
+                    let expected = if kind == "livenessProbe" || gateway_startup {
                         ""
                     } else {
                         "readiness"

@@ -152,6 +152,16 @@ fn a_probe_on_the_wrong_health_service_is_caught() {
         Manifests::check_probes,
         "startupProbe asks for gRPC health service ``, expected `readiness`",
     );
+    // A gateway whose startup waits for readiness would be restarted by a decoder outage longer than it waits.
+    assert_caught(
+        "dev",
+        |docs| {
+            container(docs, "kosmos-gateway")["startupProbe"]["grpc"]["service"] =
+                json!("readiness")
+        },
+        Manifests::check_probes,
+        "startupProbe asks for gRPC health service `readiness`, expected ``",
+    );
 }
 
 // selectors

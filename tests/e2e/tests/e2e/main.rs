@@ -17,6 +17,7 @@ mod scale_out;
 mod score;
 mod security;
 mod soak;
+mod wake;
 
 use kosmos_proto::v1 as pb;
 

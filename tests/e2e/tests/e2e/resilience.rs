@@ -157,43 +157,142 @@ async fn killing_one_of_two_encoders_mid_run_loses_no_request() -> anyhow::Resul
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_is_serving_once_both_pools_answer_and_readiness_drops_on_shutdown()
--> anyhow::Result<()> {
-    let cluster = Cluster::start(ClusterOptions::default()).await?;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.gateway_addr))?
-            .connect()
-            .await?;
+/// The three health statuses of a gateway at `addr`: `""`, `readiness`, `kosmos.v1.Kosmos`.
+async fn health_of(addr: std::net::SocketAddr) -> anyhow::Result<[bool; 3]> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
     let mut health = HealthClient::new(channel);
-    for service in ["", "readiness", "kosmos.v1.Kosmos"] {
-        let status = health
+    let mut statuses = [false; 3];
+    for (status, service) in statuses
+        .iter_mut()
+        .zip(["", "readiness", "kosmos.v1.Kosmos"])
+    {
+        *status = health
             .check(HealthCheckRequest {
                 service: service.into(),
             })
             .await?
             .into_inner()
-            .status;
-        assert_eq!(status, ServingStatus::Serving as i32, "service `{service}`");
+            .status
+            == ServingStatus::Serving as i32;
     }
-    // With a decoder that never answers, the gateway is not serving.
-    let lonely = kosmos_gateway::GatewayConfig::load(&kosmos_runtime::config::Layers {
-        overrides: vec![
-            format!("model_dir={}", kosmos_e2e::tiny_model_dir().display()),
-            "server.listen=127.0.0.1:0".into(),
-            format!(
-                "encoder.endpoints=[\"http://{}\"]",
-                cluster.encoder_addrs[0]
-            ),
-            "decoder.endpoints=[\"http://127.0.0.1:9\"]".into(),
-            "metrics.listen=\"127.0.0.1:0\"".into(),
-        ],
+    Ok(statuses)
+}
+
+/// A gateway in this process over the given pool endpoints (plus `overrides`), served until the returned stop
+/// trips.
+async fn gateway_over(
+    encoder: &str,
+    decoder: &str,
+    overrides: &[&str],
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    kosmos_gateway::GatewayHandle,
+    kosmos_runtime::Shutdown,
+    tokio::task::JoinHandle<Result<(), kosmos_runtime::ServeError>>,
+)> {
+    let mut all = vec![
+        format!("model_dir={}", kosmos_e2e::tiny_model_dir().display()),
+        "server.listen=127.0.0.1:0".into(),
+        format!("encoder.endpoints=[\"{encoder}\"]"),
+        format!("decoder.endpoints=[\"{decoder}\"]"),
+        "encoder.probe_interval_seconds=0.2".into(),
+        "decoder.probe_interval_seconds=0.2".into(),
+        "metrics.listen=\"127.0.0.1:0\"".into(),
+    ];
+    all.extend(overrides.iter().map(|set| set.to_string()));
+    let config = kosmos_gateway::GatewayConfig::load(&kosmos_runtime::config::Layers {
+        overrides: all,
         ..Default::default()
     })?;
-    let (bound, handle) = kosmos_gateway::bind(lonely).await?;
+    let (bound, handle) = kosmos_gateway::bind(config).await?;
+    let addr = bound.local_addr();
     let stop = kosmos_runtime::Shutdown::new();
     let server = tokio::spawn(bound.serve(stop.clone()));
+    Ok((addr, handle, stop, server))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_is_the_process_and_readiness_follows_the_decoders() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    assert_eq!(health_of(cluster.gateway_addr).await?, [true, true, true]);
+    let encoder = format!("http://{}", cluster.encoder_addrs[0]);
+    let decoder = format!("http://{}", cluster.decoder_addrs[0]);
+    // With a decoder that never answers the gateway is alive but not ready, and not serving its API.
+    let (addr, handle, stop, server) = gateway_over(&encoder, "http://127.0.0.1:9", &[]).await?;
     assert!(!handle.wait_ready(Duration::from_millis(800)).await);
+    assert_eq!(health_of(addr).await?, [true, false, false]);
+    stop.trigger();
+    server.await??;
+    // A decoder pool that scales to zero: ready regardless, so the requests that wake the pool arrive.
+    let (addr, _handle, stop, server) = gateway_over(
+        &encoder,
+        "http://127.0.0.1:9",
+        &["health.ready_without_decoders=true"],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(health_of(addr).await?, [true, true, false]);
+    stop.trigger();
+    server.await??;
+    // With no encoder at all, the decoders make the gateway ready.
+    let (addr, _handle, stop, server) = gateway_over("http://127.0.0.1:9", &decoder, &[]).await?;
+    let started = std::time::Instant::now();
+    while health_of(addr).await? != [true, true, true] {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.trigger();
+    server.await??;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_encoder_text_is_served_and_images_fail_within_seconds() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let decoder = format!("http://{}", cluster.decoder_addrs[0]);
+    // Port 9 (discard) has nothing listening: an encoder pool whose every replica is gone.
+    let (addr, handle, stop, server) = gateway_over("http://127.0.0.1:9", &decoder, &[]).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = pb::kosmos_client::KosmosClient::new(channel);
+    let started = std::time::Instant::now();
+    let answer = loop {
+        match client
+            .generate(greedy_request(vec![text("A dog and a cat")], 6))
+            .await
+        {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("not yet: {status}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => anyhow::bail!("text-only request failed: {status}"),
+        }
+    };
+    assert!(answer.usage.expect("usage").completion_tokens > 0);
+    let started = std::time::Instant::now();
+    let status = client
+        .generate(greedy_request(
+            vec![image(fixture_image(IMAGE)), text("An image of")],
+            6,
+        ))
+        .await
+        .expect_err("no encoder");
+    let took = started.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(
+        status.message().contains("encoder"),
+        "the error names the pool: {status}"
+    );
+    assert!(took < Duration::from_secs(10), "failed after {took:?}");
+    assert!(
+        handle.stats().encoder.waiting == 0,
+        "no call is left waiting"
+    );
     stop.trigger();
     server.await??;
     cluster.shutdown().await;
