@@ -238,6 +238,14 @@ impl Manifests {
                     pod.grpc_port()
                 ));
             }
+            if let Some(http) = pod.http_port().filter(|_| pod.component == "gateway")
+                && self.admissions(pod, http).is_empty()
+            {
+                problems.push(format!(
+                    "{} HTTP port {http} (`http.listen`): no NetworkPolicy admits clients to the HTTP API",
+                    pod.at()
+                ));
+            }
             problems.extend(self.egress_problems(pod, &pods));
         }
         problems

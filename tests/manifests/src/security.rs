@@ -49,6 +49,13 @@ impl Pod<'_> {
             })
     }
 
+    /// `http.listen`'s port (the gateway's OpenAI-compatible API), when the API is on.
+    pub(crate) fn http_port(&self) -> Option<i32> {
+        self.str("http.listen")
+            .filter(|listen| !listen.is_empty() && *listen != "off")
+            .and_then(listen_port)
+    }
+
     /// `metrics.listen`'s port, or the default 9090.
     pub(crate) fn metrics_port(&self) -> i32 {
         self.str("metrics.listen")

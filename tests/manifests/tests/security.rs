@@ -89,6 +89,20 @@ fn a_namespace_without_default_deny_is_caught() {
 }
 
 #[test]
+fn a_gateway_http_port_no_policy_admits_is_caught() {
+    // The ingress rule of the public API without the HTTP API's port: the API would be unreachable.
+    assert_caught(
+        "prod",
+        |docs| {
+            policy_rule(docs, "kosmos-gateway", "ingress", 0)["ports"] =
+                json!([{"protocol": "TCP", "port": 50051}])
+        },
+        |m| m.check_network_policies(PROD),
+        "kosmos/kosmos-gateway HTTP port 8000 (`http.listen`): no NetworkPolicy admits clients to the HTTP API",
+    );
+}
+
+#[test]
 fn a_pool_open_to_other_sources_is_caught() {
     // Every pod of the application, not only the gateway's.
     assert_caught(
