@@ -9,10 +9,15 @@
 //!   monolithic deployment sends the whole request to one pod. Replica choice is the gateway's power of two choices
 //!   on in-flight calls among ready replicas ([`Routing::PowerOfTwo`]); a call a replica refuses (its queue is full:
 //!   RESOURCE_EXHAUSTED) is retried on another replica up to the gateway's `max_attempts` (3 encoder, 2 decoder),
-//!   then the request is dropped; with no ready replica it is dropped at once (UNAVAILABLE), as the gateway does;
+//!   then the request is dropped; a call that finds no ready replica at all (none tried yet) waits for one, as the
+//!   gateway's `Pool::wait_for_replica` does, for at most [`SimParams::max_wait_for_replica_seconds`] (the
+//!   gateway's `limits.max_waiting_for_replica_seconds`): the waiting calls of a pool go, oldest first, to the
+//!   normal send path the moment one of its pods becomes ready, and a call still waiting at its bound drops its
+//!   request (UNAVAILABLE). Callers' deadlines are not modelled (the trace has none): the bound is the only limit;
 //! - the gateway's gauges are kept as `services/gateway/src/pool.rs` keeps them: a call is pending from sent to its
 //!   first answer (an encode call's answer, a decoder stream's first token) and in flight until it ends; pending
-//!   images count the images of pending encode calls;
+//!   images count the images of pending encode calls; a call waiting for a replica is pending (with its images)
+//!   but not in flight, which is what lets KEDA's activation wake a pool at zero replicas;
 //! - each pool with a [`Scaling::Autoscaled`] spec is evaluated every `pollingInterval` on those gauges and on the
 //!   decoder-measured time to first token; new pods serve after the calibration's start-up time; a scaled-in pod
 //!   stops taking calls and terminates when its work is done (the newest pod goes first, not-yet-ready ones before
@@ -43,6 +48,12 @@ const ENCODER_MAX_ATTEMPTS: usize = 3;
 const DECODER_MAX_ATTEMPTS: usize = 2;
 /// How long after the horizon unfinished requests are given before the run stops and counts them as dropped.
 const TAIL_LIMIT_SECONDS: f64 = 86_400.0;
+/// The gateway's default `limits.max_waiting_for_replica_seconds` (`services/gateway/src/config/limits.rs`): the
+/// wait bound of the deployments as `k8s/components/keda` runs them.
+pub const DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS: f64 = 3.0;
+/// The `limits.max_waiting_for_replica_seconds` that `k8s/components/scale-to-zero` sets, long enough for a pod to
+/// start while calls wait.
+pub const SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS: f64 = 300.0;
 
 /// How the gateway picks a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,14 +110,28 @@ pub struct SimParams<'a> {
     pub seed: u64,
     /// Timeline sampling period.
     pub sample_interval_seconds: f64,
+    /// How long a call that finds no ready replica in its pool waits for one before its request is dropped
+    /// UNAVAILABLE ([`Routing::PowerOfTwo`]; the gateway's `limits.max_waiting_for_replica_seconds`):
+    /// [`DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS`] as deployed, [`SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS`] with
+    /// `k8s/components/scale-to-zero`. Zero drops at once; infinity waits until a replica comes (or the run ends);
+    /// a negative or NaN value is taken as zero.
+    pub max_wait_for_replica_seconds: f64,
 }
 
+/// What an event does when its time comes.
 #[derive(Debug, Clone, Copy)]
 enum EventKind {
+    /// A replica's encoder batching delay ran out.
     BatchTimer(usize),
+    /// A replica finished its device work.
     WorkDone(usize),
+    /// A starting pod passed its start-up time.
     PodReady(usize),
+    /// A pool's autoscaler polls.
     Autoscale(usize),
+    /// The oldest calls waiting for a replica of a pool reach their bound.
+    WaitExpired(usize),
+    /// The timeline is sampled.
     Sample,
 }
 
@@ -146,6 +171,15 @@ enum Call {
     Whole { request: u32 },
 }
 
+/// A call waiting in the gateway for a pool with no ready replica ([`Routing::PowerOfTwo`]).
+#[derive(Debug, Clone, Copy)]
+struct WaitingCall {
+    /// The call, sent as it is when a replica becomes ready.
+    call: Call,
+    /// When its request is dropped if no replica came.
+    expires_at: f64,
+}
+
 #[derive(Debug)]
 struct Pool {
     kind: PoolKind,
@@ -154,6 +188,8 @@ struct Pool {
     in_flight: u64,
     pending_images: u64,
     gateway_queue: VecDeque<Call>,
+    /// Calls waiting for a ready replica, oldest first (one bound per run: also in expiry order).
+    waiting_for_replica: VecDeque<WaitingCall>,
     scaler: Option<Autoscaler>,
     /// Decoder-measured TTFT samples (time, seconds), oldest first.
     ttft_samples: VecDeque<(f64, f64)>,
@@ -181,6 +217,8 @@ struct Sim<'a> {
     replicas: Vec<Replica>,
     states: Vec<RequestState>,
     unresolved: usize,
+    /// The next request of the trace to arrive.
+    next_request: usize,
     encode_calls: u64,
     encode_wait_seconds: f64,
 }
@@ -205,6 +243,7 @@ impl<'a> Sim<'a> {
             replicas: Vec::new(),
             states: vec![RequestState::default(); params.requests.len()],
             unresolved: params.requests.len(),
+            next_request: 0,
             encode_calls: 0,
             encode_wait_seconds: 0.0,
         };
@@ -244,6 +283,7 @@ impl<'a> Sim<'a> {
                 in_flight: 0,
                 pending_images: 0,
                 gateway_queue: VecDeque::new(),
+                waiting_for_replica: VecDeque::new(),
                 scaler,
                 ttft_samples: VecDeque::new(),
                 ttft_window,
@@ -279,30 +319,42 @@ impl<'a> Sim<'a> {
     }
 
     fn run(&mut self) {
+        while self.step() {}
+    }
+
+    /// Runs the next arrival or event; `false` when nothing is left or the tail limit is reached.
+    fn step(&mut self) -> bool {
         let requests = self.params.requests;
         let stop_at = self.params.horizon_seconds + TAIL_LIMIT_SECONDS;
-        let mut next_request = 0;
         loop {
             let next_event = self.events.peek().map(|event| event.time);
-            let next_arrival = requests.get(next_request).map(|request| request.arrival);
+            let next_arrival = requests
+                .get(self.next_request)
+                .map(|request| request.arrival);
             let take_arrival = match (next_arrival, next_event) {
                 (Some(arrival), Some(event)) => arrival <= event,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (None, None) => break,
+                (None, None) => return false,
             };
             if take_arrival {
                 self.now = next_arrival.unwrap_or(self.now);
-                self.arrive(next_request);
-                next_request += 1;
-                continue;
+                self.arrive(self.next_request);
+                self.next_request += 1;
+                return true;
             }
             let Some(event) = self.events.pop() else {
-                break;
+                return false;
             };
             if event.time > stop_at {
                 self.now = stop_at;
-                break;
+                return false;
+            }
+            // The expiry of calls a ready pod already took: dropped without moving the clock.
+            if let EventKind::WaitExpired(pool) = event.kind
+                && !self.waiting_expires_by(pool, event.time)
+            {
+                continue;
             }
             self.now = event.time;
             match event.kind {
@@ -313,8 +365,10 @@ impl<'a> Sim<'a> {
                 EventKind::WorkDone(replica) => self.work_done(replica),
                 EventKind::PodReady(replica) => self.pod_ready(replica),
                 EventKind::Autoscale(pool) => self.autoscale(pool),
+                EventKind::WaitExpired(pool) => self.waiting_expired(pool),
                 EventKind::Sample => self.sample(),
             }
+            return true;
         }
     }
 
@@ -370,10 +424,7 @@ impl<'a> Sim<'a> {
 
     /// Sends a call to a pool: the gauges count it from here.
     fn send(&mut self, pool: usize, call: Call) {
-        let images = match call {
-            Call::Encode { .. } => 1,
-            Call::Decode { .. } | Call::Whole { .. } => 0,
-        };
+        let images = call_images(call);
         match self.params.routing {
             Routing::SharedQueue => {
                 self.count_call(pool, images);
@@ -388,12 +439,11 @@ impl<'a> Sim<'a> {
                 let mut tried: Vec<usize> = Vec::new();
                 for _ in 0..attempts {
                     let Some(replica) = self.pick(pool, &tried) else {
-                        let reason = if tried.is_empty() {
-                            DropReason::Unavailable
+                        if tried.is_empty() {
+                            self.wait_for_replica(pool, call, images);
                         } else {
-                            DropReason::ResourceExhausted
-                        };
-                        self.drop_request(call_request(call), reason);
+                            self.drop_request(call_request(call), DropReason::ResourceExhausted);
+                        }
                         return;
                     };
                     if self.admits(replica, call) {
@@ -413,6 +463,61 @@ impl<'a> Sim<'a> {
         pool.pending += 1;
         pool.in_flight += 1;
         pool.pending_images += images;
+    }
+
+    /// Holds a call that found no ready replica, counted as pending (with its `images`) but not in flight, until a
+    /// pod of the pool is ready ([`Self::pod_ready`]) or the wait bound passes ([`Self::waiting_expired`]).
+    fn wait_for_replica(&mut self, pool: usize, call: Call, images: u64) {
+        let bound = self.params.max_wait_for_replica_seconds.max(0.0);
+        let expires_at = self.now + bound;
+        let counts = &mut self.pools[pool];
+        counts.pending += 1;
+        counts.pending_images += images;
+        counts
+            .waiting_for_replica
+            .push_back(WaitingCall { call, expires_at });
+        if expires_at.is_finite() {
+            self.schedule(expires_at, EventKind::WaitExpired(pool));
+        }
+    }
+
+    /// Takes the oldest waiting call of a pool off its gauges (the gateway's `WaitingGuard` dropping).
+    fn take_waiting(&mut self, pool: usize) -> Option<Call> {
+        let counts = &mut self.pools[pool];
+        let waiting = counts.waiting_for_replica.pop_front()?;
+        counts.pending -= 1;
+        counts.pending_images -= call_images(waiting.call);
+        Some(waiting.call)
+    }
+
+    /// Whether the oldest call waiting for a replica of `pool` reaches its bound by `time`.
+    fn waiting_expires_by(&self, pool: usize, time: f64) -> bool {
+        self.pools[pool]
+            .waiting_for_replica
+            .front()
+            .is_some_and(|waiting| waiting.expires_at <= time)
+    }
+
+    /// Drops the requests of the calls that waited their bound for a replica of `pool` (UNAVAILABLE).
+    fn waiting_expired(&mut self, pool: usize) {
+        while self.waiting_expires_by(pool, self.now) {
+            if let Some(call) = self.take_waiting(pool) {
+                self.drop_request(call_request(call), DropReason::Unavailable);
+            }
+        }
+    }
+
+    /// Sends the calls waiting for a replica of `pool`, oldest first, now that one is ready; a call of a request
+    /// dropped meanwhile (another of its calls was refused) is abandoned, as the gateway abandons it.
+    fn release_waiting(&mut self, pool: usize) {
+        for _ in 0..self.pools[pool].waiting_for_replica.len() {
+            let Some(call) = self.take_waiting(pool) else {
+                break;
+            };
+            if self.states[call_request(call) as usize].dropped.is_none() {
+                self.send(pool, call);
+            }
+        }
     }
 
     /// Power of two choices on in-flight calls among the pool's ready replicas not tried yet.
@@ -651,8 +756,9 @@ impl<'a> Sim<'a> {
         if self.replicas[replica].state == PodState::Starting {
             self.replicas[replica].state = PodState::Ready;
             let pool = self.replicas[replica].pool;
-            if self.params.routing == Routing::SharedQueue {
-                self.dispatch(pool);
+            match self.params.routing {
+                Routing::SharedQueue => self.dispatch(pool),
+                Routing::PowerOfTwo => self.release_waiting(pool),
             }
         }
     }
@@ -858,10 +964,196 @@ impl<'a> Sim<'a> {
     }
 }
 
+/// The images a call counts in its pool's pending images: one per encode call, none for decoder and whole-request
+/// calls.
+fn call_images(call: Call) -> u64 {
+    match call {
+        Call::Encode { .. } => 1,
+        Call::Decode { .. } | Call::Whole { .. } => 0,
+    }
+}
+
+/// The request a call belongs to.
 fn call_request(call: Call) -> u32 {
     match call {
         Call::Encode { request, .. } | Call::Decode { request } | Call::Whole { request } => {
             request
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibration::{
+        DecoderCalibration, EncoderCalibration, EncoderPoint, ServiceDistribution, StepPoint,
+    };
+
+    /// A fast encoder and decoder: a request's work takes milliseconds, far less than the waits under test.
+    fn calibration() -> Calibration {
+        Calibration {
+            name: "unit".to_owned(),
+            source: "test".to_owned(),
+            pod_startup_seconds: 0.0,
+            encoder: EncoderCalibration {
+                max_batch_images: 4,
+                max_queue_delay_seconds: 0.001,
+                max_queued_images: 64,
+                service: ServiceDistribution::Deterministic,
+                throughput: vec![EncoderPoint {
+                    batch: 1,
+                    images_per_second: 1000.0,
+                }],
+            },
+            decoder: DecoderCalibration {
+                max_running_sequences: 4,
+                max_waiting_requests: 64,
+                max_prefill_tokens_per_step: 1000,
+                prefill_tokens_per_second: 1.0e6,
+                image_tokens: 4,
+                step: vec![StepPoint {
+                    batch: 1,
+                    context: 10,
+                    ms: 1.0,
+                }],
+            },
+        }
+    }
+
+    /// One request with two images at t = 1 s.
+    fn two_image_request() -> Vec<Request> {
+        vec![Request {
+            arrival: 1.0,
+            images: 2,
+            prompt_tokens: 4,
+            output_tokens: 3,
+            image_heavy: true,
+        }]
+    }
+
+    /// A split deployment with no encoder replica and one decoder, calls waiting at most 5 s for a replica.
+    fn params<'a>(calibration: &'a Calibration, requests: &'a [Request]) -> SimParams<'a> {
+        SimParams {
+            calibration,
+            deployment: Deployment::Split {
+                encoder: Scaling::Fixed(0),
+                decoder: Scaling::Fixed(1),
+            },
+            requests,
+            horizon_seconds: 60.0,
+            routing: Routing::PowerOfTwo,
+            seed: 1,
+            sample_interval_seconds: 10.0,
+            max_wait_for_replica_seconds: 5.0,
+        }
+    }
+
+    /// The encoder pool's gauges: (pending, in flight, pending images, calls waiting for a replica).
+    fn encoder_gauges(sim: &Sim<'_>) -> (u64, u64, u64, usize) {
+        let pool = &sim.pools[0];
+        (
+            pool.pending,
+            pool.in_flight,
+            pool.pending_images,
+            pool.waiting_for_replica.len(),
+        )
+    }
+
+    /// Runs every arrival and event due at or before `time`.
+    fn run_until(sim: &mut Sim<'_>, time: f64) {
+        loop {
+            let next_arrival = sim
+                .params
+                .requests
+                .get(sim.next_request)
+                .map(|request| request.arrival);
+            let next_event = sim.events.peek().map(|event| event.time);
+            let next = match (next_arrival, next_event) {
+                (Some(arrival), Some(event)) => arrival.min(event),
+                (Some(only), None) | (None, Some(only)) => only,
+                (None, None) => return,
+            };
+            if next > time || !sim.step() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_waiting_past_its_bound_drops_its_request_unavailable() {
+        let calibration = calibration();
+        let requests = two_image_request();
+        let params = params(&calibration, &requests);
+        let mut sim = Sim::new(&params);
+        run_until(&mut sim, 1.0);
+        assert_eq!(sim.now, 1.0);
+        // Both encode calls wait: pending with their images, not in flight.
+        assert_eq!(encoder_gauges(&sim), (2, 0, 2, 2));
+        run_until(&mut sim, 5.9);
+        assert_eq!(sim.states[0].dropped, None, "dropped before its bound");
+        assert_eq!(encoder_gauges(&sim), (2, 0, 2, 2));
+        sim.run();
+        assert_eq!(encoder_gauges(&sim), (0, 0, 0, 0));
+        let decoder = &sim.pools[1];
+        assert_eq!((decoder.pending, decoder.in_flight), (0, 0));
+        let outcome = sim.finish();
+        assert_eq!(outcome.records[0].dropped, Some(DropReason::Unavailable));
+        assert_eq!(outcome.records[0].ttft, None);
+    }
+
+    #[test]
+    fn the_bound_is_when_the_request_is_dropped() {
+        let calibration = calibration();
+        let requests = two_image_request();
+        let params = params(&calibration, &requests);
+        let mut sim = Sim::new(&params);
+        // Arrival at 1 s, bound 5 s: dropped by the event at 6 s, not before.
+        while sim.states[0].dropped.is_none() && sim.step() {}
+        assert_eq!(sim.now, 6.0);
+        assert_eq!(sim.states[0].dropped, Some(DropReason::Unavailable));
+        assert_eq!(encoder_gauges(&sim), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_pod_ready_within_the_bound_takes_the_waiting_calls() {
+        let calibration = calibration();
+        let requests = two_image_request();
+        let params = params(&calibration, &requests);
+        let mut sim = Sim::new(&params);
+        let pod = sim.add_replica(0, PodState::Starting);
+        sim.schedule(3.0, EventKind::PodReady(pod));
+        run_until(&mut sim, 3.0);
+        assert_eq!(sim.now, 3.0);
+        // Sent as they were when the pod became ready: pending and in flight, no longer waiting.
+        assert_eq!(encoder_gauges(&sim), (2, 2, 2, 0));
+        assert_eq!(sim.replicas[pod].in_flight, 2);
+        sim.run();
+        assert_eq!(encoder_gauges(&sim), (0, 0, 0, 0));
+        let outcome = sim.finish();
+        let record = outcome.records[0];
+        assert_eq!(record.dropped, None);
+        // Its first token came after the 2 s it waited for the pod.
+        assert!(
+            record.ttft.is_some_and(|ttft| ttft >= 2.0),
+            "{:?}",
+            record.ttft
+        );
+    }
+
+    #[test]
+    fn a_pod_ready_after_the_bound_finds_nothing_waiting() {
+        let calibration = calibration();
+        let requests = two_image_request();
+        let params = params(&calibration, &requests);
+        let mut sim = Sim::new(&params);
+        let pod = sim.add_replica(0, PodState::Starting);
+        sim.schedule(8.0, EventKind::PodReady(pod));
+        sim.run();
+        assert_eq!(sim.replicas[pod].state, PodState::Ready);
+        assert_eq!(sim.replicas[pod].in_flight, 0);
+        assert_eq!(encoder_gauges(&sim), (0, 0, 0, 0));
+        let outcome = sim.finish();
+        assert_eq!(outcome.records[0].dropped, Some(DropReason::Unavailable));
+        assert_eq!(outcome.encode_calls, 0, "an expired call was encoded");
     }
 }

@@ -58,6 +58,9 @@ pub struct CompareParams<'a> {
     pub monolith_threshold: Option<f64>,
     /// Fixed (encoders, decoders); `None`: sized for the busiest minute.
     pub fixed: Option<(u32, u32)>,
+    /// How long a call waits for a replica of a pool that has none ready before its request is dropped
+    /// ([`SimParams::max_wait_for_replica_seconds`]; finite, >= 0).
+    pub max_wait_for_replica_seconds: f64,
 }
 
 /// One pool of a deployment, summarised.
@@ -159,6 +162,8 @@ pub struct Comparison {
     pub autoscalers: Vec<ScalerSpec>,
     /// Fixed sizing used (encoders, decoders).
     pub fixed: (u32, u32),
+    /// The gateway's wait for a replica of a pool that has none ready, seconds.
+    pub max_wait_for_replica_seconds: f64,
     /// Offered load over time.
     pub traffic: Vec<TrafficSample>,
     /// split, monolithic, fixed.
@@ -257,6 +262,14 @@ pub fn compare(params: &CompareParams<'_>) -> Result<Comparison> {
             message: format!("must be > 0, got {}", params.sample_interval_seconds),
         });
     }
+    if !(params.max_wait_for_replica_seconds.is_finite()
+        && params.max_wait_for_replica_seconds >= 0.0)
+    {
+        return Err(SimError::Params {
+            key: "max_wait_for_replica_seconds".to_owned(),
+            message: format!("must be >= 0, got {}", params.max_wait_for_replica_seconds),
+        });
+    }
     let monolith = monolith_spec(params.keda, params.monolith_threshold)?;
     let fixed = params
         .fixed
@@ -305,6 +318,7 @@ pub fn compare(params: &CompareParams<'_>) -> Result<Comparison> {
             routing: params.routing,
             seed: params.seed,
             sample_interval_seconds: params.sample_interval_seconds,
+            max_wait_for_replica_seconds: params.max_wait_for_replica_seconds,
         });
         reports.push(report(name, description, &outcome, params));
     }
@@ -324,6 +338,7 @@ pub fn compare(params: &CompareParams<'_>) -> Result<Comparison> {
             monolith,
         ],
         fixed,
+        max_wait_for_replica_seconds: params.max_wait_for_replica_seconds,
         traffic: traffic(
             params.requests,
             params.horizon_seconds,

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use kosmos_sim::cluster::{
+    DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS, SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS,
+};
 use kosmos_sim::compare::DeploymentReport;
 use kosmos_sim::{Calibration, CompareParams, KedaConfig, Routing, Slo, TraceSpec, chart, trace};
 
@@ -58,6 +61,14 @@ struct Args {
     /// Override the calibration's pod start-up time, seconds.
     #[arg(long)]
     startup: Option<f64>,
+    /// As `k8s/components/scale-to-zero` deploys: both ScaledObjects at `minReplicaCount` 0 (so the monolithic pool
+    /// too) and, unless `--max-wait-for-replica` says otherwise, a 300 s wait for a replica.
+    #[arg(long)]
+    scale_to_zero: bool,
+    /// How long the gateway holds a call (as pending) for a pool with no ready replica before it drops the request
+    /// UNAVAILABLE, seconds (`limits.max_waiting_for_replica_seconds`; default 3, or 300 with `--scale-to-zero`).
+    #[arg(long)]
+    max_wait_for_replica: Option<f64>,
     /// Timeline sampling period, seconds.
     #[arg(long, default_value_t = 60.0)]
     sample_interval: f64,
@@ -125,6 +136,15 @@ fn main() -> anyhow::Result<()> {
             ),
         }
     }
+    if args.scale_to_zero {
+        keda.encoder.min_replicas = 0;
+        keda.decoder.min_replicas = 0;
+    }
+    let max_wait_for_replica = args.max_wait_for_replica.unwrap_or(if args.scale_to_zero {
+        SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS
+    } else {
+        DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS
+    });
     let (requests, horizon) = match (&args.preset, &args.trace_spec, &args.trace) {
         (_, _, Some(path)) => {
             let requests = trace::read_trace(path)?;
@@ -158,6 +178,7 @@ fn main() -> anyhow::Result<()> {
         sample_interval_seconds: args.sample_interval,
         monolith_threshold: args.monolith_threshold,
         fixed: args.fixed,
+        max_wait_for_replica_seconds: max_wait_for_replica,
     })?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating `{}`", args.out.display()))?;
@@ -170,13 +191,15 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing `{}`", svg_path.display()))?;
 
     println!(
-        "{} requests ({} images) over {:.1} h, calibration {}, SLO TTFT <= {} s and TPOT <= {} s",
+        "{} requests ({} images) over {:.1} h, calibration {}, SLO TTFT <= {} s and TPOT <= {} s, \
+         wait for a replica <= {} s",
         comparison.requests,
         comparison.images,
         horizon / 3600.0,
         comparison.calibration,
         args.slo_ttft,
-        args.slo_tpot
+        args.slo_tpot,
+        comparison.max_wait_for_replica_seconds
     );
     println!(
         "{:<11} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9} {:>7} {:>9}",

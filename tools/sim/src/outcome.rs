@@ -8,7 +8,9 @@ use crate::keda::PoolKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
-    /// A pool had no ready replica (the gateway answers UNAVAILABLE).
+    /// A call found no ready replica in its pool and none became ready within the gateway's wait for one
+    /// (`SimParams::max_wait_for_replica_seconds`, `limits.max_waiting_for_replica_seconds`): the gateway answers
+    /// UNAVAILABLE.
     Unavailable,
     /// Every replica tried refused the call, its queue full (RESOURCE_EXHAUSTED).
     ResourceExhausted,

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use kosmos_sim::calibration::{
     DecoderCalibration, EncoderCalibration, EncoderPoint, ServiceDistribution, StepPoint,
 };
-use kosmos_sim::cluster::{DropReason, Outcome};
+use kosmos_sim::cluster::{
+    DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS, DropReason, Outcome,
+    SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS,
+};
 use kosmos_sim::keda::{Gauge, MetricType, PolicyKind, PoolKind, SelectPolicy, Signal};
 use kosmos_sim::trace::exponential;
 use kosmos_sim::{
@@ -107,6 +110,7 @@ fn an_mmc_pool_waits_as_long_as_erlang_c_says() {
         routing: Routing::SharedQueue,
         seed: 5,
         sample_interval_seconds: 3600.0,
+        max_wait_for_replica_seconds: DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS,
     });
     assert_eq!(outcome.encode_calls, 200_000);
     let simulated = outcome.encode_wait_seconds / outcome.encode_calls as f64;
@@ -139,6 +143,7 @@ fn small_comparison(seed: u64) -> String {
         sample_interval_seconds: 60.0,
         monolith_threshold: None,
         fixed: None,
+        max_wait_for_replica_seconds: DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS,
     })
     .unwrap_or_else(|err| panic!("{err}"));
     serde_json::to_string(&comparison).unwrap_or_else(|err| panic!("{err}"))
@@ -197,6 +202,7 @@ fn every_request_completes_or_is_counted_as_dropped() {
         routing: Routing::PowerOfTwo,
         seed: 2,
         sample_interval_seconds: 60.0,
+        max_wait_for_replica_seconds: DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS,
     });
     let dropped = assert_conserved(&outcome, &requests);
     assert!(
@@ -210,36 +216,128 @@ fn every_request_completes_or_is_counted_as_dropped() {
             .iter()
             .any(|r| r.dropped == Some(DropReason::ResourceExhausted))
     );
+}
 
-    // Scale to zero: a pool at zero replicas answers UNAVAILABLE, and the gateway's gauges (which count only calls
-    // sent to a replica) never wake it.
+/// `limits.max_waiting_for_replica_seconds` as `k8s/components/scale-to-zero` sets it: an independent read of the
+/// component's gateway environment, so the test follows the manifest.
+fn scale_to_zero_wait_bound() -> f64 {
+    let path = repo_root().join("k8s/components/scale-to-zero/kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{err}"));
+    let mut lines = text.lines().skip_while(|line| {
+        !line.contains("KOSMOS_GATEWAY__LIMITS__MAX_WAITING_FOR_REPLICA_SECONDS")
+    });
+    lines.next();
+    let value = lines
+        .find_map(|line| line.trim().strip_prefix("value:"))
+        .unwrap_or_else(|| panic!("{}: no value for the wait bound", path.display()));
+    value
+        .trim()
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|err| panic!("{}: `{value}`: {err}", path.display()))
+}
+
+#[test]
+fn waiting_calls_wake_an_encoder_pool_at_zero() {
+    let bound = scale_to_zero_wait_bound();
+    assert_eq!(bound, SCALE_TO_ZERO_MAX_WAIT_FOR_REPLICA_SECONDS);
+    let calibration = load_calibration("gpu-class-assumed.toml");
+    let keda = load_keda();
     let mut to_zero = keda.encoder.clone();
     to_zero.min_replicas = 0;
-    let gpu = load_calibration("gpu-class-assumed.toml");
-    let outcome = simulate(&SimParams {
-        calibration: &gpu,
-        deployment: Deployment::Split {
-            encoder: Scaling::Autoscaled(to_zero),
-            decoder: Scaling::Fixed(1),
-        },
-        requests: &requests,
-        horizon_seconds: spec.duration_seconds,
-        routing: Routing::PowerOfTwo,
-        seed: 2,
-        sample_interval_seconds: 60.0,
-    });
+    let spec = TraceSpec::preset("image-heavy", 2.0, 900.0).unwrap_or_else(|err| panic!("{err}"));
+    let requests = spec.generate(2);
+    let run = |max_wait_for_replica_seconds: f64| {
+        simulate(&SimParams {
+            calibration: &calibration,
+            deployment: Deployment::Split {
+                encoder: Scaling::Autoscaled(to_zero.clone()),
+                decoder: Scaling::Fixed(1),
+            },
+            requests: &requests,
+            horizon_seconds: spec.duration_seconds,
+            routing: Routing::PowerOfTwo,
+            seed: 2,
+            sample_interval_seconds: 15.0,
+            max_wait_for_replica_seconds,
+        })
+    };
+    let count = |outcome: &Outcome, reason: DropReason| {
+        outcome
+            .records
+            .iter()
+            .filter(|record| record.dropped == Some(reason))
+            .count()
+    };
+    let with_images: Vec<usize> = (0..requests.len())
+        .filter(|&index| requests[index].images > 0)
+        .collect();
+
+    // Held for up to 300 s, the calls of a pool at zero are pending: KEDA's activation wakes it, and the first pod
+    // serves after the start-up time.
+    let outcome = run(bound);
     let dropped = assert_conserved(&outcome, &requests);
-    let unavailable = outcome
-        .records
-        .iter()
-        .filter(|r| r.dropped == Some(DropReason::Unavailable))
-        .count();
-    let with_images = requests.iter().filter(|r| r.images > 0).count();
-    assert_eq!(
-        unavailable, with_images,
-        "every request with an image finds no encoder"
+    let encoder = &outcome.pools[0];
+    assert_eq!(encoder.kind, PoolKind::Encoder);
+    assert!(encoder.peak_replicas >= 1, "the encoder pool never woke");
+    let startup = calibration.pod_startup_seconds;
+    let first = with_images[0];
+    let first_arrival = requests[first].arrival;
+    assert!(
+        encoder
+            .timeline
+            .iter()
+            .filter(|sample| sample.time < first_arrival + startup)
+            .all(|sample| sample.ready == 0),
+        "an encoder served before a pod could start"
     );
-    assert_eq!(dropped, unavailable);
+    let first_ttft = outcome.records[first].ttft;
+    assert!(
+        first_ttft.is_some_and(|ttft| ttft >= startup && ttft < bound),
+        "the first request with an image waited for the first pod: TTFT {first_ttft:?}, start-up {startup} s"
+    );
+    let unavailable = count(&outcome, DropReason::Unavailable);
+    let exhausted = count(&outcome, DropReason::ResourceExhausted);
+    let completed_with_images = with_images
+        .iter()
+        .filter(|&&index| outcome.records[index].latency.is_some())
+        .count();
+    eprintln!(
+        "scale to zero, {bound} s wait: {} requests ({} with images): {completed_with_images} with images \
+         completed, {unavailable} UNAVAILABLE, {exhausted} RESOURCE_EXHAUSTED; encoder peak {}",
+        requests.len(),
+        with_images.len(),
+        encoder.peak_replicas
+    );
+    assert!(
+        unavailable * 10 < with_images.len(),
+        "{unavailable} UNAVAILABLE of {} requests with images",
+        with_images.len()
+    );
+    assert!(
+        completed_with_images * 2 > with_images.len(),
+        "{completed_with_images} of {} requests with images completed",
+        with_images.len()
+    );
+    assert_eq!(dropped, unavailable + exhausted);
+
+    // With the gateway's default 3 s the pool wakes too (a poll sees the calls of the last 3 s), but the calls
+    // made while its pod starts give up first.
+    let short = run(DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS);
+    assert_conserved(&short, &requests);
+    assert!(short.pools[0].peak_replicas >= 1);
+    let short_unavailable = count(&short, DropReason::Unavailable);
+    eprintln!(
+        "scale to zero, {DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS} s wait: {short_unavailable} UNAVAILABLE"
+    );
+    assert!(
+        short_unavailable > unavailable,
+        "3 s wait: {short_unavailable} UNAVAILABLE, {bound} s wait: {unavailable}"
+    );
+    assert!(
+        short.records[first].dropped == Some(DropReason::Unavailable),
+        "with a 3 s wait the first request cannot outlast the start-up time"
+    );
 }
 
 #[test]
@@ -354,6 +452,7 @@ fn a_burst_scales_the_encoder_pool_out_after_start_up_and_back_in() {
         routing: Routing::PowerOfTwo,
         seed: 1,
         sample_interval_seconds: 15.0,
+        max_wait_for_replica_seconds: DEFAULT_MAX_WAIT_FOR_REPLICA_SECONDS,
     });
     assert_conserved(&outcome, &requests);
     let encoder = &outcome.pools[0];
