@@ -143,6 +143,9 @@ pub enum StartError {
     /// `http.fetch_ca_file` could not be read or holds no certificate.
     #[error("http.fetch_ca_file: {0}")]
     FetchCa(#[source] kosmos_runtime::reload::ReloadError),
+    /// The model directory's chat template could not be read or compiled.
+    #[error(transparent)]
+    ChatTemplate(#[from] crate::http::template::TemplateError),
     /// A pool's TLS files could not be read or used.
     #[error("{pool}.tls: {source}")]
     Tls {

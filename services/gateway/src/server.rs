@@ -117,18 +117,26 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
     let kosmos = KosmosServer::new(KosmosService::new(Arc::clone(&state)))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    if config.http.listen.is_some() && crate::http::has_chat_template(&config.model_dir) {
-        tracing::warn!(
-            model_dir = %config.model_dir.display(),
-            "the model directory carries a chat template, which the HTTP API does not render: chat messages are \
-             joined in order, roles not rendered"
-        );
-    }
     let http_api = match config.http.listen {
         Some(listen) => {
-            let router =
-                crate::http::router(Arc::clone(&state), config.http.clone(), model.clone())
-                    .map_err(StartError::FetchCa)?;
+            let template = crate::http::chat_template(&config.model_dir, &state.tokenizer)
+                .map_err(StartError::ChatTemplate)?;
+            match &template {
+                Some(template) => tracing::info!(
+                    template = %template.path.display(),
+                    "the HTTP API renders chat messages with the model's chat template"
+                ),
+                None => tracing::info!(
+                    "the model directory carries no chat template: the HTTP API joins chat messages in order"
+                ),
+            }
+            let router = crate::http::router(
+                Arc::clone(&state),
+                config.http.clone(),
+                model.clone(),
+                template,
+            )
+            .map_err(StartError::FetchCa)?;
             Some((listen, router))
         }
         None => None,

@@ -99,7 +99,7 @@ async fn read_prompt(
     field: PromptField,
     clock: RequestClock,
 ) -> Result<(Vec<pb::Segment>, FieldNames), ApiError> {
-    let prompt = convert::prompt_segments(body, field)?;
+    let prompt = convert::prompt_segments(body, field, api.template.as_ref())?;
     let sources = ImageSources {
         fetch: api.config.fetch.clone(),
         max_image_bytes: api.state.limits.max_image_bytes,

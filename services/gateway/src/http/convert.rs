@@ -5,12 +5,14 @@
 //! Messages become the prompt's segments in order, each part one segment, so one user message with parts
 //! [image, text] is exactly the gRPC prompt [image, text]. KOSMOS has no chat format: several messages are
 //! joined in order (as the gRPC API joins segments: stripped, separated by one space) and roles are not
-//! rendered.
+//! rendered — unless the model directory carries a chat template, which then renders the conversation
+//! ([`super::template`]; the images go where it puts them).
 
 use kosmos_proto::v1 as pb;
 
 use super::error::{ApiError, FieldNames};
 use super::images::{ImageSource, ImageSources};
+use super::template::{ChatTemplate, IMAGE_MARKER, Rendered, TemplateMessage};
 use super::wire::{Content, Logprobs, Part, PromptInput, RequestBody, StopInput};
 
 /// What a request's `messages` or `prompt` became: the segments (images still to be read) and the JSON names
@@ -45,16 +47,22 @@ pub enum PromptField {
 
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
 
-/// The prompt of `body` as the endpoint `field` takes it.
+/// The prompt of `body` as the endpoint `field` takes it; `template`, the model's chat template, renders
+/// `messages` when there is one.
 pub fn prompt_segments(
     body: &mut RequestBody,
     field: PromptField,
+    template: Option<&ChatTemplate>,
 ) -> Result<PromptSegments, ApiError> {
     let messages = body.messages.take();
     let prompt = body.prompt.take();
     match (field, messages, prompt) {
         (PromptField::Messages | PromptField::Either, Some(messages), None) => {
-            message_segments(messages)
+            let segments = message_segments(messages)?;
+            match template {
+                Some(template) => render(segments, template),
+                None => Ok(segments.plain),
+            }
         }
         (PromptField::Prompt | PromptField::Either, None, Some(prompt)) => prompt_text(prompt),
         (PromptField::Messages, _, Some(_)) => Err(ApiError::bad_request(
@@ -83,7 +91,83 @@ fn names(prompt: &str, segments: Vec<String>, logprobs: &'static str) -> FieldNa
     }
 }
 
-fn message_segments(messages: Vec<super::wire::Message>) -> Result<PromptSegments, ApiError> {
+/// The messages' parts as segments, and each message's role and parts for a chat template.
+struct MessageSegments {
+    /// Every part one segment, in order.
+    plain: PromptSegments,
+    /// Each message's role and the range of `plain`'s parts it holds.
+    messages: Vec<(String, std::ops::Range<usize>)>,
+}
+
+/// The conversation rendered by the model's chat template, cut into segments: text as rendered, images where it
+/// put them (see [`super::template`]).
+fn render(segments: MessageSegments, template: &ChatTemplate) -> Result<PromptSegments, ApiError> {
+    let MessageSegments { plain, messages } = segments;
+    let mut conversation = Vec::with_capacity(messages.len());
+    for (role, range) in messages {
+        let mut content = Vec::with_capacity(range.len());
+        for index in range {
+            match &plain.parts[index] {
+                SegmentSource::Text(text) if text.contains(IMAGE_MARKER) => {
+                    return Err(ApiError::bad_request(format!(
+                        "`{}` holds U+FFFC, the character the model's chat template places images by",
+                        plain.names.segments[index]
+                    )));
+                }
+                SegmentSource::Text(text) => content.push(text.clone()),
+                SegmentSource::Image(_) => content.push(IMAGE_MARKER.to_string()),
+            }
+        }
+        conversation.push(TemplateMessage {
+            role,
+            content: content.join(" "),
+        });
+    }
+    let mut images = Vec::new();
+    let mut image_paths = Vec::new();
+    for (part, path) in plain.parts.into_iter().zip(plain.names.segments) {
+        if let SegmentSource::Image(source) = part {
+            images.push(source);
+            image_paths.push(path);
+        }
+    }
+    let rendered = template
+        .render(&conversation, images.len())
+        .map_err(|err| match err {
+            super::template::RenderError::Failed(_) => {
+                tracing::error!(template = %template.path.display(), %err, "the chat template failed");
+                ApiError::internal(err.to_string())
+            }
+            refused => ApiError::bad_request(refused.to_string()),
+        })?;
+    let mut images = images.into_iter().zip(image_paths);
+    let mut parts = Vec::with_capacity(rendered.len());
+    let mut paths = Vec::with_capacity(rendered.len());
+    for piece in rendered {
+        match piece {
+            Rendered::Text(text) => {
+                parts.push(SegmentSource::Text(text));
+                paths.push("messages".to_string());
+            }
+            Rendered::Image => {
+                // `render` checked that the rendered text holds exactly one marker per image.
+                let Some((source, path)) = images.next() else {
+                    return Err(ApiError::internal(
+                        "the chat template's images are off by one",
+                    ));
+                };
+                parts.push(SegmentSource::Image(source));
+                paths.push(path);
+            }
+        }
+    }
+    Ok(PromptSegments {
+        parts,
+        names: names("messages", paths, "top_logprobs"),
+    })
+}
+
+fn message_segments(messages: Vec<super::wire::Message>) -> Result<MessageSegments, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request(
             "`messages` must contain at least one message",
@@ -91,7 +175,9 @@ fn message_segments(messages: Vec<super::wire::Message>) -> Result<PromptSegment
     }
     let mut parts = Vec::new();
     let mut paths = Vec::new();
+    let mut roles = Vec::new();
     for (index, message) in messages.into_iter().enumerate() {
+        let first = parts.len();
         if !ROLES.contains(&message.role.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "`messages[{index}].role` must be one of {}, got `{}`",
@@ -129,10 +215,14 @@ fn message_segments(messages: Vec<super::wire::Message>) -> Result<PromptSegment
                 }
             }
         }
+        roles.push((message.role, first..parts.len()));
     }
-    Ok(PromptSegments {
-        parts,
-        names: names("messages", paths, "top_logprobs"),
+    Ok(MessageSegments {
+        plain: PromptSegments {
+            parts,
+            names: names("messages", paths, "top_logprobs"),
+        },
+        messages: roles,
     })
 }
 
@@ -255,7 +345,7 @@ mod tests {
             r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[
                 {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"An image of"}]}]}"#,
         );
-        let prompt = prompt_segments(&mut body, PromptField::Messages).expect("valid");
+        let prompt = prompt_segments(&mut body, PromptField::Messages, None).expect("valid");
         assert_eq!(prompt.parts.len(), 3);
         assert!(matches!(&prompt.parts[0], SegmentSource::Text(text) if text == "Be brief."));
         assert!(matches!(&prompt.parts[1], SegmentSource::Image(_)));
@@ -272,13 +362,14 @@ mod tests {
     #[test]
     fn the_wrong_prompt_field_or_role_is_refused_by_name() {
         let mut body = parse(r#"{"prompt":"x"}"#);
-        let err = prompt_segments(&mut body, PromptField::Messages).expect_err("prompt in chat");
+        let err =
+            prompt_segments(&mut body, PromptField::Messages, None).expect_err("prompt in chat");
         assert_eq!(err.param.as_deref(), Some("prompt"));
         let mut body = parse(r#"{"messages":[{"role":"tool","content":"x"}]}"#);
-        let err = prompt_segments(&mut body, PromptField::Messages).expect_err("tool role");
+        let err = prompt_segments(&mut body, PromptField::Messages, None).expect_err("tool role");
         assert_eq!(err.param.as_deref(), Some("messages[0].role"));
         let mut body = parse(r#"{"prompt":["a","b"]}"#);
-        assert!(prompt_segments(&mut body, PromptField::Prompt).is_err());
+        assert!(prompt_segments(&mut body, PromptField::Prompt, None).is_err());
     }
 
     #[test]

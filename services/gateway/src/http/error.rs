@@ -56,6 +56,11 @@ impl ApiError {
         }
     }
 
+    /// 500: the deployment's fault (e.g. its chat template failed), never the caller's.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
     /// 504: the request's time ran out.
     pub fn deadline(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GATEWAY_TIMEOUT, message)

@@ -18,6 +18,7 @@ mod error;
 mod fetch;
 mod images;
 mod response;
+pub mod template;
 mod wire;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::json;
 
 pub use error::{ApiError, FieldNames};
+pub use template::ChatTemplate;
 
 use kosmos_runtime::budget::{ByteBudget, Charge, ChargedBody, HeldBody, OverBudget};
 use kosmos_runtime::reload::ReloadError;
@@ -63,16 +65,28 @@ pub struct HttpApi {
     config: HttpConfig,
     model_id: String,
     fetch_tls: Arc<rustls::ClientConfig>,
+    /// The model's chat template, which renders `messages` when the model directory carries one.
+    template: Option<ChatTemplate>,
 }
 
-/// Whether the model directory carries a chat template (`chat_template.jinja`, or `chat_template` in
-/// `tokenizer_config.json`), which the API does not render: messages are joined in order, roles unrendered.
-pub fn has_chat_template(model_dir: &std::path::Path) -> bool {
-    model_dir.join("chat_template.jinja").is_file()
-        || std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .is_some_and(|config| config.get("chat_template").is_some_and(|t| !t.is_null()))
+/// The model directory's chat template (see [`template`]), with the tokenizer's special tokens; `None` when it
+/// carries none.
+pub fn chat_template(
+    model_dir: &std::path::Path,
+    tokenizer: &kosmos_processor::KosmosTokenizer,
+) -> Result<Option<ChatTemplate>, template::TemplateError> {
+    let token = |id: u32| tokenizer.inner().id_to_token(id);
+    let tokens = template::SpecialTokens {
+        bos_token: token(tokenizer.bos_id()),
+        eos_token: token(tokenizer.eos_id()),
+        pad_token: token(tokenizer.pad_id()),
+        unk_token: tokenizer
+            .inner()
+            .get_vocab(true)
+            .contains_key("<unk>")
+            .then(|| "<unk>".to_string()),
+    };
+    ChatTemplate::load(model_dir, tokens)
 }
 
 /// Charges the request's body to the byte budget (see the module doc) and holds the charge until the response
@@ -107,12 +121,13 @@ pub(crate) fn over_budget(over: &OverBudget) -> ApiError {
     }
 }
 
-/// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's). Fails
-/// when `http.fetch_ca_file` cannot be read.
+/// The API's routes over the gateway's state; `model_id` is the served model's name (its directory's), `template`
+/// its chat template if it has one. Fails when `http.fetch_ca_file` cannot be read.
 pub fn router(
     state: Arc<GatewayState>,
     config: HttpConfig,
     model_id: String,
+    template: Option<ChatTemplate>,
 ) -> Result<Router, ReloadError> {
     let fetch_tls = fetch::client_tls(config.fetch.ca_file.as_deref())?;
     // Images arrive base64-encoded (4 characters per 3 bytes): the body may be a third larger than the gRPC
@@ -123,6 +138,7 @@ pub fn router(
         config,
         model_id,
         fetch_tls,
+        template,
     });
     let router = Router::new()
         .route("/v1/models", get(list_models))
@@ -242,17 +258,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chat_template_is_found_in_the_tokenizer_config() {
-        let dir = std::env::temp_dir().join(format!("kosmos-chat-template-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        assert!(!has_chat_template(&dir));
+    fn the_demo_model_has_no_chat_template_and_its_special_tokens_are_named() {
+        let dir = kosmos_testkit::demo_model_dir();
+        let tokenizer = kosmos_processor::KosmosTokenizer::from_file(dir.join("tokenizer.json"))
+            .expect("the demo tokenizer");
+        assert!(chat_template(&dir, &tokenizer).expect("loads").is_none());
+        // A directory with a template: rendered with the tokenizer's `<s>` (removed again: the prompt builder
+        // adds it) and `</s>`.
+        let with =
+            std::env::temp_dir().join(format!("kosmos-chat-template-{}", std::process::id()));
+        std::fs::create_dir_all(&with).expect("a temporary directory");
         std::fs::write(
-            dir.join("tokenizer_config.json"),
-            r#"{"chat_template": "{{ messages }}"}"#,
+            with.join("chat_template.jinja"),
+            "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}",
         )
-        .expect("writing the config");
-        assert!(has_chat_template(&dir));
-        std::fs::remove_dir_all(&dir).ok();
-        assert!(!has_chat_template(&kosmos_testkit::demo_model_dir()));
+        .expect("writing the template");
+        let template = chat_template(&with, &tokenizer)
+            .expect("loads")
+            .expect("a template");
+        let message = template::TemplateMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        };
+        assert_eq!(
+            template.render(&[message], 0),
+            Ok(vec![template::Rendered::Text("hi</s>".into())])
+        );
+        std::fs::remove_dir_all(&with).ok();
     }
 }

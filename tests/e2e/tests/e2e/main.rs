@@ -10,6 +10,7 @@ mod http_api;
 mod http_errors;
 mod http_fetch;
 mod http_grounding;
+mod http_template;
 mod metrics;
 mod resilience;
 mod rollout;
