@@ -482,6 +482,39 @@ def build_dashboard():
         min_=0,
         description="NVIDIA DCGM exporter series (external), matched to the pool's pods by name.",
     )
+    d.timeseries(
+        "Calls waiting for a replica",
+        [(f"sum(kosmos_gateway_pool_waiting_requests{{{pool}, {NS}}})", "waiting for a replica")],
+        unit="short",
+        min_=0,
+        w=8,
+        description="Calls held by the gateways because no replica of the pool serves their model build (scaled to "
+        "zero, or every replica gone), each for at most limits.max_waiting_for_replica_seconds. Also counted as "
+        "pending, so they wake the autoscaler.",
+    )
+    d.timeseries(
+        "Ejected replicas",
+        [
+            (f"max(kosmos_gateway_pool_ejected_replicas{{{pool}, {NS}}})", "ejected (most by one gateway)"),
+            (f"sum(rate(kosmos_gateway_pool_ejections_total{{{pool}, {NS}}}[{RI}]))", "ejections/s"),
+        ],
+        unit="short",
+        min_=0,
+        w=8,
+        right_axis={"ejections/s": "short"},
+        description="Replicas out of rotation because their calls failed eject_after_failures times in a row (30s, "
+        "doubled at each ejection, at most 300s, until a call succeeds). KosmosPoolReplicaEjected: ejected for 10m.",
+    )
+    d.timeseries(
+        "Retries refused/s (retry budget spent)",
+        [(f"sum(rate(kosmos_gateway_pool_retries_refused_total{{{pool}, {NS}}}[{RI}]))", "retries refused")],
+        unit="reqps",
+        min_=0,
+        w=8,
+        description="Retries not made because the pool's retry budget (retry_budget_percent of its calls, default "
+        "20%, plus 10 a second) was spent: those failures reach the callers. KosmosPoolRetryBudgetSpent: above 0 "
+        "for 5m.",
+    )
 
     # ------------------------------------------------------------------ Vision encoder
     d.row("Vision encoder")
