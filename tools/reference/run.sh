@@ -3,6 +3,7 @@
 # (at the repository root) and runs one of the reference scripts in it.
 #
 #   tools/reference/run.sh fixtures               regenerate tests/fixtures/ (make_fixtures.py, deterministic)
+#   tools/reference/run.sh chat-templates         regenerate tests/fixtures/chat_templates.json (transformers' renders)
 #   tools/reference/run.sh bench-model DIR        write the mid-size random benchmark model into DIR
 #   tools/reference/run.sh bench-torch ARGS...    PyTorch timings (bench_torch.py --model DIR --threads N --json OUT)
 #   tools/reference/run.sh python ARGS...         the venv's python
@@ -41,7 +42,7 @@ ensure_venv() {
 }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -57,6 +58,11 @@ fixtures)
     ensure_venv
     cd "$ROOT"
     exec "$VENV/bin/python" "$HERE/make_fixtures.py" --out "$ROOT/tests/fixtures" "$@"
+    ;;
+chat-templates)
+    ensure_venv
+    cd "$ROOT"
+    exec "$VENV/bin/python" "$HERE/make_chat_template_fixtures.py" --out "$ROOT/tests/fixtures/chat_templates.json" "$@"
     ;;
 bench-model)
     [[ $# -ge 1 ]] || usage

@@ -74,7 +74,7 @@ pub enum RenderError {
 }
 
 /// One message as the template sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TemplateMessage {
     /// `system`, `user`, …
     pub role: String,
@@ -92,7 +92,7 @@ pub enum Rendered {
 }
 
 /// The tokenizer's special tokens, as templates name them (an absent one is undefined, as in transformers).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SpecialTokens {
     /// Beginning of sequence (`<s>`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -504,5 +504,62 @@ mod tests {
             "the .jinja file wins"
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// One case of `tests/fixtures/chat_templates.json`.
+    #[derive(serde::Deserialize)]
+    struct ReferenceCase {
+        name: String,
+        template: String,
+        messages: Vec<TemplateMessage>,
+        add_generation_prompt: bool,
+        rendered: Option<String>,
+        error: Option<String>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ReferenceFixture {
+        special_tokens: SpecialTokens,
+        cases: Vec<ReferenceCase>,
+    }
+
+    /// Every case transformers rendered (tools/reference/make_chat_template_fixtures.py): the same text, or the
+    /// same `raise_exception` message as a refusal.
+    #[test]
+    fn templates_render_what_transformers_renders() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat_templates.json");
+        let fixture: ReferenceFixture = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .unwrap_or_else(|err| panic!("{}: {err}", path.display())),
+        )
+        .expect("fixture parses");
+        assert!(fixture.cases.len() >= 50, "{} cases", fixture.cases.len());
+        let mut refused = 0;
+        for case in &fixture.cases {
+            let chat = ChatTemplate::compile(
+                case.name.clone().into(),
+                case.template.clone(),
+                fixture.special_tokens.clone(),
+            )
+            .unwrap_or_else(|err| panic!("{}: {err}", case.name));
+            let got = chat.render_text(&case.messages, case.add_generation_prompt);
+            match (&case.rendered, &case.error) {
+                (Some(rendered), None) => {
+                    assert_eq!(got.as_ref(), Ok(rendered), "{}", case.name);
+                }
+                (None, Some(error)) => {
+                    refused += 1;
+                    assert_eq!(
+                        got,
+                        Err(RenderError::Refused(error.clone())),
+                        "{}",
+                        case.name
+                    );
+                }
+                _ => panic!("{}: a case has either `rendered` or `error`", case.name),
+            }
+        }
+        assert!(refused > 0, "the fixture exercises raise_exception");
     }
 }
