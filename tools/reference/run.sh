@@ -4,6 +4,7 @@
 #
 #   tools/reference/run.sh fixtures               regenerate tests/fixtures/ (make_fixtures.py, deterministic)
 #   tools/reference/run.sh chat-templates         regenerate tests/fixtures/chat_templates.json (transformers' renders)
+#   tools/reference/run.sh kosmos25-fixtures      regenerate tests/fixtures/kosmos25/ (Kosmos-2.5 reference outputs)
 #   tools/reference/run.sh bench-model DIR        write the mid-size random benchmark model into DIR
 #   tools/reference/run.sh bench-torch ARGS...    PyTorch timings (bench_torch.py --model DIR --threads N --json OUT)
 #   tools/reference/run.sh python ARGS...         the venv's python
@@ -42,7 +43,7 @@ ensure_venv() {
 }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -63,6 +64,11 @@ chat-templates)
     ensure_venv
     cd "$ROOT"
     exec "$VENV/bin/python" "$HERE/make_chat_template_fixtures.py" --out "$ROOT/tests/fixtures/chat_templates.json" "$@"
+    ;;
+kosmos25-fixtures)
+    ensure_venv
+    cd "$ROOT"
+    exec "$VENV/bin/python" "$HERE/make_kosmos25_fixtures.py" --out "$ROOT/tests/fixtures" "$@"
     ;;
 bench-model)
     [[ $# -ge 1 ]] || usage

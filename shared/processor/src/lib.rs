@@ -12,6 +12,8 @@
 //! - [`KosmosTokenizer`]: `tokenizer.json` with the Kosmos tag tokens configured as HF configures them;
 //! - [`build_prompt`]: interleaved text and images to `input_ids`, `attention_mask` and
 //!   `image_embeds_position_mask`;
+//! - [`flatten_patches`]: Kosmos-2.5's per-image normalisation and resize to a grid of flattened patches
+//!   (`Kosmos2_5ImageProcessor`);
 //! - [`post_process_generation`]: generated text to clean text plus grounded entities with boxes.
 //!
 //! No candle, no async: everything here is plain CPU work on owned data.
@@ -19,6 +21,7 @@
 mod config;
 mod decode;
 mod error;
+mod flattened;
 mod grounding;
 mod header;
 mod metadata;
@@ -40,6 +43,9 @@ pub use decode::{
 pub use error::{
     ConfigError, DecodeError, GroundingError, PreprocessError, ProcessorError, PromptError,
     TokenizerError,
+};
+pub use flattened::{
+    FlattenedPatchConfig, FlattenedPatches, MAX_PATCH_SIDE, MAX_PATCHES_LIMIT, flatten_patches,
 };
 pub use grounding::{
     Entity, NUM_PATCHES_PER_SIDE, box_to_patch_tokens, caption_after_image,
