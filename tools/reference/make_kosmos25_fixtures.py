@@ -3,7 +3,7 @@
 
 Run through `tools/reference/run.sh kosmos25-fixtures` (pinned environment in .venv-ref/). Deterministic.
 
-So far: the image processor. `Kosmos2_5ImageProcessor` (transformers 5.23.0, the torchvision backend that
+1. The image processor. `Kosmos2_5ImageProcessor` (transformers 5.23.0, the torchvision backend that
 AutoImageProcessor picks) on the shared fixture images and two generated pages, for three configurations that
 up- and down-sample and use square and non-square patches:
   * per-image normalisation of the uint8 values: mean and unbiased std over every channel and pixel, the std
@@ -12,6 +12,12 @@ up- and down-sample and use square and non-square patches:
     (`torch.nn.functional.interpolate`, bilinear, antialias, align_corners=False, on the normalised floats);
   * patches flattened (row, then column, then channel within a pixel), each row prefixed with its 1-based row and
     column ids, padded with zero rows to `max_patches`; `attention_mask` is 1 on rows whose sum is not zero.
+2. A tiny random `Kosmos2_5ForConditionalGeneration` (`tiny/`, eager attention, f32; norms and biases perturbed away
+   from their initial values so a weight that is not loaded shows) and its outputs on three pages (12, 15 and 16 of 16 patches used)
+   (`reference.safetensors`): the vision tower's last hidden state (after its final RMS norm, padded rows
+   included), the image embeddings (L2 normalised, then the connector), the logits of the processor's prompt
+   layout (`<s><image>` + one `<s>` per latent query + `</image>` + text) with its `image_embeds_position_mask`
+   (-1 on the image tags, 1 on the placeholders), and greedy ids from `generate`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
-from transformers import Kosmos2_5ImageProcessor
+from transformers import (
+    Kosmos2_5Config,
+    Kosmos2_5ForConditionalGeneration,
+    Kosmos2_5ImageProcessor,
+)
 
 torch.set_num_threads(1)
 
@@ -65,6 +75,127 @@ def make_pages(out: Path) -> list[Path]:
     return paths
 
 
+# The tiny model: shapes unlike the real one's (patch 4x4, 16 patches, 5 latent queries).
+TINY_PATCH = {"height": 4, "width": 4}
+TINY_MAX_PATCHES = 16
+TINY_QUERIES = 5
+BOS, PAD, EOS, BOI, EOI = 0, 1, 2, 4, 5
+TINY_VOCAB = 97
+
+
+def tiny_config() -> Kosmos2_5Config:
+    vision = dict(
+        hidden_size=32,
+        patch_embed_hidden_size=TINY_PATCH["height"] * TINY_PATCH["width"] * 3,
+        intermediate_size=40,
+        head_dim=8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        dense_act_fn="gelu_new",
+        layer_norm_eps=1e-6,
+        max_num_patches=TINY_MAX_PATCHES + 1,
+    )
+    text = dict(
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=256,
+        embed_dim=24,
+        layers=2,
+        ffn_dim=37,
+        attention_heads=4,
+        activation_function="gelu",
+        layer_norm_eps=1e-5,
+        scale_embedding=True,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    return Kosmos2_5Config(text_config=text, vision_config=vision, latent_query_num=TINY_QUERIES)
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Norm weights = 1 + 0.1 N(0,1) (LayerNorm biases 0.1 N(0,1)); Linear biases += 0.02 N(0,1)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+        elif type(module).__name__ == "Kosmos2_5LayerNorm":
+            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+        elif isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.add_(0.02 * torch.randn(module.bias.shape, generator=gen))
+
+
+@torch.no_grad()
+def write_tiny(out: Path, pages: list[Path]) -> None:
+    torch.manual_seed(2025)
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    model = Kosmos2_5ForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(25)
+    perturb(model, gen)
+    tiny = out / "tiny"
+    model.save_pretrained(tiny, safe_serialization=True)
+    ip = Kosmos2_5ImageProcessor(patch_size=TINY_PATCH, max_patches=TINY_MAX_PATCHES)
+    ip.save_pretrained(tiny)
+    names = sorted(k for k in model.state_dict())
+    print(f"tiny/: {len(names)} tensors, e.g. {names[:3]} ... {names[-3:]}")
+
+    images = []
+    for path in pages:
+        with Image.open(path) as im:
+            im.load()
+            images.append(im.convert("RGB"))
+    enc = ip(images, return_tensors="pt")
+    patches, mask = enc["flattened_patches"].float(), enc["attention_mask"].float()
+    t = {"images.flattened_patches": patches.contiguous(), "images.attention_mask": mask.contiguous()}
+    vision = model.vision_model(flattened_patches=patches, attention_mask=mask).last_hidden_state
+    t["images.vision_last_hidden_state"] = vision.contiguous()
+    embeds, _ = model.image_to_text_projection(torch.nn.functional.normalize(vision, dim=-1))
+    t["images.image_embeds"] = embeds.contiguous()
+
+    # The processor's layout: <s> <image> <s>*Q </image> text.
+    text_ids = torch.randint(6, TINY_VOCAB, (7,), generator=gen).tolist()
+    ids = [BOS, BOI] + [BOS] * TINY_QUERIES + [EOI] + text_ids
+    position_mask = [0, -1] + [1] * TINY_QUERIES + [-1] + [0] * len(text_ids)
+    input_ids = torch.tensor([ids])
+    iemask = torch.tensor([position_mask])
+    attention_mask = torch.ones_like(input_ids)
+    out_full = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        flattened_patches=patches[:1],
+        image_embeds_position_mask=iemask,
+    )
+    t["prompt.input_ids"] = input_ids
+    t["prompt.image_embeds_position_mask"] = iemask
+    t["prompt.logits"] = out_full.logits.float().contiguous()
+    # The same logits from the precomputed embeddings (what the decoder service receives).
+    out_embeds = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        image_embeds=embeds[:1],
+        image_embeds_position_mask=iemask,
+    )
+    assert torch.allclose(out_embeds.logits, out_full.logits, atol=1e-6)
+
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        flattened_patches=patches[:1],
+        image_embeds_position_mask=iemask,
+        max_new_tokens=12,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    )
+    t["greedy.ids"] = generated[0, input_ids.shape[1] :].contiguous()
+    print(f"greedy ids: {t['greedy.ids'].tolist()}")
+    save_file(t, out / "reference.safetensors", metadata={"transformers": transformers.__version__})
+    print(f"wrote {out / 'reference.safetensors'}: {len(t)} tensors; vision {tuple(vision.shape)}, embeds {tuple(embeds.shape)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures"))
@@ -93,6 +224,8 @@ def main() -> None:
             print(f"{name}: {im.size} {im.mode} -> {rows}x{cols} patches, {tuple(result['flattened_patches'][0].shape)}")
     save_file(tensors, out / "processor.safetensors", metadata={"transformers": transformers.__version__})
     print(f"wrote {out / 'processor.safetensors'}: {len(tensors)} tensors")
+    # Three pages whose grids fill 12, 15 and 16 of the tiny model's 16 patches.
+    write_tiny(out, [pages[0], args.out / "images" / "d_gray_37x23.png", args.out / "images" / "e_blocks_64x64.png"])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use crate::config::KosmosConfig;
+use crate::config::{KosmosConfig, TextConfig};
 use crate::error::Result;
 use crate::nn::{AttentionProjections, Projection, l2_normalize};
 use crate::weights::Weights;
@@ -20,11 +20,26 @@ pub struct Connector {
 impl Connector {
     /// Loads the connector from `weights` positioned at `image_to_text_projection`.
     pub fn new(cfg: &KosmosConfig, weights: &Weights) -> Result<Self> {
-        let text = &cfg.text_config;
+        Self::from_dims(
+            cfg.vision_config.hidden_size,
+            &cfg.text_config,
+            cfg.latent_query_num,
+            weights,
+        )
+    }
+
+    /// Loads a connector from `vision_hidden`-wide features into `text`'s width with `latent_query_num` queries
+    /// (Kosmos-2.5's `Kosmos2_5ImageToTextProjection` has the same weights and arithmetic).
+    pub fn from_dims(
+        vision_hidden: usize,
+        text: &TextConfig,
+        latent_query_num: usize,
+        weights: &Weights,
+    ) -> Result<Self> {
         let width = text.embed_dim;
         Ok(Self {
-            dense: weights.projection(cfg.vision_config.hidden_size, width, "dense")?,
-            latent_query: weights.get(&[cfg.latent_query_num, width], "latent_query")?,
+            dense: weights.projection(vision_hidden, width, "dense")?,
+            latent_query: weights.get(&[latent_query_num, width], "latent_query")?,
             x_attn: AttentionProjections::new(&weights.pp("x_attn"), width, text.attention_heads)?,
         })
     }

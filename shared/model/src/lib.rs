@@ -6,6 +6,9 @@
 //! * [`TextHalf`]: the MAGNETO decoder with sinusoidal positions and optional xPos, token ids + image embeddings →
 //!   logits, over a packed batch of sequences that each own a [`BlockTable`] in one [`PagedKvCache`].
 //!
+//! Kosmos-2.5's page encoder ([`PageEncoder`]: a Pix2Struct-style tower over flattened patches, then the same
+//! connector) loads from a `kosmos-2.5` directory ([`Kosmos25Config`]).
+//!
 //! Numerics follow HF transformers' `modeling_kosmos2.py` (and torchscale for xPos); `tests/` compares against
 //! fixtures those implementations wrote. See `../../shared/docs/MODEL_SPEC.md` in the design notes for the traps.
 
@@ -16,6 +19,7 @@ mod generate;
 mod kernels;
 mod model;
 mod nn;
+mod page;
 pub mod paged;
 mod positions;
 mod text;
@@ -32,6 +36,7 @@ pub use model::{
     KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
 };
 pub use nn::Projection;
+pub use page::{Kosmos25Config, PageEncoder, PageTower, PageVisionConfig};
 pub use paged::{BlockCounts, BlockTable, KvCacheConfig, PagedKvCache, PrefixStats, content_key};
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
 pub use text::{ImageInjection, SeqChunk, TextModel};
