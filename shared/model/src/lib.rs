@@ -39,5 +39,5 @@ pub use nn::Projection;
 pub use page::{Kosmos25Config, PageEncoder, PageTower, PageVisionConfig};
 pub use paged::{BlockCounts, BlockTable, KvCacheConfig, PagedKvCache, PrefixStats, content_key};
 pub use positions::{SinusoidalPositions, XPos, pad_aware_positions};
-pub use text::{ImageInjection, SeqChunk, TextModel};
+pub use text::{ImageInjection, SeqChunk, TextFamily, TextModel, image_block_flags};
 pub use weights::Weights;

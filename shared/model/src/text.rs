@@ -23,6 +23,52 @@ use crate::paged::{BlockTable, KvCacheConfig, PagedAttention, PagedKvCache, Writ
 use crate::positions::{SinusoidalPositions, XPos, pad_aware_positions};
 use crate::weights::Weights;
 
+/// Which KOSMOS decoder the weights hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFamily {
+    /// KOSMOS-1 / Kosmos-2: Sub-LN in attention (`inner_attn_ln`), no segment embedding.
+    Kosmos2,
+    /// Kosmos-2.5 (`Kosmos2_5TextTransformer`): no `inner_attn_ln`; `segment_emb` row 1 is added to the positions
+    /// of the tokens of an image block (`<image>`, the placeholders and `</image>`: where the processor's
+    /// `image_embeds_position_mask` is not 0) and row 0 to every other token, generated ones included.
+    Kosmos25 {
+        /// The id of `<image>`, which opens an image block.
+        image_start: u32,
+        /// The id of `</image>`, which closes it.
+        image_end: u32,
+    },
+}
+
+/// Whether each of `new_ids` lies in an image block (`<image>` … `</image>`, both tags included), given the
+/// sequence's earlier tokens `history`.
+pub fn image_block_flags(
+    history: &[u32],
+    new_ids: &[u32],
+    image_start: u32,
+    image_end: u32,
+) -> Vec<bool> {
+    // Open if the last tag before the new tokens is `<image>`.
+    let mut inside = history
+        .iter()
+        .rev()
+        .find(|&&id| id == image_start || id == image_end)
+        .is_some_and(|&id| id == image_start);
+    new_ids
+        .iter()
+        .map(|&id| {
+            if id == image_start {
+                inside = true;
+                true
+            } else if id == image_end {
+                inside = false;
+                true
+            } else {
+                inside
+            }
+        })
+        .collect()
+}
+
 /// One sequence's share of a packed forward.
 #[derive(Debug)]
 pub struct SeqChunk<'a> {
@@ -46,16 +92,23 @@ pub struct ImageInjection<'a> {
 #[derive(Debug)]
 struct SelfAttention {
     projections: AttentionProjections,
-    inner_attn_ln: LayerNorm,
+    /// KOSMOS-1 / Kosmos-2's Sub-LN before `out_proj`; Kosmos-2.5 has none.
+    inner_attn_ln: Option<LayerNorm>,
     head_dim: usize,
 }
 
 impl SelfAttention {
-    fn new(cfg: &TextConfig, weights: &Weights) -> Result<Self> {
+    fn new(cfg: &TextConfig, family: TextFamily, weights: &Weights) -> Result<Self> {
         let width = cfg.embed_dim;
+        let inner_attn_ln = match family {
+            TextFamily::Kosmos2 => {
+                Some(weights.layer_norm(width, cfg.layer_norm_eps, "inner_attn_ln")?)
+            }
+            TextFamily::Kosmos25 { .. } => None,
+        };
         Ok(Self {
             projections: AttentionProjections::new(weights, width, cfg.attention_heads)?,
-            inner_attn_ln: weights.layer_norm(width, cfg.layer_norm_eps, "inner_attn_ln")?,
+            inner_attn_ln,
             head_dim: cfg.head_dim(),
         })
     }
@@ -84,7 +137,10 @@ impl SelfAttention {
             .contiguous()?
             .apply_op3_no_bwd(pool, &step.meta, &step.op)?
             .reshape((tokens, width))?;
-        let context = layer_norm(&self.inner_attn_ln, &context)?;
+        let context = match &self.inner_attn_ln {
+            Some(norm) => layer_norm(norm, &context)?,
+            None => context,
+        };
         proj.out_proj.forward(&context)
     }
 }
@@ -101,12 +157,12 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, weights: &Weights) -> Result<Self> {
+    fn new(cfg: &TextConfig, family: TextFamily, weights: &Weights) -> Result<Self> {
         let width = cfg.embed_dim;
         let eps = cfg.layer_norm_eps;
         Ok(Self {
             self_attn_layer_norm: weights.layer_norm(width, eps, "self_attn_layer_norm")?,
-            self_attn: SelfAttention::new(cfg, &weights.pp("self_attn"))?,
+            self_attn: SelfAttention::new(cfg, family, &weights.pp("self_attn"))?,
             final_layer_norm: weights.layer_norm(width, eps, "final_layer_norm")?,
             fc1: weights.projection(width, cfg.ffn_dim, "ffn.fc1")?,
             ffn_layernorm: weights.layer_norm(cfg.ffn_dim, eps, "ffn.ffn_layernorm")?,
@@ -151,6 +207,8 @@ pub struct TextModel {
     layer_norm: LayerNorm,
     sinusoidal: Option<SinusoidalPositions>,
     xpos: Option<XPos>,
+    /// Kosmos-2.5: `segment_emb` `(2, embed_dim)` and the image block's tags.
+    segments: Option<(Tensor, u32, u32)>,
     embed_scale: f64,
     config: TextConfig,
 }
@@ -162,6 +220,16 @@ impl TextModel {
     /// stored (tied weights are saved once, under either name). The head is `lm_head.weight` only when the file
     /// stores it and `tie_word_embeddings` is false; otherwise it is the embedding matrix.
     pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, weights: &Weights) -> Result<Self> {
+        Self::new_family(cfg, tie_word_embeddings, TextFamily::Kosmos2, weights)
+    }
+
+    /// [`TextModel::new`] for the decoder of `family` (Kosmos-2.5's also loads `model.segment_emb.weight`).
+    pub fn new_family(
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+        family: TextFamily,
+        weights: &Weights,
+    ) -> Result<Self> {
         let shape = [cfg.vocab_size, cfg.embed_dim];
         let model = weights.pp("model");
         let embed_tokens =
@@ -176,7 +244,7 @@ impl TextModel {
             embed_tokens.clone()
         };
         let layers = (0..cfg.layers)
-            .map(|index| DecoderLayer::new(cfg, &model.pp(format!("layers.{index}"))))
+            .map(|index| DecoderLayer::new(cfg, family, &model.pp(format!("layers.{index}"))))
             .collect::<Result<Vec<_>>>()?;
         let sinusoidal = (!cfg.no_token_positional_embeddings)
             .then(|| SinusoidalPositions::new(cfg.embed_dim, cfg.pad_token_id));
@@ -187,10 +255,22 @@ impl TextModel {
                 cfg.max_position_embeddings / 2,
             )
         });
+        let segments = match family {
+            TextFamily::Kosmos2 => None,
+            TextFamily::Kosmos25 {
+                image_start,
+                image_end,
+            } => Some((
+                model.get(&[2, cfg.embed_dim], "segment_emb.weight")?,
+                image_start,
+                image_end,
+            )),
+        };
         Ok(Self {
             embed_tokens,
             lm_head,
             layers,
+            segments,
             layer_norm: model.layer_norm(cfg.embed_dim, cfg.layer_norm_eps, "layer_norm")?,
             sinusoidal,
             xpos,
@@ -246,6 +326,7 @@ impl TextModel {
         let mut header = Vec::with_capacity(4 * chunks.len());
         let mut tables = Vec::new();
         let mut xpos_parts = Vec::new();
+        let mut segment_ids = Vec::new();
         let (mut max_context, mut max_q_len) = (0, 0);
         for chunk in chunks.iter_mut() {
             let len = chunk.input_ids.len();
@@ -275,6 +356,18 @@ impl TextModel {
                 chunk.input_ids,
                 self.config.pad_token_id,
             ));
+            if let Some((_, image_start, image_end)) = &self.segments {
+                segment_ids.extend(
+                    image_block_flags(
+                        chunk.table.tokens(),
+                        chunk.input_ids,
+                        *image_start,
+                        *image_end,
+                    )
+                    .into_iter()
+                    .map(u32::from),
+                );
+            }
             tables.push(chunk.table.blocks()[..context.div_ceil(block_size)].to_vec());
             if let Some(xpos) = &self.xpos {
                 xpos_parts.push((
@@ -311,8 +404,22 @@ impl TextModel {
             xpos,
         };
         let mut xs = self.embed(chunks, &all_ids)?;
-        if let Some(sinusoidal) = &self.sinusoidal {
-            xs = (xs + sinusoidal.embed(&all_positions, dtype, &device)?)?;
+        // Positions, plus the segment embedding (Kosmos-2.5), summed before they are added to the tokens, as the
+        // reference sums them.
+        let mut positions = match &self.sinusoidal {
+            Some(sinusoidal) => Some(sinusoidal.embed(&all_positions, dtype, &device)?),
+            None => None,
+        };
+        if let Some((table, _, _)) = &self.segments {
+            let segments =
+                table.index_select(&Tensor::from_vec(segment_ids, tokens, &device)?, 0)?;
+            positions = Some(match positions {
+                Some(positions) => (positions + segments)?,
+                None => segments,
+            });
+        }
+        if let Some(positions) = positions {
+            xs = (xs + positions)?;
         }
         for (index, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, index, &step)?;

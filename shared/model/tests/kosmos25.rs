@@ -1,13 +1,24 @@
 //! Kosmos-2.5 parity with HF transformers on the tiny random model of `tests/fixtures/kosmos25/` (written by
 //! `tools/reference/make_kosmos25_fixtures.py`): the page tower's last hidden state (padded rows included) and the
-//! image embeddings after the connector, for three pages with different patch grids in one batch.
+//! image embeddings after the connector, for three pages with different patch grids in one batch; the text
+//! decoder's logits over the processor's prompt layout (segment embeddings on the image block), in one prefill and
+//! in chunks that split the image block; and greedy ids equal to `generate`'s.
 
 mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use kosmos_model::{DType, Device, Kosmos25Config, PageEncoder, Tensor, Weights};
+use kosmos_model::{
+    DType, Device, GreedyParams, ImageInjection, Kosmos25Config, KvCacheConfig, PageEncoder,
+    Prompt, SeqChunk, Tensor, TextFamily, TextModel, Weights, greedy_generate, image_block_flags,
+};
+
+/// `<image>` and `</image>` in the fixture's ids.
+const FAMILY: TextFamily = TextFamily::Kosmos25 {
+    image_start: 4,
+    image_end: 5,
+};
 
 fn kosmos25() -> PathBuf {
     common::fixtures().join("kosmos25")
@@ -19,7 +30,7 @@ fn reference() -> HashMap<String, Tensor> {
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
 }
 
-fn encoder() -> (Kosmos25Config, PageEncoder) {
+fn load() -> (Kosmos25Config, Weights) {
     let dir = kosmos25().join("tiny");
     let config = Kosmos25Config::from_file(&dir.join("config.json")).expect("config");
     let weights = Weights::from_mmaped_safetensors(
@@ -28,8 +39,44 @@ fn encoder() -> (Kosmos25Config, PageEncoder) {
         &Device::Cpu,
     )
     .expect("weights");
+    (config, weights)
+}
+
+fn encoder() -> (Kosmos25Config, PageEncoder) {
+    let (config, weights) = load();
     let encoder = PageEncoder::new(&config, &weights).expect("loads");
     (config, encoder)
+}
+
+fn text_model() -> TextModel {
+    let (config, weights) = load();
+    TextModel::new_family(&config.text_config, true, FAMILY, &weights.pp("text_model"))
+        .expect("text model")
+}
+
+/// The prompt's ids, its image mask (1 in the processor's mask) and the first page's image embeddings.
+fn prompt(reference: &HashMap<String, Tensor>) -> (Vec<u32>, Vec<bool>, Tensor) {
+    let flat = |key: &str| -> Vec<i64> {
+        common::get(reference, key)
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("values")
+    };
+    let embeds = common::get(reference, "images.image_embeds")
+        .get(0)
+        .expect("page 0");
+    (
+        flat("prompt.input_ids")
+            .iter()
+            .map(|&id| id as u32)
+            .collect(),
+        flat("prompt.image_embeds_position_mask")
+            .iter()
+            .map(|&m| m == 1)
+            .collect(),
+        embeds,
+    )
 }
 
 #[test]
@@ -92,4 +139,89 @@ fn bad_patch_ids_and_shapes_are_errors() {
         .forward(&narrow, mask)
         .expect_err("short rows");
     assert!(err.to_string().contains("values per row"), "{err}");
+}
+
+#[test]
+fn image_blocks_are_found_across_chunks() {
+    // <s> <image> <s> <s> </image> text: the tags and what lies between them.
+    let ids = [0, 4, 0, 0, 5, 9, 9];
+    let whole = image_block_flags(&[], &ids, 4, 5);
+    assert_eq!(whole, vec![false, true, true, true, true, false, false]);
+    for split in 0..ids.len() {
+        let mut flags = image_block_flags(&[], &ids[..split], 4, 5);
+        flags.extend(image_block_flags(&ids[..split], &ids[split..], 4, 5));
+        assert_eq!(flags, whole, "split at {split}");
+    }
+}
+
+#[test]
+fn text_logits_match_hf_in_one_prefill_and_in_chunks() {
+    let reference = reference();
+    let text = text_model();
+    let (ids, mask, embeds) = prompt(&reference);
+    let expected = common::get(&reference, "prompt.logits")
+        .get(0)
+        .expect("row");
+    // One prefill, then chunks of 3 that cut the image block (the segment must follow the tags across chunks).
+    for chunk_len in [ids.len(), 3] {
+        let mut cache = text
+            .kv_cache(KvCacheConfig::for_sequences([ids.len()], 4), "")
+            .expect("cache");
+        let mut table = cache.new_table("", Vec::new());
+        let mut rows = Vec::new();
+        let mut image_row = 0;
+        for start in (0..ids.len()).step_by(chunk_len) {
+            let end = (start + chunk_len).min(ids.len());
+            let marked = mask[start..end].iter().filter(|&&m| m).count();
+            let chunk_embeds = embeds.narrow(0, image_row, marked).expect("rows");
+            image_row += marked;
+            let hidden = text
+                .forward(
+                    &mut cache,
+                    &mut [SeqChunk {
+                        input_ids: &ids[start..end],
+                        images: (marked > 0).then_some(ImageInjection {
+                            mask: &mask[start..end],
+                            embeds: &chunk_embeds,
+                        }),
+                        table: &mut table,
+                    }],
+                )
+                .expect("forward");
+            rows.push(text.logits(&hidden).expect("logits"));
+        }
+        let logits = Tensor::cat(&rows, 0).expect("cat");
+        let diff = common::max_abs_diff(&logits, &expected);
+        println!("logits in chunks of {chunk_len}: max |diff| {diff:e}");
+        assert!(
+            diff < 1e-5,
+            "chunks of {chunk_len}: logits differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn greedy_ids_match_hf_generate() {
+    let reference = reference();
+    let text = text_model();
+    let (ids, mask, embeds) = prompt(&reference);
+    let expected: Vec<i64> = common::get(&reference, "greedy.ids")
+        .to_vec1()
+        .expect("ids");
+    let generated = greedy_generate(
+        &text,
+        &[Prompt {
+            ids,
+            image_mask: mask,
+            image_embeds: Some(embeds),
+        }],
+        GreedyParams {
+            max_new_tokens: expected.len(),
+            no_repeat_ngram_size: 0,
+            eos_token_id: None,
+        },
+    )
+    .expect("generates");
+    let expected: Vec<u32> = expected.iter().map(|&id| id as u32).collect();
+    assert_eq!(generated, vec![expected]);
 }
