@@ -33,7 +33,8 @@ pub use generate::{
     GreedyParams, Prompt, argmax, banned_ngram_tokens, continuation_logprobs, greedy_generate,
 };
 pub use model::{
-    KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, parse_device, parse_dtype,
+    KOSMOS_2_5, KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, model_type,
+    parse_device, parse_dtype,
 };
 pub use nn::Projection;
 pub use page::{Kosmos25Config, PageEncoder, PageTower, PageVisionConfig};

@@ -28,7 +28,16 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Reads `config.json` and locates the weights of the model directory `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let config = KosmosConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        if model_type(&config_path)?.as_deref() == Some(KOSMOS_2_5) {
+            return Err(ModelError::InvalidConfig(format!(
+                "{} is a Kosmos-2.5 model (`model_type` `{KOSMOS_2_5}`): the services do not serve Kosmos-2.5 yet \
+                 (its page encoder and decoder load in kosmos-model: `Kosmos25Config`, `PageEncoder`, \
+                 `TextFamily::Kosmos25`)",
+                dir.display()
+            )));
+        }
+        let config = KosmosConfig::from_file(&config_path)?;
         let index_path = dir.join("model.safetensors.index.json");
         let weights = if index_path.exists() {
             shards_from_index(&index_path)?
@@ -45,6 +54,27 @@ impl ModelFiles {
     fn weights(&self, dtype: DType, device: &Device) -> Result<Weights> {
         Weights::from_mmaped_safetensors(&self.weights, dtype, device)
     }
+}
+
+/// `model_type` of Kosmos-2.5's `config.json`.
+pub const KOSMOS_2_5: &str = "kosmos-2.5";
+
+/// The `model_type` a `config.json` names, if any.
+pub fn model_type(config_path: &Path) -> Result<Option<String>> {
+    let bytes = std::fs::read(config_path).map_err(|source| ModelError::Io {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|err| ModelError::Config {
+            path: config_path.to_path_buf(),
+            key: String::new(),
+            message: err.to_string(),
+        })?;
+    Ok(value
+        .get("model_type")
+        .and_then(|kind| kind.as_str())
+        .map(str::to_string))
 }
 
 fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use kosmos_model::{
-    DType, Device, GreedyParams, ImageInjection, Kosmos25Config, KvCacheConfig, PageEncoder,
-    Prompt, SeqChunk, Tensor, TextFamily, TextModel, Weights, greedy_generate, image_block_flags,
+    DType, Device, GreedyParams, ImageInjection, Kosmos25Config, KvCacheConfig, ModelFiles,
+    PageEncoder, Prompt, SeqChunk, Tensor, TextFamily, TextModel, Weights, greedy_generate,
+    image_block_flags,
 };
 
 /// `<image>` and `</image>` in the fixture's ids.
@@ -224,4 +225,14 @@ fn greedy_ids_match_hf_generate() {
     .expect("generates");
     let expected: Vec<u32> = expected.iter().map(|&id| id as u32).collect();
     assert_eq!(generated, vec![expected]);
+}
+
+#[test]
+fn the_services_model_loader_names_a_kosmos_2_5_directory() {
+    let err = ModelFiles::open(&kosmos25().join("tiny")).expect_err("not served yet");
+    let message = err.to_string();
+    assert!(
+        message.contains("Kosmos-2.5") && message.contains("kosmos-2.5"),
+        "{message}"
+    );
 }
