@@ -14,6 +14,7 @@
 //!   `image_embeds_position_mask`;
 //! - [`flatten_patches`]: Kosmos-2.5's per-image normalisation and resize to a grid of flattened patches
 //!   (`Kosmos2_5ImageProcessor`);
+//! - [`parse_ocr`] / [`OcrStream`]: Kosmos-2.5 `<ocr>` answers to text lines with boxes;
 //! - [`post_process_generation`]: generated text to clean text plus grounded entities with boxes.
 //!
 //! No candle, no async: everything here is plain CPU work on owned data.
@@ -25,6 +26,7 @@ mod flattened;
 mod grounding;
 mod header;
 mod metadata;
+mod ocr;
 mod preprocess;
 mod processor;
 mod prompt;
@@ -57,6 +59,7 @@ pub use header::{
 };
 pub use image::RgbImage;
 pub use metadata::{MAX_METADATA_BYTES, MAX_METADATA_ITEMS, MAX_TOTAL_METADATA_BYTES};
+pub use ocr::{OcrLine, OcrStream, PageGeometry, parse_ocr};
 pub use preprocess::{PixelValues, decode_and_preprocess, preprocess, resize_output_size};
 pub use processor::KosmosProcessor;
 pub use prompt::{
