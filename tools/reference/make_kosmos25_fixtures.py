@@ -15,9 +15,10 @@ up- and down-sample and use square and non-square patches:
 2. A tiny random `Kosmos2_5ForConditionalGeneration` (`tiny/`, eager attention, f32; norms and biases perturbed away
    from their initial values so a weight that is not loaded shows) and its outputs on three pages (12, 15 and 16 of 16 patches used)
    (`reference.safetensors`): the vision tower's last hidden state (after its final RMS norm, padded rows
-   included), the image embeddings (L2 normalised, then the connector), the logits of the processor's prompt
-   layout (`<s><image>` + one `<s>` per latent query + `</image>` + text) with its `image_embeds_position_mask`
-   (-1 on the image tags, 1 on the placeholders), and greedy ids from `generate`.
+   included), the image embeddings (L2 normalised, then the connector); with a tiny character-level tokenizer
+   holding Kosmos-2.5's tokens, `Kosmos2_5Processor`'s prompts for `<ocr>`, `<md>` and a chat-style `<md>` prompt
+   (`<s><image>` + one `<s>` per latent query + `</image>` + text, `image_embeds_position_mask` -1 on the image
+   tags and 1 on the placeholders), the chat prompt's logits, and greedy ids from `generate` for two prompts.
 """
 
 from __future__ import annotations
@@ -80,7 +81,38 @@ TINY_PATCH = {"height": 4, "width": 4}
 TINY_MAX_PATCHES = 16
 TINY_QUERIES = 5
 BOS, PAD, EOS, BOI, EOI = 0, 1, 2, 4, 5
-TINY_VOCAB = 97
+# The tiny tokenizer: special tokens, task and box tokens, an 8x8 coordinate grid, then one token per character.
+TINY_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<image>", "</image>"]
+TINY_TAGS = ["<ocr>", "<md>", "<bbox>", "</bbox>"] + [f"<x_{i}>" for i in range(8)] + [f"<y_{i}>" for i in range(8)]
+TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+TINY_VOCAB = len(TINY_SPECIALS) + len(TINY_TAGS) + len(TINY_CHARS)
+# Prompts through Kosmos2_5Processor: the two tasks, and a chat-style one with text after the task.
+PROMPTS = {"ocr": "<ocr>", "md": "<md>", "chat": "<md>Total? A:"}
+
+
+def tiny_tokenizer(tiny: Path):
+    """A character-level tokenizer with Kosmos-2.5's tokens; `<s>` … `</image>` special (skipped when decoding,
+    as the real tokenizer skips them), the task, box and coordinate tokens not (they stay in decoded text)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(TINY_SPECIALS + TINY_TAGS + TINY_CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_TAGS])
+    assert tok.get_vocab_size(with_added_tokens=True) == TINY_VOCAB
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<image>", "eoi_token": "</image>", "image_token": "<s>"},
+    )
+    assert fast.convert_tokens_to_ids(["<image>", "</image>"]) == [BOI, EOI]
+    return fast
 
 
 def tiny_config() -> Kosmos2_5Config:
@@ -153,12 +185,23 @@ def write_tiny(out: Path, pages: list[Path]) -> None:
     embeds, _ = model.image_to_text_projection(torch.nn.functional.normalize(vision, dim=-1))
     t["images.image_embeds"] = embeds.contiguous()
 
-    # The processor's layout: <s> <image> <s>*Q </image> text.
-    text_ids = torch.randint(6, TINY_VOCAB, (7,), generator=gen).tolist()
-    ids = [BOS, BOI] + [BOS] * TINY_QUERIES + [EOI] + text_ids
-    position_mask = [0, -1] + [1] * TINY_QUERIES + [-1] + [0] * len(text_ids)
-    input_ids = torch.tensor([ids])
-    iemask = torch.tensor([position_mask])
+    tokenizer = tiny_tokenizer(tiny)
+    from transformers import Kosmos2_5Processor
+
+    processor = Kosmos2_5Processor(image_processor=ip, tokenizer=tokenizer, num_image_tokens=TINY_QUERIES)
+    processor.save_pretrained(tiny)
+    for name, text in PROMPTS.items():
+        # The processor passes its own images_kwargs default (max_patches=4096) over the image processor's.
+        enc = processor(text=text, images=images[0], max_patches=TINY_MAX_PATCHES, return_tensors="pt")
+        assert torch.equal(enc["flattened_patches"][0], patches[0]), "the processor's patches are the image processor's"
+        t[f"{name}.input_ids"] = enc["input_ids"]
+        t[f"{name}.image_embeds_position_mask"] = enc["image_embeds_position_mask"]
+        t[f"{name}.geometry"] = torch.tensor([int(enc["width"][0]), int(enc["height"][0])], dtype=torch.int64)
+        print(f"{name}: {text!r} -> {enc['input_ids'][0].tolist()}")
+
+    # The chat prompt's logits, from the pixels and from precomputed embeddings (what the decoder service gets).
+    input_ids = t["chat.input_ids"]
+    iemask = t["chat.image_embeds_position_mask"]
     attention_mask = torch.ones_like(input_ids)
     out_full = model(
         input_ids=input_ids,
@@ -166,10 +209,7 @@ def write_tiny(out: Path, pages: list[Path]) -> None:
         flattened_patches=patches[:1],
         image_embeds_position_mask=iemask,
     )
-    t["prompt.input_ids"] = input_ids
-    t["prompt.image_embeds_position_mask"] = iemask
-    t["prompt.logits"] = out_full.logits.float().contiguous()
-    # The same logits from the precomputed embeddings (what the decoder service receives).
+    t["chat.logits"] = out_full.logits.float().contiguous()
     out_embeds = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -178,20 +218,22 @@ def write_tiny(out: Path, pages: list[Path]) -> None:
     )
     assert torch.allclose(out_embeds.logits, out_full.logits, atol=1e-6)
 
-    generated = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        flattened_patches=patches[:1],
-        image_embeds_position_mask=iemask,
-        max_new_tokens=12,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    )
-    t["greedy.ids"] = generated[0, input_ids.shape[1] :].contiguous()
-    print(f"greedy ids: {t['greedy.ids'].tolist()}")
+    for name in ("chat", "ocr"):
+        generated = model.generate(
+            input_ids=t[f"{name}.input_ids"],
+            attention_mask=torch.ones_like(t[f"{name}.input_ids"]),
+            flattened_patches=patches[:1],
+            image_embeds_position_mask=t[f"{name}.image_embeds_position_mask"],
+            max_new_tokens=12,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=None,
+            pad_token_id=PAD,
+        )
+        key = f"{name}.greedy_ids"
+        t[key] = generated[0, t[f"{name}.input_ids"].shape[1] :].contiguous()
+        print(f"{name} greedy ids: {t[key].tolist()}: {tokenizer.decode(t[key])!r}")
     save_file(t, out / "reference.safetensors", metadata={"transformers": transformers.__version__})
     print(f"wrote {out / 'reference.safetensors'}: {len(t)} tensors; vision {tuple(vision.shape)}, embeds {tuple(embeds.shape)}")
 

@@ -68,11 +68,8 @@ fn prompt(reference: &HashMap<String, Tensor>) -> (Vec<u32>, Vec<bool>, Tensor) 
         .get(0)
         .expect("page 0");
     (
-        flat("prompt.input_ids")
-            .iter()
-            .map(|&id| id as u32)
-            .collect(),
-        flat("prompt.image_embeds_position_mask")
+        flat("chat.input_ids").iter().map(|&id| id as u32).collect(),
+        flat("chat.image_embeds_position_mask")
             .iter()
             .map(|&m| m == 1)
             .collect(),
@@ -88,7 +85,7 @@ fn the_tiny_config_is_read_as_hf_wrote_it() {
     assert_eq!(config.vision_config.head_dim, 8);
     assert_eq!(config.vision_config.max_num_patches, 17);
     assert_eq!(config.text_config.embed_dim, 24);
-    assert_eq!(config.text_config.vocab_size, 97);
+    assert_eq!(config.text_config.vocab_size, 122);
 }
 
 #[test]
@@ -160,9 +157,7 @@ fn text_logits_match_hf_in_one_prefill_and_in_chunks() {
     let reference = reference();
     let text = text_model();
     let (ids, mask, embeds) = prompt(&reference);
-    let expected = common::get(&reference, "prompt.logits")
-        .get(0)
-        .expect("row");
+    let expected = common::get(&reference, "chat.logits").get(0).expect("row");
     // One prefill, then chunks of 3 that cut the image block (the segment must follow the tags across chunks).
     for chunk_len in [ids.len(), 3] {
         let mut cache = text
@@ -206,7 +201,7 @@ fn greedy_ids_match_hf_generate() {
     let reference = reference();
     let text = text_model();
     let (ids, mask, embeds) = prompt(&reference);
-    let expected: Vec<i64> = common::get(&reference, "greedy.ids")
+    let expected: Vec<i64> = common::get(&reference, "chat.greedy_ids")
         .to_vec1()
         .expect("ids");
     let generated = greedy_generate(
