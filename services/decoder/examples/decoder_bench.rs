@@ -260,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
     let loading = Instant::now();
     let (text, info) = load_model(&config)?;
     let settings = engine_settings(&config.scheduler, info.context_length)?;
-    let text_config = text.config().text_config.clone();
+    let text_config = text.config().text_config().clone();
     println!(
         "model {}: {} layers x {} wide, ffn {}, vocab {}, context {}, {} image tokens; loaded in {:.1}s",
         args.model_dir.display(),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kosmos_model::{ModelFiles, TextHalf, parse_device};
+use kosmos_model::{Family, ModelFiles, TextHalf, parse_device};
 use kosmos_proto::decoder::v1::decoder_server::DecoderServer;
 use kosmos_runtime::config::invalid;
 use kosmos_runtime::grpc::Health;
@@ -28,10 +28,16 @@ pub fn load_model(config: &DecoderConfig) -> Result<(TextHalf, ModelInfo), Start
     let device = parse_device(&config.device).map_err(model_error)?;
     let fingerprint = files.fingerprint().map_err(model_error)?;
     let text = TextHalf::load(&files, config.dtype, &device).map_err(model_error)?;
-    let text_config = &files.config.text_config;
-    let num_image_tokens = files.config.latent_query_num;
+    let text_config = files.config.text_config();
+    let num_image_tokens = files.config.latent_query_num();
+    // Kosmos-2.5 marks every image position with its image token `<s>` (the processor's `image_token`); KOSMOS-1
+    // and Kosmos-2 with consecutive ids from `image_placeholder_first_id`.
+    let (placeholder, repeated) = match files.config.family() {
+        Family::Kosmos2 => (config.image_placeholder_first_id, false),
+        Family::Kosmos25 => (text_config.bos_token_id, true),
+    };
     let last_placeholder = config.image_placeholder_first_id as usize + num_image_tokens;
-    if last_placeholder > text_config.vocab_size {
+    if !repeated && last_placeholder > text_config.vocab_size {
         return Err(invalid(
             "image_placeholder_first_id",
             format!(
@@ -47,7 +53,9 @@ pub fn load_model(config: &DecoderConfig) -> Result<(TextHalf, ModelInfo), Start
         vocab_size: text_config.vocab_size,
         num_image_tokens,
         hidden_size: text_config.embed_dim,
-        image_placeholder_first_id: config.image_placeholder_first_id,
+        image_placeholder_first_id: placeholder,
+        image_placeholder_repeated: repeated,
+        family: files.config.family().name(),
         bos_token_id: text_config.bos_token_id,
         eos_token_id: text_config.eos_token_id,
         pad_token_id: text_config.pad_token_id,

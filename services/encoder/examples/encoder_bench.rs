@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use kosmos_encoder::config::{Batching, Limits};
-use kosmos_encoder::engine::{self, BatchEncoder, VisionEngine};
+use kosmos_encoder::engine::{self, BatchEncoder, ModelInput, VisionEngine};
 use kosmos_encoder::images::{Preprocessor, check_image};
 use kosmos_model::{ModelFiles, VisionHalf, parse_device, parse_dtype};
-use kosmos_processor::{AcceptedFormat, ImageLimits, ImageProcessorConfig, PixelValues};
+use kosmos_processor::{AcceptedFormat, ImageLimits, ImageProcessorConfig};
 
 /// Encoder benchmark.
 #[derive(Debug, Parser)]
@@ -53,17 +53,19 @@ fn main() -> Result<()> {
     let files = ModelFiles::open(&args.model)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let size = files.config.vision_config.image_size;
+    // This benchmark measures the CLIP tower (KOSMOS-1 / Kosmos-2).
+    let model = files.config.kosmos2()?.clone();
+    let size = model.vision_config.image_size;
     let processor = ImageProcessorConfig::from_file(args.model.join("preprocessor_config.json"))?;
     let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
     println!(
         "model {} (vision {} layers x {}, image {size}, patch {}, {} tokens x {}), device {}, dtype {}, {cores} cores",
         args.model.display(),
-        files.config.vision_config.num_hidden_layers,
-        files.config.vision_config.hidden_size,
-        files.config.vision_config.patch_size,
-        files.config.latent_query_num,
-        files.config.text_config.embed_dim,
+        model.vision_config.num_hidden_layers,
+        model.vision_config.hidden_size,
+        model.vision_config.patch_size,
+        model.latent_query_num,
+        model.text_config.embed_dim,
         args.device,
         args.dtype,
     );
@@ -88,6 +90,7 @@ fn main() -> Result<()> {
         VisionHalf::load(&files, dtype, &device)?,
         device.clone(),
         dtype,
+        size,
     );
     direct.encode(&[&pixels])?;
     let baseline = best_of(args.rounds, || {
@@ -160,7 +163,7 @@ fn engine_throughput(
     files: &ModelFiles,
     args: &Args,
     max_batch: usize,
-    pixels: &PixelValues,
+    pixels: &ModelInput,
 ) -> Result<f64> {
     let settings = Batching {
         max_batch_images: NonZeroUsize::new(max_batch).context("max batch")?,
@@ -168,6 +171,7 @@ fn engine_throughput(
         max_queued_images: NonZeroUsize::new(args.images.max(1)).context("images")?,
     };
     let (files, device_name, dtype_name) = (files.clone(), args.device.clone(), args.dtype.clone());
+    let size = files.config.kosmos2()?.vision_config.image_size;
     let (handle, thread, startup) = engine::start(settings, None, move || {
         let load = || -> Result<VisionEngine, kosmos_model::ModelError> {
             let device = parse_device(&device_name)?;
@@ -176,6 +180,7 @@ fn engine_throughput(
                 VisionHalf::load(&files, dtype, &device)?,
                 device,
                 dtype,
+                size,
             ))
         };
         load()
@@ -209,7 +214,7 @@ fn engine_throughput(
 /// Submits `count` single-image requests at once and waits for all of them.
 async fn run_requests(
     handle: &engine::EngineHandle,
-    pixels: &PixelValues,
+    pixels: &ModelInput,
     count: usize,
 ) -> Result<()> {
     let mut receivers = Vec::with_capacity(count);

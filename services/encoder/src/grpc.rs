@@ -27,8 +27,12 @@ use crate::metrics::EncoderMetrics;
 pub struct ModelSummary {
     /// The model fingerprint (see `kosmos_model::ModelFiles::fingerprint`).
     pub fingerprint: String,
-    /// Side of the square input of the tower, in pixels.
+    /// Side of the square input of the tower, in pixels (0 for Kosmos-2.5's pages).
     pub image_size: usize,
+    /// The model family (`kosmos-2`, `kosmos-2.5`).
+    pub family: &'static str,
+    /// Kosmos-2.5: patches per page; 0 otherwise.
+    pub max_patches: usize,
     /// Embedding rows per image.
     pub tokens_per_image: usize,
     /// Embedding width.
@@ -219,6 +223,8 @@ impl EncoderService {
             images_encoded: stats.images_encoded,
             device: model.device.clone(),
             weights_dtype: wire_dtype(model.weights_dtype) as i32,
+            family: model.family.to_string(),
+            max_patches: saturating_u32(model.max_patches),
         })
     }
 }

@@ -1,17 +1,19 @@
 //! Untrusted images at the edge: cheap checks on the bytes first (size, format, declared MIME type), then on the
-//! blocking pool the header's dimensions (before any pixel buffer exists), one decode and the CLIP preprocessing.
+//! blocking pool the header's dimensions (before any pixel buffer exists), one decode and the model family's
+//! preprocessing (CLIP for KOSMOS-1 / Kosmos-2, flattened patches for Kosmos-2.5).
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use kosmos_processor::{
-    AcceptedFormat, DecodeLimits, ImageProcessorConfig, ImageRejection, PixelValues, check_encoded,
-    check_header, decode_image, preprocess,
+    AcceptedFormat, DecodeLimits, FlattenedPatchConfig, ImageProcessorConfig, ImageRejection,
+    check_encoded, check_header, decode_image, flatten_patches, preprocess,
 };
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
+use crate::engine::ModelInput;
 use crate::error::RequestError;
 use crate::metrics::EncoderMetrics;
 
@@ -54,12 +56,30 @@ pub fn check_image(
     })
 }
 
+/// What a decoded image becomes, by model family.
+#[derive(Debug, Clone)]
+pub enum Pipeline {
+    /// CLIP preprocessing with the checkpoint's `preprocessor_config.json` to `(3, image_size, image_size)`.
+    Clip {
+        /// The CLIP image processor's settings.
+        config: ImageProcessorConfig,
+        /// The tower's input side.
+        image_size: usize,
+    },
+    /// Kosmos-2.5: flattened patches with the checkpoint's `Kosmos2_5ImageProcessor` settings.
+    Pages {
+        /// Patch size and patch budget.
+        config: FlattenedPatchConfig,
+        /// The tower's row and column tables: a page's grid must stay below it on both sides.
+        max_num_patches: usize,
+    },
+}
+
 /// Decodes and preprocesses images on tokio's blocking pool, at most `workers` at a time across all requests.
 #[derive(Debug)]
 pub struct Preprocessor {
     limits: Limits,
-    config: ImageProcessorConfig,
-    image_size: usize,
+    pipeline: Pipeline,
     workers: Arc<Semaphore>,
     metrics: Option<Arc<EncoderMetrics>>,
 }
@@ -73,10 +93,14 @@ impl Preprocessor {
         image_size: usize,
         workers: NonZeroUsize,
     ) -> Self {
+        Self::with_pipeline(limits, Pipeline::Clip { config, image_size }, workers)
+    }
+
+    /// A preprocessor running `pipeline`.
+    pub fn with_pipeline(limits: Limits, pipeline: Pipeline, workers: NonZeroUsize) -> Self {
         Self {
             limits,
-            config,
-            image_size,
+            pipeline,
             workers: Arc::new(Semaphore::new(workers.get())),
             metrics: None,
         }
@@ -103,7 +127,7 @@ impl Preprocessor {
     }
 
     /// Header check, decode and preprocessing of one image, on the calling thread (blocking, CPU-bound).
-    pub fn process_one(&self, image: &CheckedImage) -> Result<PixelValues, RequestError> {
+    pub fn process_one(&self, image: &CheckedImage) -> Result<ModelInput, RequestError> {
         let index = image.index;
         check_header(&image.bytes, image.format, &self.limits.image)
             .map_err(|reason| rejected(index, reason))?;
@@ -114,21 +138,42 @@ impl Preprocessor {
         if let Some(metrics) = &self.metrics {
             metrics.image_decoded(preprocess_started - decode_started);
         }
-        let values = preprocess(&rgb, &self.config).map_err(|err| RequestError::Preprocess {
-            index,
-            message: err.to_string(),
-        })?;
+        let failed = |message: String| RequestError::Preprocess { index, message };
+        let input = match &self.pipeline {
+            Pipeline::Clip { config, image_size } => {
+                let values = preprocess(&rgb, config).map_err(|err| failed(err.to_string()))?;
+                let expected = [3, *image_size, *image_size];
+                if values.shape() != expected {
+                    return Err(RequestError::Internal(format!(
+                        "images[{index}]: preprocessing produced {:?}, the model expects {expected:?}",
+                        values.shape()
+                    )));
+                }
+                ModelInput::Pixels(values)
+            }
+            Pipeline::Pages {
+                config,
+                max_num_patches,
+            } => {
+                // A very thin page gets a grid longer than the tower's row or column table on one side.
+                let (rows, cols) = config.grid((rgb.height(), rgb.width()));
+                if rows >= *max_num_patches || cols >= *max_num_patches {
+                    return Err(failed(format!(
+                        "a {}x{} page gives a grid of {rows}x{cols} patches; the model numbers rows and columns \
+                         below {max_num_patches} (max_num_patches): the page is too thin",
+                        rgb.width(),
+                        rgb.height()
+                    )));
+                }
+                ModelInput::Page(
+                    flatten_patches(&rgb, config).map_err(|err| failed(err.to_string()))?,
+                )
+            }
+        };
         if let Some(metrics) = &self.metrics {
             metrics.image_preprocessed(preprocess_started.elapsed());
         }
-        let expected = [3, self.image_size, self.image_size];
-        if values.shape() != expected {
-            return Err(RequestError::Internal(format!(
-                "images[{index}]: preprocessing produced {:?}, the model expects {expected:?}",
-                values.shape()
-            )));
-        }
-        Ok(values)
+        Ok(input)
     }
 
     /// Processes every image of a request in parallel on the blocking pool; on failure, the error of the first
@@ -136,7 +181,7 @@ impl Preprocessor {
     pub async fn process_all(
         self: &Arc<Self>,
         images: Vec<CheckedImage>,
-    ) -> Result<Vec<PixelValues>, RequestError> {
+    ) -> Result<Vec<ModelInput>, RequestError> {
         let mut tasks = Vec::with_capacity(images.len());
         for image in images {
             // The permit is taken before spawning, so a burst of requests queues here (fairly, in arrival order)
@@ -235,5 +280,45 @@ mod tests {
             err.to_string(),
             "images[1]: format image/webp is not accepted (`limits.formats` = image/png, image/jpeg)"
         );
+    }
+
+    #[test]
+    fn a_page_too_thin_for_the_row_and_column_tables_is_refused_by_name() {
+        let mut limits = limits();
+        limits.image.max_image_bytes = 1 << 20;
+        limits.image.max_image_width = 4096;
+        limits.image.max_image_pixels = 1 << 20;
+        let pages = |max_num_patches| {
+            Preprocessor::with_pipeline(
+                limits.clone(),
+                Pipeline::Pages {
+                    config: kosmos_processor::FlattenedPatchConfig {
+                        patch_height: 4,
+                        patch_width: 4,
+                        max_patches: 16,
+                    },
+                    max_num_patches,
+                },
+                NonZeroUsize::MIN,
+            )
+        };
+        // 2000 x 4: one row of 16 patches.
+        let strip = image::RgbImage::from_pixel(2000, 4, image::Rgb([10, 200, 30]));
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        strip
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .expect("png");
+        let checked = check_image(0, bytes.into_inner(), "image/png", &limits).expect("checked");
+        let err = pages(16)
+            .process_one(&checked)
+            .expect_err("16 columns need ids up to 16");
+        assert!(
+            err.to_string().contains("1x16 patches") && err.to_string().contains("max_num_patches"),
+            "{err}"
+        );
+        match pages(17).process_one(&checked).expect("17 ids are enough") {
+            ModelInput::Page(page) => assert_eq!((page.rows, page.cols), (1, 16)),
+            other => panic!("expected a page, got {other:?}"),
+        }
     }
 }

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use kosmos_model::{DType, ModelFiles, Tensor, VisionHalf, parse_device};
-use kosmos_processor::{ImageProcessorConfig, ResizeTarget};
+use kosmos_model::{DType, ModelConfig, ModelFiles, Tensor, VisionHalf, parse_device};
+use kosmos_processor::{FlattenedPatchConfig, ImageProcessorConfig, ResizeTarget};
 use kosmos_proto::encoder::v1::vision_encoder_server::VisionEncoderServer;
 use kosmos_runtime::metrics::{Registry, model_name};
 use kosmos_runtime::service::{BoxError, Watcher, watcher};
@@ -16,7 +16,7 @@ use crate::config::EncoderConfig;
 use crate::engine::{self, EngineThread, Startup, VisionEngine};
 use crate::error::StartError;
 use crate::grpc::{EncoderService, ModelSummary, ServiceState};
-use crate::images::Preprocessor;
+use crate::images::{Pipeline, Preprocessor};
 use crate::metrics::EncoderMetrics;
 
 kosmos_runtime::service_main!(
@@ -44,14 +44,38 @@ pub async fn bind(config: EncoderConfig) -> Result<Bound, StartError> {
         dir: model_dir.clone(),
         source,
     })?;
-    let image_size = files.config.vision_config.image_size;
-    let processor = ImageProcessorConfig::from_file(model_dir.join("preprocessor_config.json"))?;
-    check_preprocessor(&processor, image_size)?;
+    let processor_path = model_dir.join("preprocessor_config.json");
+    let pipeline = match &files.config {
+        ModelConfig::Kosmos2(model) => {
+            let image_size = model.vision_config.image_size;
+            let processor = ImageProcessorConfig::from_file(&processor_path)?;
+            check_preprocessor(&processor, image_size)?;
+            Pipeline::Clip {
+                config: processor,
+                image_size,
+            }
+        }
+        ModelConfig::Kosmos25(model) => {
+            let processor = FlattenedPatchConfig::from_file(&processor_path)?;
+            let expected = 2 + model.vision_config.patch_embed_hidden_size;
+            if processor.row_len() != expected {
+                return Err(StartError::Incompatible(format!(
+                    "preprocessor_config.json's patch_size {}x{} gives rows of {} values, the page tower takes {expected}",
+                    processor.patch_height,
+                    processor.patch_width,
+                    processor.row_len()
+                )));
+            }
+            Pipeline::Pages {
+                config: processor,
+                max_num_patches: model.vision_config.max_num_patches,
+            }
+        }
+    };
     let preprocessor = Arc::new(
-        Preprocessor::new(
+        Preprocessor::with_pipeline(
             config.limits.clone(),
-            processor,
-            image_size,
+            pipeline.clone(),
             config.preprocess_workers,
         )
         .with_metrics(Arc::clone(&metrics)),
@@ -59,7 +83,7 @@ pub async fn bind(config: EncoderConfig) -> Result<Bound, StartError> {
     let (device, dtype) = (config.device.clone(), config.dtype);
     let (engine, engine_thread, startup) =
         engine::start(config.batching, Some(Arc::clone(&metrics)), move || {
-            load_model(&files, device, dtype)
+            load_model(&files, &pipeline, device, dtype)
         })?;
     let state = Arc::new(ServiceState::new(
         config.limits.clone(),
@@ -126,6 +150,7 @@ async fn stop_engine(engine_thread: EngineThread) {
 /// first request does not pay for lazy initialisation (kernels, allocator pools).
 fn load_model(
     files: &ModelFiles,
+    pipeline: &Pipeline,
     device_name: String,
     dtype: DType,
 ) -> Result<(VisionEngine, ModelSummary), StartError> {
@@ -136,20 +161,43 @@ fn load_model(
     let device = parse_device(&device_name).map_err(model_error)?;
     let half = VisionHalf::load(files, dtype, &device).map_err(model_error)?;
     let fingerprint = files.fingerprint().map_err(model_error)?;
-    let size = files.config.vision_config.image_size;
-    // (1, 3, size, size)
-    let warm_up =
-        Tensor::zeros((1, 3, size, size), dtype, &device).map_err(|err| model_error(err.into()))?;
-    half.encode(&warm_up).map_err(model_error)?;
-    let summary = ModelSummary {
-        fingerprint,
-        image_size: size,
-        tokens_per_image: files.config.latent_query_num,
-        hidden_size: files.config.text_config.embed_dim,
-        device: device_name,
+    let summary = |image_size, max_patches| ModelSummary {
+        fingerprint: fingerprint.clone(),
+        image_size,
+        family: files.config.family().name(),
+        max_patches,
+        tokens_per_image: files.config.latent_query_num(),
+        hidden_size: files.config.text_config().embed_dim,
+        device: device_name.clone(),
         weights_dtype: dtype,
     };
-    Ok((VisionEngine::new(half, device, dtype), summary))
+    match pipeline {
+        Pipeline::Clip { image_size, .. } => {
+            let size = *image_size;
+            // (1, 3, size, size)
+            let warm_up = Tensor::zeros((1, 3, size, size), dtype, &device)
+                .map_err(|err| model_error(err.into()))?;
+            half.encode(&warm_up).map_err(model_error)?;
+            Ok((
+                VisionEngine::new(half, device, dtype, size),
+                summary(size, 0),
+            ))
+        }
+        Pipeline::Pages { config, .. } => {
+            let (max_patches, row_len) = (config.max_patches, config.row_len());
+            // One patch at row 1, column 1 (an all-zero page would have no patch to attend to).
+            let mut values = vec![0f32; max_patches * row_len];
+            values[0] = 1.0;
+            values[1] = 1.0;
+            let warm_up = Tensor::from_vec(values, (1, max_patches, row_len), &device)
+                .map_err(|err| model_error(err.into()))?;
+            half.encode_pages(&warm_up).map_err(model_error)?;
+            Ok((
+                VisionEngine::pages(half, device, dtype, max_patches, row_len),
+                summary(0, max_patches),
+            ))
+        }
+    }
 }
 
 /// The preprocessor must produce exactly the tower's input: a `size` × `size` crop (or exact resize).

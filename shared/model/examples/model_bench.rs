@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     let dtype = kosmos_model::parse_dtype(&args.dtype)?;
     let model = KosmosModel::load(&args.model, dtype, &device)
         .with_context(|| format!("{}", args.model.display()))?;
-    let config = model.vision.config().clone();
+    let config = model.vision.config().kosmos2()?.clone();
     let queries = config.latent_query_num;
     let size = config.vision_config.image_size;
     let vocab = config.text_config.vocab_size;

@@ -33,8 +33,8 @@ pub use generate::{
     GreedyParams, Prompt, argmax, banned_ngram_tokens, continuation_logprobs, greedy_generate,
 };
 pub use model::{
-    KOSMOS_2_5, KosmosModel, ModelFiles, PaddedRow, PaddedRows, TextHalf, VisionHalf, model_type,
-    parse_device, parse_dtype,
+    Family, KOSMOS_2_5, KosmosModel, ModelConfig, ModelFiles, PaddedRow, PaddedRows, TextHalf,
+    VisionHalf, model_type, parse_device, parse_dtype,
 };
 pub use nn::Projection;
 pub use page::{Kosmos25Config, PageEncoder, PageTower, PageVisionConfig};

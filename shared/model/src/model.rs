@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::KosmosConfig;
+use crate::config::{KosmosConfig, TextConfig};
 use crate::connector::Connector;
 use crate::error::{ModelError, Result};
+use crate::page::{Kosmos25Config, PageEncoder};
 use crate::paged::KvCacheConfig;
-use crate::text::{ImageInjection, SeqChunk, TextModel};
+use crate::text::{ImageInjection, SeqChunk, TextFamily, TextModel};
 use crate::vision::VisionTower;
 use crate::weights::Weights;
 
@@ -19,8 +20,8 @@ use crate::weights::Weights;
 pub struct ModelFiles {
     /// The directory.
     pub dir: PathBuf,
-    /// Its parsed `config.json`.
-    pub config: KosmosConfig,
+    /// Its parsed `config.json`, by family.
+    pub config: ModelConfig,
     /// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
 }
@@ -28,16 +29,7 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Reads `config.json` and locates the weights of the model directory `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        if model_type(&config_path)?.as_deref() == Some(KOSMOS_2_5) {
-            return Err(ModelError::InvalidConfig(format!(
-                "{} is a Kosmos-2.5 model (`model_type` `{KOSMOS_2_5}`): the services do not serve Kosmos-2.5 yet \
-                 (its page encoder and decoder load in kosmos-model: `Kosmos25Config`, `PageEncoder`, \
-                 `TextFamily::Kosmos25`)",
-                dir.display()
-            )));
-        }
-        let config = KosmosConfig::from_file(&config_path)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let weights = if index_path.exists() {
             shards_from_index(&index_path)?
@@ -53,6 +45,134 @@ impl ModelFiles {
 
     fn weights(&self, dtype: DType, device: &Device) -> Result<Weights> {
         Weights::from_mmaped_safetensors(&self.weights, dtype, device)
+    }
+
+    /// The id of the added token `content` in the directory's `tokenizer.json` (its `added_tokens` list), for the
+    /// few ids a model half needs without a tokenizer (Kosmos-2.5's `<image>` and `</image>`).
+    pub fn added_token_id(&self, content: &str) -> Result<u32> {
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: u32,
+            content: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenizerJson {
+            #[serde(default)]
+            added_tokens: Vec<Added>,
+        }
+        let path = self.dir.join("tokenizer.json");
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let parsed: TokenizerJson =
+            serde_json::from_slice(&bytes).map_err(|err| ModelError::Config {
+                path: path.clone(),
+                key: "added_tokens".into(),
+                message: err.to_string(),
+            })?;
+        parsed
+            .added_tokens
+            .iter()
+            .find(|token| token.content == content)
+            .map(|token| token.id)
+            .ok_or_else(|| ModelError::Config {
+                path,
+                key: "added_tokens".into(),
+                message: format!("no added token `{content}`"),
+            })
+    }
+
+    /// The decoder family of this directory: Kosmos-2.5's needs its image block's tag ids.
+    pub fn text_family(&self) -> Result<TextFamily> {
+        Ok(match self.config.family() {
+            Family::Kosmos2 => TextFamily::Kosmos2,
+            Family::Kosmos25 => TextFamily::Kosmos25 {
+                image_start: self.added_token_id("<image>")?,
+                image_end: self.added_token_id("</image>")?,
+            },
+        })
+    }
+}
+
+/// The KOSMOS model families this crate loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// KOSMOS-1 and Kosmos-2 (`model_type` `kosmos-2`, or none): CLIP tower, 224-pixel images.
+    Kosmos2,
+    /// Kosmos-2.5 (`model_type` `kosmos-2.5`): the page encoder over flattened patches.
+    Kosmos25,
+}
+
+impl Family {
+    /// The `model_type` naming it (`kosmos-2` for KOSMOS-1 too).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Kosmos2 => "kosmos-2",
+            Family::Kosmos25 => KOSMOS_2_5,
+        }
+    }
+}
+
+/// A model directory's `config.json`, by family (`model_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// KOSMOS-1 / Kosmos-2.
+    Kosmos2(KosmosConfig),
+    /// Kosmos-2.5.
+    Kosmos25(Kosmos25Config),
+}
+
+impl ModelConfig {
+    /// Reads `config.json`, choosing the family by its `model_type`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Ok(match model_type(path)?.as_deref() {
+            Some(KOSMOS_2_5) => ModelConfig::Kosmos25(Kosmos25Config::from_file(path)?),
+            _ => ModelConfig::Kosmos2(KosmosConfig::from_file(path)?),
+        })
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::Kosmos2(_) => Family::Kosmos2,
+            ModelConfig::Kosmos25(_) => Family::Kosmos25,
+        }
+    }
+
+    /// The text decoder's configuration.
+    pub fn text_config(&self) -> &TextConfig {
+        match self {
+            ModelConfig::Kosmos2(config) => &config.text_config,
+            ModelConfig::Kosmos25(config) => &config.text_config,
+        }
+    }
+
+    /// Image tokens per image: the connector's latent queries.
+    pub fn latent_query_num(&self) -> usize {
+        match self {
+            ModelConfig::Kosmos2(config) => config.latent_query_num,
+            ModelConfig::Kosmos25(config) => config.latent_query_num,
+        }
+    }
+
+    /// Whether the LM head is the embedding matrix (always for Kosmos-2.5).
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self {
+            ModelConfig::Kosmos2(config) => config.tie_word_embeddings,
+            ModelConfig::Kosmos25(_) => true,
+        }
+    }
+
+    /// The Kosmos-2 configuration, or an error naming the family for a Kosmos-2.5 one.
+    pub fn kosmos2(&self) -> Result<&KosmosConfig> {
+        match self {
+            ModelConfig::Kosmos2(config) => Ok(config),
+            ModelConfig::Kosmos25(_) => Err(ModelError::InvalidInput(
+                "this needs a KOSMOS-1 / Kosmos-2 model, the directory holds a Kosmos-2.5 one"
+                    .into(),
+            )),
+        }
     }
 }
 
@@ -144,12 +264,21 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// The vision half: CLIP tower + connector (weights `vision_model.model.*` and `image_to_text_projection.*`).
+/// The vision half: the CLIP tower and the connector (weights `vision_model.model.*` and
+/// `image_to_text_projection.*`), or Kosmos-2.5's page encoder (`vision_model.*` and `image_to_text_projection.*`).
 #[derive(Debug)]
 pub struct VisionHalf {
-    tower: VisionTower,
-    connector: Connector,
-    config: KosmosConfig,
+    encoder: VisionEncoder,
+    config: ModelConfig,
+}
+
+#[derive(Debug)]
+enum VisionEncoder {
+    Clip {
+        tower: VisionTower,
+        connector: Connector,
+    },
+    Page(PageEncoder),
 }
 
 impl VisionHalf {
@@ -160,28 +289,68 @@ impl VisionHalf {
     }
 
     /// Builds the vision half from `weights` at the checkpoint's root.
-    pub fn new(config: &KosmosConfig, weights: &Weights) -> Result<Self> {
+    pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        let encoder = match config {
+            ModelConfig::Kosmos2(config) => VisionEncoder::Clip {
+                tower: VisionTower::new(&config.vision_config, &weights.pp("vision_model.model"))?,
+                connector: Connector::new(config, &weights.pp("image_to_text_projection"))?,
+            },
+            ModelConfig::Kosmos25(config) => {
+                VisionEncoder::Page(PageEncoder::new(config, weights)?)
+            }
+        };
         Ok(Self {
-            tower: VisionTower::new(&config.vision_config, &weights.pp("vision_model.model"))?,
-            connector: Connector::new(config, &weights.pp("image_to_text_projection"))?,
+            encoder,
             config: config.clone(),
         })
     }
 
     /// The model configuration.
-    pub fn config(&self) -> &KosmosConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The family of the model.
+    pub fn family(&self) -> Family {
+        self.config.family()
+    }
+
+    fn clip(&self) -> Result<(&VisionTower, &Connector)> {
+        match &self.encoder {
+            VisionEncoder::Clip { tower, connector } => Ok((tower, connector)),
+            VisionEncoder::Page(_) => Err(ModelError::InvalidInput(
+                "a Kosmos-2.5 model encodes pages (flattened patches), not CLIP pixels".into(),
+            )),
+        }
     }
 
     /// `(images, channels, size, size)` → the tower's last hidden state `(images, patches + 1, vision_hidden)`.
     pub fn vision_last_hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.tower.last_hidden_state(pixel_values)
+        self.clip()?.0.last_hidden_state(pixel_values)
     }
 
-    /// `(images, channels, size, size)` → image embeddings `(images, latent_query_num, embed_dim)`.
+    /// `(images, channels, size, size)` → image embeddings `(images, latent_query_num, embed_dim)` (Kosmos-2).
     pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let hidden = self.tower.last_hidden_state(pixel_values)?;
-        self.connector.forward(&self.tower.post_layernorm(&hidden)?)
+        let (tower, connector) = self.clip()?;
+        let hidden = tower.last_hidden_state(pixel_values)?;
+        connector.forward(&tower.post_layernorm(&hidden)?)
+    }
+
+    /// Kosmos-2.5: `(pages, max_patches, 2 + patch values)` flattened patches → image embeddings `(pages,
+    /// latent_query_num, embed_dim)`. The patch mask is 1 on rows whose sum is not zero, as the reference's
+    /// `Kosmos2_5ForConditionalGeneration` computes it.
+    pub fn encode_pages(&self, flattened_patches: &Tensor) -> Result<Tensor> {
+        let VisionEncoder::Page(encoder) = &self.encoder else {
+            return Err(ModelError::InvalidInput(
+                "a KOSMOS-1 / Kosmos-2 model encodes CLIP pixels, not pages".into(),
+            ));
+        };
+        let mask = flattened_patches
+            .to_dtype(DType::F32)?
+            .sum(2)?
+            .ne(0f32)?
+            .to_dtype(DType::F32)?;
+        encoder.image_embeds(flattened_patches, &mask)
     }
 }
 
@@ -189,22 +358,23 @@ impl VisionHalf {
 #[derive(Debug)]
 pub struct TextHalf {
     model: TextModel,
-    config: KosmosConfig,
+    config: ModelConfig,
 }
 
 impl TextHalf {
     /// Loads only the text decoder of `files`.
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let weights = files.weights(dtype, device)?;
-        Self::new(&files.config, &weights)
+        Self::new(&files.config, files.text_family()?, &weights)
     }
 
-    /// Builds the text half from `weights` at the checkpoint's root.
-    pub fn new(config: &KosmosConfig, weights: &Weights) -> Result<Self> {
+    /// Builds the text half of `family` from `weights` at the checkpoint's root.
+    pub fn new(config: &ModelConfig, family: TextFamily, weights: &Weights) -> Result<Self> {
         Ok(Self {
-            model: TextModel::new(
-                &config.text_config,
-                config.tie_word_embeddings,
+            model: TextModel::new_family(
+                config.text_config(),
+                config.tie_word_embeddings(),
+                family,
                 &weights.pp("text_model"),
             )?,
             config: config.clone(),
@@ -212,7 +382,7 @@ impl TextHalf {
     }
 
     /// The model configuration.
-    pub fn config(&self) -> &KosmosConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -235,7 +405,7 @@ impl TextHalf {
         image_embeds: Option<&Tensor>,
     ) -> Result<Tensor> {
         let rows = PaddedRows::new(input_ids, attention_mask, image_embeds_position_mask)?;
-        let embed_dim = self.config.text_config.embed_dim;
+        let embed_dim = self.config.text_config().embed_dim;
         let image_rows = match image_embeds {
             Some(embeds) => Some(embeds.flatten_to(1)?.reshape(((), embed_dim))?),
             None => None,
@@ -405,7 +575,7 @@ impl KosmosModel {
         let weights = files.weights(dtype, device)?;
         Ok(Self {
             vision: VisionHalf::new(&files.config, &weights)?,
-            text: TextHalf::new(&files.config, &weights)?,
+            text: TextHalf::new(&files.config, files.text_family()?, &weights)?,
         })
     }
 
@@ -445,8 +615,8 @@ impl ModelFiles {
         let weights = self.weights(DType::F32, &Device::Cpu)?;
         let mut hasher = Sha256::new();
         hasher.update(b"kosmos-fingerprint-v1\0");
-        hasher.update((self.config.latent_query_num as u64).to_le_bytes());
-        hasher.update((self.config.text_config.embed_dim as u64).to_le_bytes());
+        hasher.update((self.config.latent_query_num() as u64).to_le_bytes());
+        hasher.update((self.config.text_config().embed_dim as u64).to_le_bytes());
         let mut tensors = weights.stored_tensors();
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         for tensor in &tensors {

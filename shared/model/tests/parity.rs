@@ -212,7 +212,7 @@ fn our_greedy(prefix: &str, max_new_tokens: usize) -> Vec<Vec<i64>> {
         .expect("encode")
         .flatten_to(1)
         .expect("flatten");
-    let config = model.text.config().text_config.clone();
+    let config = model.text.config().text_config().clone();
     let mut next_image_row = 0;
     let prompts: Vec<Prompt> = rows
         .rows
@@ -368,7 +368,7 @@ fn half_precision_weights_stay_close_to_f32() {
 fn xpos_decoder_matches_torchscale_in_one_pass_and_incrementally() {
     let files = kosmos_model::ModelFiles::open(&fixtures().join("xpos")).expect("xpos model files");
     assert!(
-        files.config.text_config.xpos_rel_pos,
+        files.config.text_config().xpos_rel_pos,
         "the fixture enables xPos"
     );
     let text = kosmos_model::TextHalf::load(&files, DType::F32, &Device::Cpu)

@@ -162,6 +162,11 @@ pub enum PromptError {
         /// Vocabulary size with added tokens.
         vocab_size: usize,
     },
+    /// A Kosmos-2.5 prompt is not one page followed by at most one text.
+    #[error(
+        "a Kosmos-2.5 prompt is one image (the page) followed by at most one text segment (the task)"
+    )]
+    PageLayout,
     /// The tokenized prompt does not show the expected image layout (an internal invariant).
     #[error("tokenized prompt has {found} image blocks, expected {expected}")]
     ImageLayout {

@@ -63,8 +63,8 @@ pub use ocr::{OcrLine, OcrStream, PageGeometry, parse_ocr};
 pub use preprocess::{PixelValues, decode_and_preprocess, preprocess, resize_output_size};
 pub use processor::KosmosProcessor;
 pub use prompt::{
-    EncodedPrompt, PromptOptions, Segment, build_prompt, continuation_ids, image_block_text,
-    prompt_text,
+    EncodedPrompt, PromptOptions, Segment, build_page_prompt, build_prompt, continuation_ids,
+    image_block_text, prompt_text,
 };
 pub use tokenizer::{
     KosmosTokenizer, NUM_PATCH_INDEX_TOKENS, SpecialTokenIds, Tag, clean_up_tokenization,

@@ -394,7 +394,7 @@ impl DirectModel {
     /// Loads both halves of the model in `dir` (f32, CPU).
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let model = KosmosModel::load(dir, DType::F32, &Device::Cpu)?;
-        let num_image_tokens = model.text.config().latent_query_num;
+        let num_image_tokens = model.text.config().latent_query_num();
         let processor = KosmosProcessor::from_dir(dir, num_image_tokens)?;
         Ok(Self { model, processor })
     }
@@ -477,7 +477,7 @@ impl DirectModel {
         let params = GreedyParams {
             max_new_tokens,
             no_repeat_ngram_size,
-            eos_token_id: Some(self.model.text.config().text_config.eos_token_id),
+            eos_token_id: Some(self.model.text.config().text_config().eos_token_id),
         };
         let generated = greedy_generate(self.model.text.model(), &[prompt], params)?;
         let ids = generated

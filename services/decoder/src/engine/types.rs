@@ -20,8 +20,13 @@ pub struct ModelInfo {
     pub num_image_tokens: usize,
     /// Embedding width (`text_config.embed_dim`).
     pub hidden_size: usize,
-    /// Id at the first position of an image; position `i` of an image carries this id + `i`.
+    /// Id at the first position of an image; position `i` of an image carries this id + `i`, or this id when
+    /// `image_placeholder_repeated`.
     pub image_placeholder_first_id: u32,
+    /// Every image position carries `image_placeholder_first_id` (Kosmos-2.5's `<s>`).
+    pub image_placeholder_repeated: bool,
+    /// The model family (`kosmos-2`, `kosmos-2.5`).
+    pub family: &'static str,
     /// Beginning-of-sequence id.
     pub bos_token_id: u32,
     /// End-of-sequence id.

@@ -74,9 +74,10 @@ pub(crate) fn prompt(
                 let rows = kosmos_runtime::tensor::to_f32(tensor, Some(&expected_shape))
                     .map_err(|source| RequestError::InvalidEmbedding { segment, source })?;
                 let first = info.image_placeholder_first_id;
+                let step = u32::from(!info.image_placeholder_repeated);
                 prompt
                     .ids
-                    .extend((0..info.num_image_tokens as u32).map(|offset| first + offset));
+                    .extend((0..info.num_image_tokens as u32).map(|offset| first + step * offset));
                 prompt
                     .image_mask
                     .extend(std::iter::repeat_n(true, info.num_image_tokens));
@@ -433,6 +434,8 @@ pub(crate) fn info_response(
         num_image_tokens: saturating_u32(info.num_image_tokens),
         hidden_size: saturating_u32(info.hidden_size),
         image_placeholder_first_id: info.image_placeholder_first_id,
+        image_placeholder_repeated: info.image_placeholder_repeated,
+        family: info.family.to_string(),
         bos_token_id: info.bos_token_id,
         eos_token_id: info.eos_token_id,
         pad_token_id: info.pad_token_id,

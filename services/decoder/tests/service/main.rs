@@ -3,6 +3,7 @@
 
 mod batching;
 mod common;
+mod kosmos25;
 mod lifecycle;
 mod metrics;
 mod paged;

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use kosmos_processor::PixelValues;
 use kosmos_runtime::telemetry::span_context;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -148,7 +147,8 @@ impl<E: BatchEncoder> Batcher<E> {
                 );
             }
         }
-        let inputs: Vec<&PixelValues> = batch.iter().flat_map(|item| item.images.iter()).collect();
+        let inputs: Vec<&super::ModelInput> =
+            batch.iter().flat_map(|item| item.images.iter()).collect();
         let encoder = &mut self.encoder;
         let outcome =
             batch_span.in_scope(|| catch_unwind(AssertUnwindSafe(|| encoder.encode(&inputs))));
@@ -253,9 +253,12 @@ mod tests {
     impl BatchEncoder for FakeEncoder {
         type Error = String;
 
-        fn encode(&mut self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, String> {
+        fn encode(
+            &mut self,
+            images: &[&super::super::ModelInput],
+        ) -> Result<Vec<Vec<f32>>, String> {
             std::thread::sleep(self.delay);
-            let firsts: Vec<f32> = images.iter().map(|image| image.data[0]).collect();
+            let firsts: Vec<f32> = images.iter().map(|image| image.values()[0]).collect();
             self.batches
                 .lock()
                 .map_err(|_| "poisoned".to_string())?
@@ -268,13 +271,13 @@ mod tests {
         }
     }
 
-    fn image(value: f32) -> PixelValues {
-        PixelValues {
+    fn image(value: f32) -> super::super::ModelInput {
+        super::super::ModelInput::Pixels(kosmos_processor::PixelValues {
             data: vec![value],
             channels: 1,
             height: 1,
             width: 1,
-        }
+        })
     }
 
     type Batches = Arc<Mutex<Vec<Vec<f32>>>>;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-use kosmos_processor::PixelValues;
+use kosmos_processor::{FlattenedPatches, PixelValues};
 use tokio::sync::oneshot;
 
 pub use vision::VisionEngine;
@@ -26,13 +26,32 @@ use crate::config::Batching;
 use crate::error::{RequestError, StartError};
 use crate::metrics::EncoderMetrics;
 
+/// One preprocessed image, in the form its model family takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelInput {
+    /// KOSMOS-1 / Kosmos-2: CLIP pixels `(3, size, size)`.
+    Pixels(PixelValues),
+    /// Kosmos-2.5: a page as `max_patches` rows of flattened patches.
+    Page(FlattenedPatches),
+}
+
+impl ModelInput {
+    /// The values, row-major.
+    pub fn values(&self) -> &[f32] {
+        match self {
+            ModelInput::Pixels(pixels) => &pixels.data,
+            ModelInput::Page(page) => &page.data,
+        }
+    }
+}
+
 /// A model that turns a batch of preprocessed images into embeddings; runs on the engine thread only.
 pub trait BatchEncoder {
     /// What a failed batch reports.
     type Error: std::fmt::Display;
 
-    /// `images`, each `(3, size, size)` → one embedding per image, in order, each `(tokens, hidden)` row-major.
-    fn encode(&mut self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, Self::Error>;
+    /// `images` (all of the model's family) → one embedding per image, in order, each `(tokens, hidden)` row-major.
+    fn encode(&mut self, images: &[&ModelInput]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
 /// What the engine computed for one queued item (a request's images, or a part of them).
@@ -94,7 +113,7 @@ impl Drop for Admission {
 /// One queued unit of work: at most `max_batch_images` images of one request.
 #[derive(Debug)]
 struct WorkItem {
-    images: Vec<PixelValues>,
+    images: Vec<ModelInput>,
     admitted_at: Instant,
     deadline: Option<Instant>,
     reply: oneshot::Sender<ChunkReply>,
@@ -121,7 +140,7 @@ impl EngineHandle {
     /// without compute, and one whose receiver was dropped is skipped.
     pub fn submit(
         &self,
-        images: Vec<PixelValues>,
+        images: Vec<ModelInput>,
         deadline: Option<Instant>,
     ) -> Result<Vec<oneshot::Receiver<ChunkReply>>, RequestError> {
         let requested = images.len();

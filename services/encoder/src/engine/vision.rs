@@ -1,9 +1,18 @@
-//! The service's [`BatchEncoder`]: the model's vision half (CLIP tower + connector) on its device.
+//! The service's [`BatchEncoder`]: the model's vision half on its device: the CLIP tower and connector
+//! (KOSMOS-1 / Kosmos-2), or Kosmos-2.5's page encoder.
 
 use kosmos_model::{DType, Device, ModelError, Tensor, VisionHalf};
-use kosmos_processor::PixelValues;
 
-use super::BatchEncoder;
+use super::{BatchEncoder, ModelInput};
+
+/// The shape every input of a batch must have.
+#[derive(Debug, Clone, Copy)]
+enum InputShape {
+    /// `(3, size, size)` pixels.
+    Pixels { size: usize },
+    /// `(max_patches, row_len)` flattened patches.
+    Page { max_patches: usize, row_len: usize },
+}
 
 /// The vision half of a model on a device, encoding stacked batches.
 #[derive(Debug)]
@@ -11,18 +20,37 @@ pub struct VisionEngine {
     half: VisionHalf,
     device: Device,
     dtype: DType,
-    image_size: usize,
+    shape: InputShape,
 }
 
 impl VisionEngine {
-    /// Wraps a loaded vision half whose weights are `dtype` on `device`.
-    pub fn new(half: VisionHalf, device: Device, dtype: DType) -> Self {
-        let image_size = half.config().vision_config.image_size;
+    /// Wraps a loaded CLIP vision half whose weights are `dtype` on `device`, taking `(3, image_size, image_size)`
+    /// pixels.
+    pub fn new(half: VisionHalf, device: Device, dtype: DType, image_size: usize) -> Self {
         Self {
             half,
             device,
             dtype,
-            image_size,
+            shape: InputShape::Pixels { size: image_size },
+        }
+    }
+
+    /// Wraps a loaded Kosmos-2.5 page encoder taking `max_patches` rows of `row_len` values.
+    pub fn pages(
+        half: VisionHalf,
+        device: Device,
+        dtype: DType,
+        max_patches: usize,
+        row_len: usize,
+    ) -> Self {
+        Self {
+            half,
+            device,
+            dtype,
+            shape: InputShape::Page {
+                max_patches,
+                row_len,
+            },
         }
     }
 
@@ -35,28 +63,40 @@ impl VisionEngine {
 impl BatchEncoder for VisionEngine {
     type Error = ModelError;
 
-    fn encode(&mut self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let size = self.image_size;
-        let plane = 3 * size * size;
-        let mut stacked = Vec::with_capacity(images.len() * plane);
+    fn encode(&mut self, images: &[&ModelInput]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let (per_image, dims): (usize, Vec<usize>) = match self.shape {
+            InputShape::Pixels { size } => (3 * size * size, vec![3, size, size]),
+            InputShape::Page {
+                max_patches,
+                row_len,
+            } => (max_patches * row_len, vec![max_patches, row_len]),
+        };
+        let mut stacked = Vec::with_capacity(images.len() * per_image);
         for (index, image) in images.iter().enumerate() {
-            if image.data.len() != plane {
+            let kind_matches = matches!(
+                (image, self.shape),
+                (ModelInput::Pixels(_), InputShape::Pixels { .. })
+                    | (ModelInput::Page(_), InputShape::Page { .. })
+            );
+            if !kind_matches || image.values().len() != per_image {
                 return Err(ModelError::InvalidInput(format!(
-                    "batch image {index} has {} values, expected 3x{size}x{size}",
-                    image.data.len()
+                    "batch image {index} has {} values, the model takes {dims:?}",
+                    image.values().len()
                 )));
             }
-            stacked.extend_from_slice(&image.data);
+            stacked.extend_from_slice(image.values());
         }
-        // (images, 3, size, size)
-        let pixels = Tensor::from_vec(stacked, (images.len(), 3, size, size), &self.device)?
-            .to_dtype(self.dtype)?;
+        let mut shape = vec![images.len()];
+        shape.extend(&dims);
+        let input = Tensor::from_vec(stacked, shape, &self.device)?;
         // (images, tokens, hidden)
-        let embeddings = self
-            .half
-            .encode(&pixels)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?;
+        let embeddings = match self.shape {
+            InputShape::Pixels { .. } => self.half.encode(&input.to_dtype(self.dtype)?)?,
+            // The patches stay f32 (row and column ids are exact there); the tower casts the pixels.
+            InputShape::Page { .. } => self.half.encode_pages(&input)?,
+        }
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
         let (_, tokens, hidden) = embeddings.dims3()?;
         let flat = embeddings.flatten_all()?.to_vec1::<f32>()?;
         Ok(flat

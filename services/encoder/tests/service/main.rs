@@ -11,4 +11,5 @@ mod health_and_shutdown;
 mod info;
 mod limits;
 mod metrics;
+mod pages;
 mod queue_full;

@@ -36,6 +36,8 @@ fn info() -> ModelInfo {
         num_image_tokens: IMAGE_TOKENS,
         hidden_size: HIDDEN,
         image_placeholder_first_id: 4,
+        image_placeholder_repeated: false,
+        family: "kosmos-2",
         bos_token_id: 0,
         eos_token_id: 2,
         pad_token_id: 1,
