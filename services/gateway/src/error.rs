@@ -129,6 +129,16 @@ pub enum StartError {
         #[source]
         source: kosmos_processor::TokenizerError,
     },
+    /// A Kosmos-2.5 model directory's `preprocessor_config.json` could not be read (the gateway maps `<ocr>`
+    /// boxes back to the page with it).
+    #[error("cannot read the page processor of {dir}: {source}")]
+    PageProcessor {
+        /// The model directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: kosmos_processor::ConfigError,
+    },
     /// An endpoint could not be turned into a channel.
     #[error("invalid endpoint `{endpoint}`: {message}")]
     Endpoint {

@@ -165,6 +165,7 @@ impl Kosmos for KosmosService {
             limits: Some(wire_limits(&self.state.limits)),
             stats: Some(wire_stats(&self.state.stats())),
             eos_token_id: model.eos_token_id,
+            family: model.family.to_string(),
         }))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use kosmos_processor::{
     EncodedPrompt, KosmosTokenizer, PromptError, PromptOptions, Segment, Tag, TokenizerError,
-    build_prompt, continuation_ids,
+    build_page_prompt, build_prompt, continuation_ids,
 };
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::tensor::v1::Tensor;
@@ -63,6 +63,11 @@ fn prepare_blocking(
     input: PrepareInput,
 ) -> Result<PreparedPrompt, RequestError> {
     let valid = validate_prompt(input.segments, limits, "prompt")?;
+    if input.grounding && model.reads_pages() {
+        return Err(RequestError::invalid(
+            "`grounding` is Kosmos-2's: this model is Kosmos-2.5 (ask for `<ocr>` to get text lines with boxes)",
+        ));
+    }
     if input.grounding && tokenizer.tag_id(Tag::Grounding).is_none() {
         return Err(RequestError::invalid(
             "`grounding` is not supported: the model's vocabulary has no `<grounding>` tag",
@@ -81,7 +86,12 @@ fn prepare_blocking(
         grounding: input.grounding,
         add_eos_token: false,
     };
-    let encoded = build_prompt(tokenizer, &segments, &options).map_err(prompt_error)?;
+    let encoded = if model.reads_pages() {
+        build_page_prompt(tokenizer, &segments, model.num_image_tokens)
+    } else {
+        build_prompt(tokenizer, &segments, &options)
+    }
+    .map_err(prompt_error)?;
     let prompt_len = encoded.len();
     if prompt_len > limits.max_prompt_tokens {
         return Err(RequestError::invalid(format!(
@@ -125,6 +135,10 @@ fn prompt_error(err: PromptError) -> RequestError {
         PromptError::ReservedTag { segment, tag } => RequestError::invalid(format!(
             "`prompt[{segment}].text` contains the reserved tag `{tag}`"
         )),
+        PromptError::PageLayout => RequestError::invalid(
+            "`prompt`: this model (Kosmos-2.5) reads one image (the page) followed by at most one text segment, \
+             the task: `<ocr>` (text lines with boxes) or `<md>` (markdown)",
+        ),
         PromptError::Tokenizer(TokenizerError::Encode(message)) => {
             RequestError::invalid(format!("`prompt` cannot be tokenized: {message}"))
         }

@@ -68,6 +68,27 @@ kosmos_runtime::service_main!(
     bind
 );
 
+/// A Kosmos-2.5 directory's page processor (`config.json` `model_type` `kosmos-2.5`); `None` for other models.
+fn page_processor(
+    dir: &std::path::Path,
+) -> Result<Option<kosmos_processor::FlattenedPatchConfig>, StartError> {
+    let kosmos25 = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_some_and(|config| {
+            config.get("model_type").and_then(|t| t.as_str()) == Some("kosmos-2.5")
+        });
+    if !kosmos25 {
+        return Ok(None);
+    }
+    kosmos_processor::FlattenedPatchConfig::from_file(dir.join("preprocessor_config.json"))
+        .map(Some)
+        .map_err(|source| StartError::PageProcessor {
+            dir: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// Loads the tokenizer (on a blocking thread), builds the pools and binds `server.listen`, `metrics.listen` and
 /// `http.listen` (when set).
 pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), StartError> {
@@ -101,15 +122,19 @@ pub async fn bind(config: GatewayConfig) -> Result<(Bound, GatewayHandle), Start
     let model = model_name(&config.model_dir);
     let metrics = GatewayMetrics::new(&model).map_err(kosmos_runtime::ServeError::from)?;
     let registry = Arc::clone(metrics.registry());
-    let state = Arc::new(GatewayState::new(
-        Arc::new(tokenizer),
-        upstreams,
-        encoder,
-        config.limits.clone(),
-        config.stream_buffer_messages.get(),
-        metrics,
-        auth,
-    ));
+    let pages = page_processor(&config.model_dir)?;
+    let state = Arc::new(
+        GatewayState::new(
+            Arc::new(tokenizer),
+            upstreams,
+            encoder,
+            config.limits.clone(),
+            config.stream_buffer_messages.get(),
+            metrics,
+            auth,
+        )
+        .with_pages(pages),
+    );
     let observed = Arc::downgrade(&state);
     state
         .metrics

@@ -34,6 +34,8 @@ pub struct GatewayState {
     pub auth: Authenticator,
     /// Request bytes held by all calls (`limits.max_inflight_bytes`).
     pub budget: Arc<kosmos_runtime::budget::ByteBudget>,
+    /// Kosmos-2.5: the page processor's settings, to map `<ocr>` boxes back to the page (`None` for Kosmos-2).
+    pub pages: Option<kosmos_processor::FlattenedPatchConfig>,
     permits: Arc<Semaphore>,
     rejected: AtomicU64,
 }
@@ -63,9 +65,16 @@ impl GatewayState {
             limits,
             stream_buffer_messages,
             metrics,
+            pages: None,
             permits,
             rejected: AtomicU64::new(0),
         }
+    }
+
+    /// The same state for a Kosmos-2.5 model directory whose page processor is `pages`.
+    pub fn with_pages(mut self, pages: Option<kosmos_processor::FlattenedPatchConfig>) -> Self {
+        self.pages = pages;
+        self
     }
 
     /// A slot under the concurrency limit, held for the whole request (stream included); RESOURCE_EXHAUSTED when

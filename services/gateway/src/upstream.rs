@@ -57,6 +57,10 @@ pub struct ModelInfo {
     pub hidden_size: usize,
     /// Id of the first image placeholder.
     pub image_placeholder_first_id: u32,
+    /// Every image position holds `image_placeholder_first_id` (Kosmos-2.5).
+    pub image_placeholder_repeated: bool,
+    /// The model family (`kosmos-2`, `kosmos-2.5`; empty from a decoder that predates the field: `kosmos-2`).
+    pub family: Arc<str>,
     /// End of sequence.
     pub eos_token_id: u32,
 }
@@ -70,13 +74,32 @@ impl ModelInfo {
             num_image_tokens: info.num_image_tokens as usize,
             hidden_size: info.hidden_size as usize,
             image_placeholder_first_id: info.image_placeholder_first_id,
+            image_placeholder_repeated: info.image_placeholder_repeated,
+            family: Arc::from(if info.family.is_empty() {
+                "kosmos-2"
+            } else {
+                info.family.as_str()
+            }),
             eos_token_id: info.eos_token_id,
         }
     }
 
+    /// Whether the model reads pages (Kosmos-2.5): one image, then the task.
+    pub fn reads_pages(&self) -> bool {
+        &*self.family == "kosmos-2.5"
+    }
+
     /// Whether the gateway's tokenizer builds prompts this model understands.
     fn check_tokenizer(&self, tokenizer: &KosmosTokenizer) -> Result<(), String> {
-        if tokenizer.first_image_placeholder_id() != self.image_placeholder_first_id {
+        if self.image_placeholder_repeated {
+            if tokenizer.bos_id() != self.image_placeholder_first_id {
+                return Err(format!(
+                    "the decoders mark image positions with id {}, the tokenizer's `<s>` is {}",
+                    self.image_placeholder_first_id,
+                    tokenizer.bos_id()
+                ));
+            }
+        } else if tokenizer.first_image_placeholder_id() != self.image_placeholder_first_id {
             return Err(format!(
                 "the tokenizer's first image placeholder id is {}, the decoders use {}",
                 tokenizer.first_image_placeholder_id(),
@@ -460,6 +483,8 @@ mod tests {
             num_image_tokens: 64,
             hidden_size: 2048,
             image_placeholder_first_id: 4,
+            image_placeholder_repeated: false,
+            family: Arc::from("kosmos-2"),
             eos_token_id: 2,
         })
     }

@@ -117,6 +117,8 @@ fn model() -> ModelInfo {
         num_image_tokens: 3,
         hidden_size: 2,
         image_placeholder_first_id: 4,
+        image_placeholder_repeated: false,
+        family: Arc::from("kosmos-2"),
         eos_token_id: 2,
     }
 }

@@ -81,6 +81,7 @@ pub async fn collect(mut generation: Generation) -> Result<pb::GenerateResponse,
     while let Some(message) = generation.next().await? {
         response.text.push_str(&message.text);
         response.tokens.extend(message.tokens);
+        response.lines.extend(message.lines);
         if message.finish_reason != pb::FinishReason::Unspecified as i32 {
             response.finish_reason = message.finish_reason;
             response.usage = message.usage;

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kosmos_processor::post_process_generation;
+use kosmos_processor::{OcrLine, OcrStream, PageGeometry, post_process_generation};
 use kosmos_proto::decoder::v1 as dec;
 use kosmos_proto::v1 as pb;
 use tokio::sync::OwnedSemaphorePermit;
@@ -68,6 +68,8 @@ pub struct Generation {
     clock: RequestClock,
     model: Arc<ModelInfo>,
     grounding: bool,
+    /// Kosmos-2.5 `<ocr>`: the lines of the answer as they complete, and the page they map back to.
+    ocr: Option<(OcrStream, PageGeometry)>,
     logprobs: bool,
     capped_by_context: bool,
     prompt_ids: Vec<u32>,
@@ -96,12 +98,34 @@ pub async fn start(
     let model = state.wait_model(clock.deadline).await?;
     let params = tracing::info_span!("gateway.validate")
         .in_scope(|| validate_params(request.params, &state.limits, model.vocab_size))?;
+    let asks_ocr = model.reads_pages()
+        && request.prompt.iter().any(|segment| {
+            matches!(&segment.kind, Some(pb::segment::Kind::Text(text)) if text.trim_start().starts_with("<ocr>"))
+        });
     let input = PrepareInput {
         segments: request.prompt,
         grounding: request.grounding,
         candidates: Vec::new(),
     };
     let (prepared, tokenize_seconds) = tokenize(&state, &model, input, clock).await?;
+    // The page as the encoder resizes it, for the boxes of an `<ocr>` answer.
+    let ocr = match (&state.pages, prepared.images.first()) {
+        (Some(pages), Some(image)) if asks_ocr => {
+            let (rows, cols) = pages.grid((image.height, image.width));
+            let resized = (
+                (cols as u32).saturating_mul(pages.patch_width),
+                (rows as u32).saturating_mul(pages.patch_height),
+            );
+            Some((
+                OcrStream::default(),
+                PageGeometry {
+                    resized,
+                    original: (image.width, image.height),
+                },
+            ))
+        }
+        _ => None,
+    };
     quota.charge((prepared.encoded.len() + prepared.images.len() * model.num_image_tokens) as u64);
     let prompt_len = prepared.encoded.len();
     let (max_new_tokens, capped_by_context) = max_new_tokens(&params, prompt_len, &model, &state)?;
@@ -152,6 +176,7 @@ pub async fn start(
         seed: seed.unwrap_or(0),
         resumptions: 0,
         grounding: request.grounding,
+        ocr,
         logprobs: params.logprobs > 0,
         capped_by_context,
         image_tokens: (prepared.images.len() * model.num_image_tokens) as u32,
@@ -368,6 +393,7 @@ impl Generation {
                     break;
                 }
             }
+            self.push_lines(&mut out);
             if stopped {
                 // Dropping the decoder stream now frees the sequence's slot at the decoder's next step.
                 self.end_stream();
@@ -378,11 +404,14 @@ impl Generation {
                 self.end_stream();
                 let tail = self.detokenizer.finish(&self.state.tokenizer);
                 let released = self.stop.push(&tail);
+                let text_before = out.text.len();
                 out.text.push_str(&released.text);
                 if released.stopped {
+                    self.push_lines_from(&mut out, text_before);
                     self.finish(&mut out, pb::FinishReason::StopSequence, Some(&finish));
                 } else {
                     out.text.push_str(&self.stop.flush());
+                    self.push_lines_from(&mut out, text_before);
                     let reason = finish_reason(finish.reason, self.capped_by_context);
                     self.finish(&mut out, reason, Some(&finish));
                 }
@@ -509,6 +538,24 @@ impl Generation {
         }
     }
 
+    /// `<ocr>`: the lines completed by this message's text.
+    fn push_lines(&mut self, out: &mut pb::GenerateStreamResponse) {
+        self.push_lines_from(out, 0);
+    }
+
+    /// `<ocr>`: the lines completed by `out.text[from..]`.
+    fn push_lines_from(&mut self, out: &mut pb::GenerateStreamResponse, from: usize) {
+        if let Some((stream, page)) = self.ocr.as_mut() {
+            let page = *page;
+            out.lines.extend(
+                stream
+                    .push(&out.text[from..])
+                    .iter()
+                    .map(|line| wire_line(line, page)),
+            );
+        }
+    }
+
     fn end_stream(&mut self) {
         self.stream = None;
         self.call = None;
@@ -554,6 +601,10 @@ impl Generation {
             total_seconds: (now - self.clock.arrived).as_secs_f64(),
         });
         out.prompt_token_ids = std::mem::take(&mut self.prompt_ids);
+        if let Some((stream, page)) = self.ocr.take() {
+            out.lines
+                .extend(stream.finish().map(|line| wire_line(&line, page)));
+        }
         if self.grounding {
             let (clean_text, entities) = post_process_generation(self.stop.released_text());
             out.clean_text = clean_text;
@@ -585,3 +636,13 @@ impl Generation {
 mod deliver;
 
 pub use deliver::{collect, forward};
+
+/// An `<ocr>` line on the wire: its box normalised to the page and in the image's pixels.
+fn wire_line(line: &OcrLine, page: PageGeometry) -> pb::TextLine {
+    let wire = |[x1, y1, x2, y2]: [f32; 4]| pb::Box { x1, y1, x2, y2 };
+    pb::TextLine {
+        text: line.text.clone(),
+        r#box: line.box_normalized(page).map(wire),
+        box_px: line.box_px(page).map(wire),
+    }
+}

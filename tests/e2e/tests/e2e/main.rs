@@ -11,6 +11,7 @@ mod http_errors;
 mod http_fetch;
 mod http_grounding;
 mod http_template;
+mod kosmos25;
 mod metrics;
 mod resilience;
 mod rollout;
