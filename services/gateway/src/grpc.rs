@@ -211,6 +211,7 @@ pub fn wire_limits(limits: &Limits) -> pb::Limits {
         max_prompt_tokens: limits.max_prompt_tokens as u32,
         max_new_tokens: limits.max_new_tokens,
         default_max_new_tokens: limits.default_max_new_tokens,
+        default_max_new_tokens_pages: limits.default_max_new_tokens_pages,
         max_temperature: limits.max_temperature,
         max_repetition_penalty: limits.max_repetition_penalty,
         max_no_repeat_ngram_size: limits.max_no_repeat_ngram_size,

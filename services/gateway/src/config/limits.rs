@@ -37,6 +37,8 @@ pub struct RawLimits {
     pub max_new_tokens: u32,
     /// `max_new_tokens` when a request leaves it 0.
     pub default_max_new_tokens: u32,
+    /// `max_new_tokens` when a request to a Kosmos-2.5 model leaves it 0 (a page's text is long).
+    pub default_max_new_tokens_pages: u32,
     /// Highest temperature.
     pub max_temperature: f32,
     /// Highest repetition penalty.
@@ -89,6 +91,7 @@ impl Default for RawLimits {
             max_prompt_tokens: 4096,
             max_new_tokens: 1024,
             default_max_new_tokens: 64,
+            default_max_new_tokens_pages: 1024,
             max_temperature: 100.0,
             max_repetition_penalty: 10.0,
             max_no_repeat_ngram_size: 16,
@@ -131,6 +134,8 @@ pub struct Limits {
     pub max_new_tokens: u32,
     /// `max_new_tokens` when a request leaves it 0.
     pub default_max_new_tokens: u32,
+    /// `max_new_tokens` when a request to a Kosmos-2.5 model leaves it 0 (a page's text is long).
+    pub default_max_new_tokens_pages: u32,
     /// Highest temperature.
     pub max_temperature: f32,
     /// Highest repetition penalty.
@@ -197,6 +202,10 @@ pub(super) fn limits(
             "default_max_new_tokens",
         ),
         (
+            u64::from(raw.default_max_new_tokens_pages),
+            "default_max_new_tokens_pages",
+        ),
+        (
             u64::from(raw.max_stop_string_bytes),
             "max_stop_string_bytes",
         ),
@@ -211,6 +220,15 @@ pub(super) fn limits(
             format!(
                 "({}) must be <= `limits.max_new_tokens` ({})",
                 raw.default_max_new_tokens, raw.max_new_tokens
+            ),
+        ));
+    }
+    if raw.default_max_new_tokens_pages > raw.max_new_tokens {
+        return Err(invalid(
+            "limits.default_max_new_tokens_pages",
+            format!(
+                "({}) must be <= `limits.max_new_tokens` ({})",
+                raw.default_max_new_tokens_pages, raw.max_new_tokens
             ),
         ));
     }
@@ -297,6 +315,7 @@ pub(super) fn limits(
         max_prompt_tokens: raw.max_prompt_tokens as usize,
         max_new_tokens: raw.max_new_tokens,
         default_max_new_tokens: raw.default_max_new_tokens,
+        default_max_new_tokens_pages: raw.default_max_new_tokens_pages,
         max_temperature: raw.max_temperature,
         max_repetition_penalty: raw.max_repetition_penalty,
         max_no_repeat_ngram_size: raw.max_no_repeat_ngram_size,

@@ -273,7 +273,11 @@ fn max_new_tokens(
             Ok((requested, false))
         }
         None => {
-            let default = state.limits.default_max_new_tokens as usize;
+            let default = if model.reads_pages() {
+                state.limits.default_max_new_tokens_pages
+            } else {
+                state.limits.default_max_new_tokens
+            } as usize;
             Ok((default.min(room) as u32, room < default))
         }
     }

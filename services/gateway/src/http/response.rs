@@ -202,6 +202,9 @@ impl Answer {
                     message["entities"] = entities;
                     message["clean_text"] = clean_text;
                 }
+                if !response.lines.is_empty() {
+                    message["lines"] = lines_json(&response.lines);
+                }
                 choice["message"] = message;
             }
             Shape::Text => {
@@ -209,6 +212,9 @@ impl Answer {
                 if let Some((entities, clean_text)) = grounding {
                     choice["entities"] = entities;
                     choice["clean_text"] = clean_text;
+                }
+                if !response.lines.is_empty() {
+                    choice["lines"] = lines_json(&response.lines);
                 }
             }
         }
@@ -297,6 +303,9 @@ impl ChunkWriter {
                 if finish.is_some() && self.answer.grounding {
                     delta["clean_text"] = Value::from(message.clean_text.clone());
                 }
+                if !message.lines.is_empty() {
+                    delta["lines"] = lines_json(&message.lines);
+                }
                 choice["delta"] = delta;
             }
             Shape::Text => {
@@ -306,6 +315,9 @@ impl ChunkWriter {
                 }
                 if finish.is_some() && self.answer.grounding {
                     choice["clean_text"] = Value::from(message.clean_text.clone());
+                }
+                if !message.lines.is_empty() {
+                    choice["lines"] = lines_json(&message.lines);
                 }
             }
         }
@@ -321,4 +333,18 @@ impl ChunkWriter {
         }
         events
     }
+}
+
+/// Kosmos-2.5 `<ocr>` lines: `[{text, box, box_px}]`, each box `{x1, y1, x2, y2}` (normalised; in pixels) or null.
+fn lines_json(lines: &[pb::TextLine]) -> Value {
+    let wire = |b: &Option<pb::Box>| match b {
+        Some(b) => json!({"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2}),
+        None => Value::Null,
+    };
+    Value::from(
+        lines
+            .iter()
+            .map(|line| json!({"text": line.text, "box": wire(&line.r#box), "box_px": wire(&line.box_px)}))
+            .collect::<Vec<_>>(),
+    )
 }

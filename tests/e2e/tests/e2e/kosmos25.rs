@@ -3,10 +3,13 @@
 //! greedy ids of HF's `generate` (`tests/fixtures/kosmos25/reference.safetensors`), unary and streamed; `<ocr>`
 //! answers come with their lines; prompts that are not one page and one task are refused by name.
 
+use kosmos_e2e::http::call;
 use kosmos_e2e::{Cluster, ClusterOptions, image, text};
 use kosmos_proto::v1 as pb;
 use kosmos_testkit::{kosmos25_fixture, kosmos25_reference, tiny_kosmos25_dir};
 use tokio_stream::StreamExt as _;
+
+use crate::http_api::{data_uri, model_id};
 
 fn reference_ids(key: &str) -> Vec<u32> {
     let (values, _) = kosmos25_reference(key).expect("reference tensor");
@@ -32,6 +35,7 @@ fn request(task: &str) -> pb::GenerateRequest {
 async fn a_page_and_a_task_give_hf_prompt_and_greedy_ids() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions {
         model_dir: tiny_kosmos25_dir(),
+        gateway_overrides: vec!["http.listen=\"127.0.0.1:0\"".to_string()],
         ..ClusterOptions::default()
     })
     .await?;
@@ -43,6 +47,11 @@ async fn a_page_and_a_task_give_hf_prompt_and_greedy_ids() -> anyhow::Result<()>
     assert_eq!(info.family, "kosmos-2.5");
     assert_eq!(info.num_image_tokens, 5);
     assert!(!info.supports_grounding);
+    // A page's text is long: its own default length, stated with the limits.
+    assert_eq!(
+        info.limits.expect("limits").default_max_new_tokens_pages,
+        1024
+    );
 
     for (task, name) in [("<ocr>", "ocr"), ("<md>Total? A:", "chat")] {
         let response = client.generate(request(task)).await?.into_inner();
@@ -79,6 +88,32 @@ async fn a_page_and_a_task_give_hf_prompt_and_greedy_ids() -> anyhow::Result<()>
         }
         assert_eq!(streamed, ids, "{name} streamed");
         assert_eq!(lines, response.lines, "{name} streamed lines");
+
+        // The OpenAI-compatible API: the same answer, and the lines beside the content.
+        let addr = cluster.gateway_http_addr.expect("http");
+        let body = serde_json::json!({
+            "model": model_id(addr).await?,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(&page())}},
+                {"type": "text", "text": task},
+            ]}],
+            "max_tokens": 12,
+        });
+        let answer = call(addr, "/v1/chat/completions", Some(&body))
+            .await?
+            .ok_json()?;
+        let message = &answer["choices"][0]["message"];
+        assert_eq!(
+            message["content"],
+            response.text.as_str(),
+            "{name} over HTTP"
+        );
+        if name == "ocr" {
+            assert_eq!(message["lines"][0]["text"], response.lines[0].text.as_str());
+            assert!(message["lines"][0]["box"].is_null());
+        } else {
+            assert!(message.get("lines").is_none());
+        }
     }
     cluster.shutdown().await;
     Ok(())
