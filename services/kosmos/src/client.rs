@@ -226,6 +226,22 @@ fn print_entities(entities: &[pb::Entity], clean_text: &str) {
     }
 }
 
+/// Kosmos-2.5 `<ocr>` lines, with their boxes in the image's pixels.
+fn print_lines(lines: &[pb::TextLine]) {
+    if !lines.is_empty() {
+        println!("lines:");
+    }
+    for line in lines {
+        match &line.box_px {
+            Some(b) => println!(
+                "  [{:.0}, {:.0}, {:.0}, {:.0}] {:?}",
+                b.x1, b.y1, b.x2, b.y2, line.text
+            ),
+            None => println!("  (no box) {:?}", line.text),
+        }
+    }
+}
+
 /// A prompt of the images at `paths`, then `text`.
 fn images_then_text(paths: &[PathBuf], text: &str) -> anyhow::Result<Vec<pb::Segment>> {
     let mut prompt = paths
@@ -251,12 +267,15 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     let mut stdout = std::io::stdout();
+    let mut lines = Vec::new();
     while let Some(message) = stream.message().await.map_err(status_error)? {
         write!(stdout, "{}", message.text)?;
         stdout.flush()?;
+        lines.extend(message.lines);
         if message.finish_reason != pb::FinishReason::Unspecified as i32 {
             writeln!(stdout)?;
             print_entities(&message.entities, &message.clean_text);
+            print_lines(&lines);
             if let (Some(usage), Some(timings)) = (message.usage, message.timings) {
                 eprintln!(
                     "({} prompt + {} generated tokens, first token after {:.0} ms, {:.0} ms in all, finish: {:?})",
@@ -293,6 +312,7 @@ pub async fn caption(args: CaptionArgs) -> anyhow::Result<()> {
             response.text.trim()
         );
         print_entities(&response.entities, &response.clean_text);
+        print_lines(&response.lines);
     }
     Ok(())
 }
