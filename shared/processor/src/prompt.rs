@@ -246,6 +246,67 @@ pub fn continuation_ids(
     Ok(tokenizer.encode(candidate)?)
 }
 
+/// Kosmos-2.5's prompt (`Kosmos2_5Processor`): one page, then the task text (`<ocr>`, `<md>`, or a `<md>` chat
+/// prompt). The processor tokenizes `"<s><image>" + "<s>" × num_image_tokens + "</image>" + text` as it is (the
+/// text is not stripped) with the tokenizer's special tokens added, and the image positions hold `<s>`.
+///
+/// `segments` must be one image followed by at most one text segment; a text that holds `<image>` or
+/// `</image>` is refused, and so is a tokenizer that does not lay the block out as the processor assumes (an
+/// extra `<s>` added in front, say).
+pub fn build_page_prompt(
+    tokenizer: &KosmosTokenizer,
+    segments: &[Segment],
+    num_image_tokens: usize,
+) -> Result<EncodedPrompt, PromptError> {
+    let text = match segments {
+        [Segment::Image] => "",
+        [Segment::Image, Segment::Text(text)] => text.as_str(),
+        _ => return Err(PromptError::PageLayout),
+    };
+    for tag in [Tag::BeginImage, Tag::EndImage] {
+        if text.contains(tag.as_str()) {
+            return Err(PromptError::ReservedTag {
+                segment: 1,
+                tag: tag.as_str(),
+            });
+        }
+    }
+    let begin_image = tokenizer.require_tag_id(Tag::BeginImage)?;
+    let end_image = tokenizer.require_tag_id(Tag::EndImage)?;
+    let bos = tokenizer.bos_id();
+    let mut prompt = String::with_capacity(32 + 3 * num_image_tokens + text.len());
+    prompt.push_str("<s>");
+    prompt.push_str(Tag::BeginImage.as_str());
+    for _ in 0..num_image_tokens {
+        prompt.push_str("<s>");
+    }
+    prompt.push_str(Tag::EndImage.as_str());
+    prompt.push_str(text);
+    let input_ids = tokenizer.encode_with(&prompt, true)?;
+    let block = 2..2 + num_image_tokens;
+    let laid_out = input_ids.len() > block.end
+        && input_ids[0] == bos
+        && input_ids[1] == begin_image
+        && input_ids[block.clone()].iter().all(|&id| id == bos)
+        && input_ids[block.end] == end_image;
+    if !laid_out {
+        return Err(PromptError::ImageLayout {
+            expected: 1,
+            found: 0,
+        });
+    }
+    let mut image_embeds_position_mask = vec![0u32; input_ids.len()];
+    for position in block.clone() {
+        image_embeds_position_mask[position] = 1;
+    }
+    Ok(EncodedPrompt {
+        attention_mask: vec![1; input_ids.len()],
+        input_ids,
+        image_embeds_position_mask,
+        image_placeholder_ranges: vec![block],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,65 +373,4 @@ mod tests {
         let ids = [0, b, b, b, e, 7, b, b, e, b, b, b, e];
         assert_eq!(find_image_blocks(&ids, b, e, 2), vec![2..4, 10..12]);
     }
-}
-
-/// Kosmos-2.5's prompt (`Kosmos2_5Processor`): one page, then the task text (`<ocr>`, `<md>`, or a `<md>` chat
-/// prompt). The processor tokenizes `"<s><image>" + "<s>" × num_image_tokens + "</image>" + text` as it is (the
-/// text is not stripped) with the tokenizer's special tokens added, and the image positions hold `<s>`.
-///
-/// `segments` must be one image followed by at most one text segment; a text that holds `<image>` or
-/// `</image>` is refused, and so is a tokenizer that does not lay the block out as the processor assumes (an
-/// extra `<s>` added in front, say).
-pub fn build_page_prompt(
-    tokenizer: &KosmosTokenizer,
-    segments: &[Segment],
-    num_image_tokens: usize,
-) -> Result<EncodedPrompt, PromptError> {
-    let text = match segments {
-        [Segment::Image] => "",
-        [Segment::Image, Segment::Text(text)] => text.as_str(),
-        _ => return Err(PromptError::PageLayout),
-    };
-    for tag in [Tag::BeginImage, Tag::EndImage] {
-        if text.contains(tag.as_str()) {
-            return Err(PromptError::ReservedTag {
-                segment: 1,
-                tag: tag.as_str(),
-            });
-        }
-    }
-    let begin_image = tokenizer.require_tag_id(Tag::BeginImage)?;
-    let end_image = tokenizer.require_tag_id(Tag::EndImage)?;
-    let bos = tokenizer.bos_id();
-    let mut prompt = String::with_capacity(32 + 3 * num_image_tokens + text.len());
-    prompt.push_str("<s>");
-    prompt.push_str(Tag::BeginImage.as_str());
-    for _ in 0..num_image_tokens {
-        prompt.push_str("<s>");
-    }
-    prompt.push_str(Tag::EndImage.as_str());
-    prompt.push_str(text);
-    let input_ids = tokenizer.encode_with(&prompt, true)?;
-    let block = 2..2 + num_image_tokens;
-    let laid_out = input_ids.len() > block.end
-        && input_ids[0] == bos
-        && input_ids[1] == begin_image
-        && input_ids[block.clone()].iter().all(|&id| id == bos)
-        && input_ids[block.end] == end_image;
-    if !laid_out {
-        return Err(PromptError::ImageLayout {
-            expected: 1,
-            found: 0,
-        });
-    }
-    let mut image_embeds_position_mask = vec![0u32; input_ids.len()];
-    for position in block.clone() {
-        image_embeds_position_mask[position] = 1;
-    }
-    Ok(EncodedPrompt {
-        attention_mask: vec![1; input_ids.len()],
-        input_ids,
-        image_embeds_position_mask,
-        image_placeholder_ranges: vec![block],
-    })
 }
