@@ -165,6 +165,9 @@ struct AttentionOp {
     block: usize,
     query_offset: usize,
     heads: usize,
+    /// Added to every query's score of each key before the softmax, `(batch, block)` row-major: a key mask
+    /// (`f32::MIN` on masked keys, as the reference's `_expand_mask`), or none.
+    key_bias: Option<Vec<f32>>,
 }
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements through it.
@@ -195,7 +198,14 @@ impl AttentionOp {
             block,
             query_offset,
             heads,
+            ref key_bias,
         } = *self;
+        if key_bias
+            .as_ref()
+            .is_some_and(|bias| bias.len() != batch * block)
+        {
+            candle_core::bail!("attention: the key bias does not hold {batch} x {block} values");
+        }
         let width = fused_width / 3;
         if fused_width % 3 != 0
             || width % heads != 0
@@ -246,8 +256,11 @@ impl AttentionOp {
                 )
             };
             let mut row_f32 = vec![0f32; block];
+            let bias = key_bias
+                .as_ref()
+                .map(|bias| &bias[image * block..(image + 1) * block]);
             for row in scores.chunks_mut(block) {
-                softmax_row(row, &mut row_f32);
+                softmax_row(row, &mut row_f32, bias);
             }
             // SAFETY: value rows `[0, block)` of this image lie inside `qkv`; the destination rows of this image
             // and the columns of this head are written by this task only.
@@ -280,12 +293,20 @@ impl AttentionOp {
     }
 }
 
-/// Softmax of one row in f32 whatever the storage type (the reference's fp32 softmax), in place.
-fn softmax_row<T: WithDType>(row: &mut [T], scratch: &mut [f32]) {
+/// Softmax of one row in f32 whatever the storage type (the reference's fp32 softmax), in place, after adding
+/// `bias` (one value per key) when given.
+fn softmax_row<T: WithDType>(row: &mut [T], scratch: &mut [f32], bias: Option<&[f32]>) {
     let mut max = f32::NEG_INFINITY;
     for (value, slot) in row.iter().zip(scratch.iter_mut()) {
         *slot = value.to_f64() as f32;
-        max = max.max(*slot);
+    }
+    if let Some(bias) = bias {
+        for (slot, &add) in scratch.iter_mut().zip(bias) {
+            *slot += add;
+        }
+    }
+    for &slot in scratch.iter() {
+        max = max.max(slot);
     }
     let mut sum = 0f32;
     for slot in scratch.iter_mut() {
@@ -324,7 +345,16 @@ impl CustomOp1 for AttentionOp {
 /// Unmasked attention of a fused `[q | k | v]` projection `(batch * block, 3 * width)` (CPU, f32/f16): in each
 /// batch element's block of rows, the rows from `query_offset` on attend over all rows of the block. Returns
 /// `(batch * (block - query_offset), width)`, heads merged.
-pub fn attention(qkv: &Tensor, batch: usize, query_offset: usize, heads: usize) -> Result<Tensor> {
+///
+/// `key_bias` `(batch * block)`, when given, is added to the scores of each batch element's keys before the
+/// softmax (Kosmos-2.5's page tower masks padded patches so).
+pub fn attention_with_key_bias(
+    qkv: &Tensor,
+    batch: usize,
+    query_offset: usize,
+    heads: usize,
+    key_bias: Option<Vec<f32>>,
+) -> Result<Tensor> {
     let rows = qkv.dim(0)?;
     let block = rows.checked_div(batch).unwrap_or(0);
     let op = AttentionOp {
@@ -332,6 +362,7 @@ pub fn attention(qkv: &Tensor, batch: usize, query_offset: usize, heads: usize) 
         block,
         query_offset,
         heads,
+        key_bias,
     };
     Ok(qkv.contiguous()?.apply_op1_no_bwd(&op)?)
 }
@@ -343,6 +374,8 @@ pub enum ActivationKind {
     GeluErf,
     /// `x · sigmoid(1.702 x)`.
     QuickGelu,
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` (`gelu_new`, Kosmos-2.5's page tower).
+    GeluTanh,
 }
 
 /// `exp(x)` in f32 without a libm call, so loops over it vectorise: Cephes' `expf` (range reduction by `ln 2` in
@@ -388,6 +421,14 @@ fn activation_chunk(kind: ActivationKind, src: &[f32], dst: &mut [f32]) {
         ActivationKind::QuickGelu => {
             for (d, &x) in dst.iter_mut().zip(src) {
                 *d = x / (1.0 + exp_f32(-1.702 * x));
+            }
+        }
+        ActivationKind::GeluTanh => {
+            // 0.5 x (1 + tanh(u)) = x - x / (exp(2u) + 1): no cancellation, one exp.
+            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+                *d = x - x / (exp_f32(2.0 * u) + 1.0);
             }
         }
     }
@@ -632,9 +673,15 @@ mod tests {
         let expected = (&xs * candle_nn::ops::sigmoid(&(&xs * 1.702)?)?)?;
         let error = max_abs_diff(&activation(&xs, ActivationKind::QuickGelu)?, &expected)?;
         assert!(error < 1e-6, "quick gelu error {error}");
+        let error = max_abs_diff(&activation(&xs, ActivationKind::GeluTanh)?, &xs.gelu()?)?;
+        assert!(error < 1e-6, "tanh gelu error {error}");
         // Far tails: no overflow, no NaN.
         let tails = Tensor::new(&[-1e4f32, -100.0, 100.0, 1e4], &Device::Cpu)?;
-        for kind in [ActivationKind::GeluErf, ActivationKind::QuickGelu] {
+        for kind in [
+            ActivationKind::GeluErf,
+            ActivationKind::QuickGelu,
+            ActivationKind::GeluTanh,
+        ] {
             let out = activation(&tails, kind)?.to_vec1::<f32>()?;
             for (value, expected) in out.iter().zip([0.0, 0.0, 100.0, 1e4]) {
                 assert!((value - expected).abs() < 1e-6, "{kind:?}: {out:?}");

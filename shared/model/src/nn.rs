@@ -21,7 +21,10 @@ impl Activation {
                 Activation::QuickGelu => {
                     return kernels::activation(xs, kernels::ActivationKind::QuickGelu);
                 }
-                Activation::GeluTanh | Activation::Relu => {}
+                Activation::GeluTanh => {
+                    return kernels::activation(xs, kernels::ActivationKind::GeluTanh);
+                }
+                Activation::Relu => {}
             }
         }
         let out = match self {
@@ -263,6 +266,17 @@ impl AttentionProjections {
     /// attend over all `len` rows, projected out: `(batch, len - query_offset, width)`. Self-attention passes
     /// offset 0; the connector's latent queries are the last rows of their own keys and values.
     pub fn attend(&self, xs: &Tensor, query_offset: usize) -> Result<Tensor> {
+        self.attend_with_key_bias(xs, query_offset, None)
+    }
+
+    /// [`AttentionProjections::attend`] with `key_bias` `(batch, len)` (f32) added to the scores of each batch
+    /// element's keys before the softmax: a key mask, `f32::MIN` on the keys to ignore.
+    pub fn attend_with_key_bias(
+        &self,
+        xs: &Tensor,
+        query_offset: usize,
+        key_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (batch, len, width) = xs.dims3()?;
         if query_offset >= len {
             return Err(ModelError::InvalidInput(format!(
@@ -270,13 +284,18 @@ impl AttentionProjections {
             )));
         }
         let queries = len - query_offset;
-        // (batch * len, 3 * width)
+        // (batch * len, 3 * inner): the attention's own width may differ from the rows' (Kosmos-2.5's tower).
         let fused = self
             .qkv
             .forward(&xs.contiguous()?.reshape((batch * len, width))?)?;
-        // (batch * queries, width)
+        let width = self.width();
+        // (batch * queries, inner)
         let context = if kernels::cpu_kernel_applies(&fused) {
-            kernels::attention(&fused, batch, query_offset, self.heads)?
+            let bias = match key_bias {
+                Some(bias) => Some(bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            kernels::attention_with_key_bias(&fused, batch, query_offset, self.heads, bias)?
         } else {
             let fused = fused.reshape((batch, len, 3 * width))?;
             let query = split_heads(
@@ -287,13 +306,16 @@ impl AttentionProjections {
             )?;
             let key = split_heads(&fused.narrow(2, width, width)?, self.heads)?;
             let value = split_heads(&fused.narrow(2, 2 * width, width)?, self.heads)?;
-            merge_heads(&attention(&query, &key, &value, None)?)?
+            let bias = match key_bias {
+                Some(bias) => Some(bias.to_dtype(DType::F32)?.reshape((batch, 1, 1, len))?),
+                None => None,
+            };
+            merge_heads(&attention(&query, &key, &value, bias.as_ref())?)?
                 .reshape((batch * queries, width))?
         };
-        Ok(self
-            .out_proj
-            .forward(&context)?
-            .reshape((batch, queries, width))?)
+        let context = self.out_proj.forward(&context)?;
+        let out_width = context.dim(1)?;
+        Ok(context.reshape((batch, queries, out_width))?)
     }
 }
 

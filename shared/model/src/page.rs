@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::config::{Activation, TextConfig};
 use crate::connector::Connector;
 use crate::error::{ModelError, Result};
-use crate::nn::{Projection, attention, merge_heads, split_heads};
+use crate::nn::{AttentionProjections, Projection};
 use crate::weights::Weights;
 
 /// The page tower's configuration (`vision_config` of a `kosmos-2.5` `config.json`), HF's defaults.
@@ -196,16 +196,12 @@ fn linear_no_bias(
 #[derive(Debug)]
 struct PageLayer {
     pre_attention_norm: RmsNorm,
-    query: Projection,
-    key: Projection,
-    value: Projection,
-    output: Projection,
+    /// `query`, `key` and `value` fused (the query's `head_dim^-0.5` folded in), and `output`.
+    attention: AttentionProjections,
     pre_mlp_norm: RmsNorm,
     wi_0: Projection,
     wi_1: Projection,
     wo: Projection,
-    heads: usize,
-    head_dim: usize,
     act: Activation,
 }
 
@@ -221,10 +217,13 @@ impl PageLayer {
                 hidden,
                 cfg.layer_norm_eps,
             )?,
-            query: linear_no_bias(&attention, hidden, inner, "query")?,
-            key: linear_no_bias(&attention, hidden, inner, "key")?,
-            value: linear_no_bias(&attention, hidden, inner, "value")?,
-            output: linear_no_bias(&attention, inner, hidden, "output")?,
+            attention: AttentionProjections::from_parts(
+                &linear_no_bias(&attention, hidden, inner, "query")?,
+                &linear_no_bias(&attention, hidden, inner, "key")?,
+                &linear_no_bias(&attention, hidden, inner, "value")?,
+                linear_no_bias(&attention, inner, hidden, "output")?,
+                cfg.num_attention_heads,
+            )?,
             pre_mlp_norm: RmsNorm::new(
                 &weights.pp("pre_mlp_layer_norm"),
                 hidden,
@@ -233,22 +232,18 @@ impl PageLayer {
             wi_0: linear_no_bias(&mlp, hidden, cfg.intermediate_size, "wi_0")?,
             wi_1: linear_no_bias(&mlp, hidden, cfg.intermediate_size, "wi_1")?,
             wo: linear_no_bias(&mlp, cfg.intermediate_size, hidden, "wo")?,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim,
             act: cfg.dense_act_fn,
         })
     }
 
-    /// `(pages, rows, hidden)` with the additive key mask `(pages, 1, 1, rows)`.
+    /// `(pages, rows, hidden)` with the additive key mask `(pages, rows)`.
     fn forward(&self, xs: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
         let normed = self.pre_attention_norm.forward(xs)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // (pages, heads, rows, head_dim)
-        let query = split_heads(&(self.query.forward(&normed)? * scale)?, self.heads)?;
-        let key = split_heads(&self.key.forward(&normed)?, self.heads)?;
-        let value = split_heads(&self.value.forward(&normed)?, self.heads)?;
-        let attended = merge_heads(&attention(&query, &key, &value, Some(key_mask))?)?;
-        let xs = (self.output.forward(&attended)? + xs)?;
+        // One op per layer on the CPU (`kernels.rs`), a task per (page, head).
+        let attended = self
+            .attention
+            .attend_with_key_bias(&normed, 0, Some(key_mask))?;
+        let xs = (attended + xs)?;
 
         let normed = self.pre_mlp_norm.forward(&xs)?;
         let gate = self.act.forward(&self.wi_0.forward(&normed)?)?;
@@ -330,10 +325,9 @@ impl PageTower {
                 .index_select(&column_ids, 0)?
                 .reshape((pages, rows, hidden))?)?;
 
-        // (pages, 1, 1, rows): 0 on patches, f32::MIN on padding (the reference's `_expand_mask`).
-        let key_mask = ((attention_mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)?
-            * f64::from(f32::MIN))?)
-        .reshape((pages, 1, 1, rows))?;
+        // (pages, rows): 0 on patches, f32::MIN on padding (the reference's `_expand_mask`).
+        let key_mask =
+            (attention_mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f64::from(f32::MIN))?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &key_mask)?;
         }
