@@ -6,7 +6,9 @@
 
 With --write-model a missing DIR is first filled with the random benchmark model (HF's own init, seed 0, f32): the
 Kosmos-2.5 architecture at a width two cores can time, vision 8 layers x 512 (8 heads of 64, gated MLP 1408,
-patch 16 x 16, 4096 patches), the real model's 2048 latent queries, text 4 layers x 512.
+patch 16 x 16, 4096 patches), the real model's 2048 latent queries, text 4 layers x 512 with a 2048-token
+vocabulary, and a word-level tokenizer.json holding Kosmos-2.5's special tokens (the decoder service reads the
+`<image>` / `</image>` ids from it), so the decoder's bench (`decoder_bench --model-dir DIR`) runs on it too.
 
 Protocol (shared/model/examples/page_bench.rs replicates it):
   * Model: Kosmos2_5ForConditionalGeneration.from_pretrained(DIR, attn_implementation=IMPL), float32, eval(), for
@@ -55,13 +57,22 @@ def write_model(out: Path) -> None:
             num_attention_heads=8,
             max_num_patches=4097,
         ),
-        text_config=dict(vocab_size=1024, embed_dim=512, layers=4, ffn_dim=2048, attention_heads=8,
+        text_config=dict(vocab_size=2048, embed_dim=512, layers=4, ffn_dim=2048, attention_heads=8,
                          max_position_embeddings=4096),
         latent_query_num=2048,
     )
     model = Kosmos2_5ForConditionalGeneration(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     Kosmos2_5ImageProcessor(patch_size={"height": PATCH, "width": PATCH}, max_patches=4096).save_pretrained(out)
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>", "</image>"]
+    vocab = {token: index for index, token in enumerate(specials + ["<ocr>", "<md>"])}
+    vocab.update({f"t{i}": i for i in range(len(vocab), 2048)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.save(str(out / "tokenizer.json"))
 
 
 def page(patches: int) -> torch.Tensor:

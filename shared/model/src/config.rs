@@ -177,25 +177,33 @@ impl Default for KosmosConfig {
     }
 }
 
+/// The bytes of a file, or an error naming it.
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// JSON bytes as `T`, an error naming the key path that failed; `path` only names the source.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
+        path: path.to_path_buf(),
+        key: err.path().to_string(),
+        message: err.inner().to_string(),
+    })
+}
+
 impl KosmosConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_slice(&bytes, path)
+        Self::from_slice(&read_file(path)?, path)
     }
 
     /// Parses and validates a config from JSON bytes; `path` only names the source in errors.
     pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
-        let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-        let config: KosmosConfig =
-            serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
-                path: path.to_path_buf(),
-                key: err.path().to_string(),
-                message: err.inner().to_string(),
-            })?;
+        let config: KosmosConfig = parse_json(bytes, path)?;
         config.validate()?;
         Ok(config)
     }

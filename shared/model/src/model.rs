@@ -181,16 +181,8 @@ pub const KOSMOS_2_5: &str = "kosmos-2.5";
 
 /// The `model_type` a `config.json` names, if any.
 pub fn model_type(config_path: &Path) -> Result<Option<String>> {
-    let bytes = std::fs::read(config_path).map_err(|source| ModelError::Io {
-        path: config_path.to_path_buf(),
-        source,
-    })?;
     let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|err| ModelError::Config {
-            path: config_path.to_path_buf(),
-            key: String::new(),
-            message: err.to_string(),
-        })?;
+        crate::config::parse_json(&crate::config::read_file(config_path)?, config_path)?;
     Ok(value
         .get("model_type")
         .and_then(|kind| kind.as_str())

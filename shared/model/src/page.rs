@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use crate::config::{Activation, TextConfig};
+use crate::config::{Activation, TextConfig, parse_json, read_file};
 use crate::connector::Connector;
 use crate::error::{ModelError, Result};
 use crate::nn::{AttentionProjections, Projection};
@@ -95,22 +95,12 @@ impl Default for Kosmos25Config {
 impl Kosmos25Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_slice(&bytes, path)
+        Self::from_slice(&read_file(path)?, path)
     }
 
     /// Parses and validates a config from JSON bytes; `path` only names the source in errors.
     pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
-        let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-        let config: Kosmos25Config =
-            serde_path_to_error::deserialize(deserializer).map_err(|err| ModelError::Config {
-                path: path.to_path_buf(),
-                key: err.path().to_string(),
-                message: err.inner().to_string(),
-            })?;
+        let config: Kosmos25Config = parse_json(bytes, path)?;
         config.validate()?;
         Ok(config)
     }

@@ -136,13 +136,16 @@ impl ImageProcessorConfig {
 
     /// Reads and parses a `preprocessor_config.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_json_str(&text)
+        Self::from_json_str(&read_text(path.as_ref())?)
     }
+}
+
+/// The text of a config file, or an error naming it.
+pub(crate) fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl TryFrom<Map<String, Value>> for ImageProcessorConfig {

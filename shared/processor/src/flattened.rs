@@ -64,12 +64,7 @@ impl FlattenedPatchConfig {
 
     /// Reads and parses a Kosmos-2.5 `preprocessor_config.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_json_str(&text)
+        Self::from_json_str(&crate::config::read_text(path.as_ref())?)
     }
 
     fn from_map(map: &Map<String, Value>) -> Result<Self, ConfigError> {

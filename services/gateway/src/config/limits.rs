@@ -214,23 +214,22 @@ pub(super) fn limits(
     ] {
         kosmos_runtime::config::positive(&format!("limits.{key}"), value)?;
     }
-    if raw.default_max_new_tokens > raw.max_new_tokens {
-        return Err(invalid(
-            "limits.default_max_new_tokens",
-            format!(
-                "({}) must be <= `limits.max_new_tokens` ({})",
-                raw.default_max_new_tokens, raw.max_new_tokens
-            ),
-        ));
-    }
-    if raw.default_max_new_tokens_pages > raw.max_new_tokens {
-        return Err(invalid(
+    for (default, key) in [
+        (raw.default_max_new_tokens, "limits.default_max_new_tokens"),
+        (
+            raw.default_max_new_tokens_pages,
             "limits.default_max_new_tokens_pages",
-            format!(
-                "({}) must be <= `limits.max_new_tokens` ({})",
-                raw.default_max_new_tokens_pages, raw.max_new_tokens
-            ),
-        ));
+        ),
+    ] {
+        if default > raw.max_new_tokens {
+            return Err(invalid(
+                key,
+                format!(
+                    "({default}) must be <= `limits.max_new_tokens` ({})",
+                    raw.max_new_tokens
+                ),
+            ));
+        }
     }
     for (value, key) in [
         (raw.max_temperature, "max_temperature"),
