@@ -141,16 +141,20 @@ async fn an_encode_that_fails_on_one_replica_is_retried_on_another() {
     let (healthy, healthy_calls) = start_fake(Behaviour::Healthy).await;
     let pool = pool(&[down, healthy], 2);
     let encoder = ImageEncoder::new(pool.clone(), Arc::new(EmbeddingCache::new(0)), 1 << 20);
-    for seed in 0..8 {
+    // The picker breaks ties between the two fresh replicas at random: encode until the down one has been picked
+    // (each image has an even chance; 64 images make missing it impossible in practice), then a few more.
+    let mut images: u8 = 0;
+    while images < 8 || (down_calls.load(Ordering::SeqCst) == 0 && images < 64) {
         let embeddings = encoder
-            .embeddings(&[image(seed)], &model(), None, "")
+            .embeddings(&[image(images)], &model(), None, "")
             .await
             .expect("retried");
         assert_eq!(embeddings.tensors.len(), 1);
+        images += 1;
     }
     assert_eq!(
         healthy_calls.load(Ordering::SeqCst),
-        8,
+        u64::from(images),
         "every image was encoded by the healthy replica"
     );
     let failed = down_calls.load(Ordering::SeqCst);
