@@ -210,14 +210,9 @@ impl KosmosConfig {
 
     /// Checks the relations between fields that serde cannot express.
     pub fn validate(&self) -> Result<()> {
-        let text = &self.text_config;
+        self.text_config.validate()?;
         let vision = &self.vision_config;
-        let positive = [
-            ("text_config.vocab_size", text.vocab_size),
-            ("text_config.embed_dim", text.embed_dim),
-            ("text_config.layers", text.layers),
-            ("text_config.ffn_dim", text.ffn_dim),
-            ("text_config.attention_heads", text.attention_heads),
+        require_positive(&[
             ("vision_config.hidden_size", vision.hidden_size),
             ("vision_config.intermediate_size", vision.intermediate_size),
             ("vision_config.num_hidden_layers", vision.num_hidden_layers),
@@ -228,30 +223,7 @@ impl KosmosConfig {
             ("vision_config.num_channels", vision.num_channels),
             ("vision_config.patch_size", vision.patch_size),
             ("latent_query_num", self.latent_query_num),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(ModelError::InvalidConfig(format!("`{key}` must be > 0")));
-            }
-        }
-        if !text.embed_dim.is_multiple_of(text.attention_heads) {
-            return Err(ModelError::InvalidConfig(format!(
-                "`text_config.embed_dim` ({}) must be divisible by `text_config.attention_heads` ({})",
-                text.embed_dim, text.attention_heads
-            )));
-        }
-        if text.xpos_rel_pos && !text.head_dim().is_multiple_of(2) {
-            return Err(ModelError::InvalidConfig(format!(
-                "xPos needs an even head dimension, got {}",
-                text.head_dim()
-            )));
-        }
-        if text.xpos_rel_pos && text.xpos_scale_base <= 0.0 {
-            return Err(ModelError::InvalidConfig(format!(
-                "`text_config.xpos_scale_base` must be > 0, got {}",
-                text.xpos_scale_base
-            )));
-        }
+        ])?;
         if !vision
             .hidden_size
             .is_multiple_of(vision.num_attention_heads)
@@ -267,12 +239,53 @@ impl KosmosConfig {
                 vision.image_size, vision.patch_size
             )));
         }
-        if !text.layer_norm_eps.is_finite() || text.layer_norm_eps <= 0.0 {
+        Ok(())
+    }
+}
+
+impl TextConfig {
+    /// The text decoder's own checks (every family's decoder): positive sizes, heads that split the width, xPos
+    /// settings, a positive LayerNorm epsilon. Keys are named under `text_config`.
+    pub fn validate(&self) -> Result<()> {
+        require_positive(&[
+            ("text_config.vocab_size", self.vocab_size),
+            ("text_config.embed_dim", self.embed_dim),
+            ("text_config.layers", self.layers),
+            ("text_config.ffn_dim", self.ffn_dim),
+            ("text_config.attention_heads", self.attention_heads),
+        ])?;
+        if !self.embed_dim.is_multiple_of(self.attention_heads) {
+            return Err(ModelError::InvalidConfig(format!(
+                "`text_config.embed_dim` ({}) must be divisible by `text_config.attention_heads` ({})",
+                self.embed_dim, self.attention_heads
+            )));
+        }
+        if self.xpos_rel_pos && !self.head_dim().is_multiple_of(2) {
+            return Err(ModelError::InvalidConfig(format!(
+                "xPos needs an even head dimension, got {}",
+                self.head_dim()
+            )));
+        }
+        if self.xpos_rel_pos && self.xpos_scale_base <= 0.0 {
+            return Err(ModelError::InvalidConfig(format!(
+                "`text_config.xpos_scale_base` must be > 0, got {}",
+                self.xpos_scale_base
+            )));
+        }
+        if !self.layer_norm_eps.is_finite() || self.layer_norm_eps <= 0.0 {
             return Err(ModelError::InvalidConfig(
                 "`text_config.layer_norm_eps` must be a positive number".into(),
             ));
         }
         Ok(())
+    }
+}
+
+/// An error naming the first `(key, value)` whose value is 0.
+pub(crate) fn require_positive(fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(ModelError::InvalidConfig(format!("`{key}` must be > 0"))),
+        None => Ok(()),
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use crate::config::{Activation, TextConfig, parse_json, read_file};
+use crate::config::{Activation, TextConfig, parse_json, read_file, require_positive};
 use crate::connector::Connector;
 use crate::error::{ModelError, Result};
 use crate::nn::{AttentionProjections, Projection};
@@ -107,11 +107,9 @@ impl Kosmos25Config {
 
     /// Checks the relations between fields that serde cannot express.
     pub fn validate(&self) -> Result<()> {
-        let text = &self.text_config;
+        self.text_config.validate()?;
         let vision = &self.vision_config;
-        for (key, value) in [
-            ("text_config.embed_dim", text.embed_dim),
-            ("text_config.attention_heads", text.attention_heads),
+        require_positive(&[
             ("vision_config.hidden_size", vision.hidden_size),
             (
                 "vision_config.patch_embed_hidden_size",
@@ -126,17 +124,7 @@ impl Kosmos25Config {
             ),
             ("vision_config.max_num_patches", vision.max_num_patches),
             ("latent_query_num", self.latent_query_num),
-        ] {
-            if value == 0 {
-                return Err(ModelError::InvalidConfig(format!("`{key}` must be > 0")));
-            }
-        }
-        if !text.embed_dim.is_multiple_of(text.attention_heads) {
-            return Err(ModelError::InvalidConfig(format!(
-                "`text_config.embed_dim` ({}) must be divisible by `text_config.attention_heads` ({})",
-                text.embed_dim, text.attention_heads
-            )));
-        }
+        ])?;
         if !vision.patch_embed_hidden_size.is_multiple_of(3) {
             return Err(ModelError::InvalidConfig(format!(
                 "`vision_config.patch_embed_hidden_size` ({}) must be patch_height * patch_width * 3",
