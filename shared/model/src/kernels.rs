@@ -297,16 +297,9 @@ impl AttentionOp {
 /// `bias` (one value per key) when given.
 fn softmax_row<T: WithDType>(row: &mut [T], scratch: &mut [f32], bias: Option<&[f32]>) {
     let mut max = f32::NEG_INFINITY;
-    for (value, slot) in row.iter().zip(scratch.iter_mut()) {
-        *slot = value.to_f64() as f32;
-    }
-    if let Some(bias) = bias {
-        for (slot, &add) in scratch.iter_mut().zip(bias) {
-            *slot += add;
-        }
-    }
-    for &slot in scratch.iter() {
-        max = max.max(slot);
+    for (key, (value, slot)) in row.iter().zip(scratch.iter_mut()).enumerate() {
+        *slot = value.to_f64() as f32 + bias.map_or(0.0, |bias| bias[key]);
+        max = max.max(*slot);
     }
     let mut sum = 0f32;
     for slot in scratch.iter_mut() {
