@@ -679,15 +679,27 @@ mod tests {
 
     use super::*;
 
-    fn pool(addresses: &[&str]) -> Pool {
-        let config = PoolConfig {
-            max_attempts: NonZeroU32::MIN,
-            eject_after_failures: NonZeroU32::new(3),
+    /// A pool of fixed `addresses` ejecting after `eject_after` failures for 60 s, waiting `max_wait` for a
+    /// replica.
+    pub(super) fn static_config(
+        addresses: &[&str],
+        eject_after: u32,
+        max_wait: Duration,
+    ) -> PoolConfig {
+        PoolConfig {
+            eject_after_failures: NonZeroU32::new(eject_after),
             ejection: Duration::from_secs(60),
-            max_wait_for_replica: Duration::from_millis(200),
+            max_wait_for_replica: max_wait,
             ..PoolConfig::with_discovery(Discovery::Static(
                 addresses.iter().map(|a| endpoint_uri(a)).collect(),
             ))
+        }
+    }
+
+    fn pool(addresses: &[&str]) -> Pool {
+        let config = PoolConfig {
+            max_attempts: NonZeroU32::MIN,
+            ..static_config(addresses, 3, Duration::from_millis(200))
         };
         Pool::new("encoder", config).expect("pool")
     }
@@ -771,19 +783,11 @@ mod tests {
 
 #[cfg(test)]
 mod ejection_tests {
-    use std::num::NonZeroU32;
-
     use super::*;
 
     fn pool(addresses: &[&str], eject_after: u32) -> Pool {
-        let config = PoolConfig {
-            eject_after_failures: NonZeroU32::new(eject_after),
-            ejection: Duration::from_secs(60),
-            max_wait_for_replica: Duration::from_millis(300),
-            ..PoolConfig::with_discovery(Discovery::Static(
-                addresses.iter().map(|a| endpoint_uri(a)).collect(),
-            ))
-        };
+        let config =
+            super::tests::static_config(addresses, eject_after, Duration::from_millis(300));
         Pool::new("decoder", config).expect("pool")
     }
 
