@@ -76,7 +76,7 @@ fn page_processor(
         .ok()
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
         .is_some_and(|config| {
-            config.get("model_type").and_then(|t| t.as_str()) == Some("kosmos-2.5")
+            config.get("model_type").and_then(|t| t.as_str()) == Some(crate::upstream::KOSMOS_2_5)
         });
     if !kosmos25 {
         return Ok(None);

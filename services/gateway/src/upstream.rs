@@ -86,7 +86,7 @@ impl ModelInfo {
 
     /// Whether the model reads pages (Kosmos-2.5): one image, then the task.
     pub fn reads_pages(&self) -> bool {
-        &*self.family == "kosmos-2.5"
+        &*self.family == KOSMOS_2_5
     }
 
     /// Whether the gateway's tokenizer builds prompts this model understands.
@@ -116,6 +116,9 @@ impl ModelInfo {
         Ok(())
     }
 }
+
+/// The family name (`config.json`'s `model_type`, the decoders' `Info.family`) of Kosmos-2.5.
+pub const KOSMOS_2_5: &str = "kosmos-2.5";
 
 /// Both pools and what the gateway knows about the model.
 #[derive(Debug, Clone)]
