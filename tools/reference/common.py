@@ -294,11 +294,14 @@ def tiny_text_config(vocab_size: int) -> dict:
 
 @torch.no_grad()
 def perturb_norms_and_biases(model: torch.nn.Module, gen: torch.Generator, bias_std: float = 0.02) -> None:
-    """LayerNorm weight = 1 + 0.1 N(0,1), bias = 0.1 N(0,1); Linear biases += bias_std N(0,1) (HF inits them to 0)."""
+    """LayerNorm weight = 1 + 0.1 N(0,1), bias = 0.1 N(0,1); a T5-style RMS norm (a `*LayerNorm` module with a weight
+    and no bias, Kosmos-2.5's) weight = 1 + 0.1 N(0,1); Linear biases += bias_std N(0,1) (HF inits them to 0)."""
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
             module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+        elif type(module).__name__.endswith("LayerNorm") and not hasattr(module, "bias"):
+            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
         elif isinstance(module, torch.nn.Linear) and module.bias is not None:
             module.bias.add_(bias_std * torch.randn(module.bias.shape, generator=gen))
 

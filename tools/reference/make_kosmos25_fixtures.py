@@ -24,14 +24,18 @@ up- and down-sample and use square and non-square patches:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 import numpy as np
-import torch
-import transformers
-from PIL import Image, ImageDraw
-from safetensors.torch import save_file
-from transformers import (
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
     Kosmos2_5Config,
     Kosmos2_5ForConditionalGeneration,
     Kosmos2_5ImageProcessor,
@@ -145,26 +149,13 @@ def tiny_config() -> Kosmos2_5Config:
 
 
 @torch.no_grad()
-def perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Norm weights = 1 + 0.1 N(0,1) (LayerNorm biases 0.1 N(0,1)); Linear biases += 0.02 N(0,1)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-        elif type(module).__name__ == "Kosmos2_5LayerNorm":
-            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-        elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-            module.bias.add_(0.02 * torch.randn(module.bias.shape, generator=gen))
-
-
-@torch.no_grad()
 def write_tiny(out: Path, pages: list[Path]) -> None:
     torch.manual_seed(2025)
     config = tiny_config()
     config._attn_implementation = "eager"
     model = Kosmos2_5ForConditionalGeneration(config).eval()
     gen = torch.Generator().manual_seed(25)
-    perturb(model, gen)
+    common.perturb_norms_and_biases(model, gen)
     tiny = out / "tiny"
     model.save_pretrained(tiny, safe_serialization=True)
     ip = Kosmos2_5ImageProcessor(patch_size=TINY_PATCH, max_patches=TINY_MAX_PATCHES)
