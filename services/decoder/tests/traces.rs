@@ -47,8 +47,13 @@ async fn request_spans_nest_under_the_call_and_steps_link_to_their_requests() {
         .expect("scores");
     server.stop().await;
 
-    let generate = collected.named("kosmos.decoder.v1.Decoder/Generate");
-    let score = collected.named("kosmos.decoder.v1.Decoder/Score");
+    let limit = std::time::Duration::from_secs(5);
+    let generate = collected
+        .named_eventually("kosmos.decoder.v1.Decoder/Generate", 1, limit)
+        .await;
+    let score = collected
+        .named_eventually("kosmos.decoder.v1.Decoder/Score", 1, limit)
+        .await;
     assert_eq!((generate.len(), score.len()), (1, 1), "one span per call");
     assert_eq!(
         trace_of(&generate[0]).to_string(),

@@ -38,6 +38,25 @@ impl Collected {
             .filter(|span| span.name == name)
             .collect()
     }
+
+    /// The ended spans named `name` once there are at least `count` of them, or what there is after `limit`. A
+    /// server's call span ends when its handler's future is dropped, which may be just after the client has its
+    /// answer.
+    pub async fn named_eventually(
+        &self,
+        name: &str,
+        count: usize,
+        limit: std::time::Duration,
+    ) -> Vec<SpanData> {
+        let started = std::time::Instant::now();
+        loop {
+            let spans = self.named(name);
+            if spans.len() >= count || started.elapsed() >= limit {
+                return spans;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Installs the collecting subscriber (once per process) and returns the collector.
