@@ -5,8 +5,10 @@
 #                                        model's recipe: seeded, 2500 steps, ~30 min on 2 idle CPU cores)
 #   tools/train/run.sh eval [ARGS...]    held-out metrics of models/demo/ with PyTorch (eval_torch.py --help),
 #                                        e.g. --dump models/demo/heldout to rewrite the held-out set for Rust
+#   tools/train/run.sh train-doc [ARGS...]  train and write models/demo-doc/, the tiny Kosmos-2.5 (train_doc.py)
+#   tools/train/run.sh eval-doc [ARGS...]   its held-out metrics with PyTorch (eval_doc_torch.py; --dump DIR)
 #
-# Both run under `nice -n 10` (the build machines are shared) unless NICE=0.
+# All run under `nice -n 10` (the build machines are shared) unless NICE=0.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,7 +16,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 NICE="${NICE:-10}"
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -29,6 +31,12 @@ train)
     ;;
 eval)
     exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/eval_torch.py" "$@"
+    ;;
+train-doc)
+    exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/train_doc.py" "$@"
+    ;;
+eval-doc)
+    exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/eval_doc_torch.py" "$@"
     ;;
 *)
     usage

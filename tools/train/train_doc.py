@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""Trains the demo document model (HF `Kosmos2_5ForConditionalGeneration`, tiny) on generated pages and writes
+models/demo-doc/.
+
+    tools/train/run.sh train-doc [--out models/demo-doc] [--steps N] ...
+
+Seeded: the same command gives the same weights on the same machine. No recipe has met the demo model's targets
+yet (models/demo-doc is not shipped): runs with these defaults, with --aux-weight 0.5 and with --vision-lr-mult 3 all
+learned the layout and the boxes but not the glyphs (text accuracy plateaus near 0.6).
+
+Data: tools/train/doc_data.py, a fresh batch of pages every step from random.Random(seed); each page is trained on
+both tasks (`<ocr>`: lines with boxes; `<md>`: markdown). Inputs are built by HF's Kosmos2_5Processor (patch 16x16,
+max_patches 256, num_image_tokens = latent_query_num), so the ids are the ones the Rust processor builds. The
+vision tower and connector run once per page, their embeddings are shared by the page's two texts.
+
+Loss: next-token cross-entropy on the answer tokens and </s> only; the <x_N> / <y_N> coordinate tokens get
+Gaussian soft targets over their axis (--coord-sigma, in pixels of the resized page), so a near miss costs less than
+a far one. The coordinate embeddings (tied to the LM head) start from smooth codes of their value (neighbouring
+values start close), and the connector's `dense` starts at unit scale (see connector_init). Everything else is
+HF's initialisation and the stock architecture and checkpoint layout.
+
+Tokenizer: a byte-level BPE trained on generated page texts (`--bpe-vocab` pieces, the dictionary's words become
+single pieces, numbers split into digits), then Kosmos-2.5's tokens: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3
+`<image>` `</image>` (special), `<ocr>` `<md>` `<bbox>` `</bbox>` and `<x_0>`..`<x_511>`, `<y_0>`..`<y_511>` (added,
+kept in decoded text as the real tokenizer keeps them).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import doc_data  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = HERE.parents[1]
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<image>", "</image>"]
+BOS, PAD, EOS = 0, 1, 2
+TAGS = (["<ocr>", "<md>", "<bbox>", "</bbox>"] + [f"<x_{i}>" for i in range(doc_data.MAX_COORD)]
+        + [f"<y_{i}>" for i in range(doc_data.MAX_COORD)])
+TASKS = ("<ocr>", "<md>")
+QUERY_ROWS = 16  # the latent queries' grid over the page in the auxiliary loss: 16 rows x (queries / 16) columns
+
+
+def build_tokenizer(seed: int, bpe_vocab: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(doc_data.corpus(seed, 4000), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<image>", "eoi_token": "</image>", "image_token": "<s>"},
+    )
+    assert fast.convert_tokens_to_ids(SPECIALS) == list(range(len(SPECIALS)))
+    return fast
+
+
+def model_config(vocab_size: int, args):
+    from transformers import Kosmos2_5Config
+
+    vision = dict(
+        hidden_size=args.vision_width,
+        patch_embed_hidden_size=doc_data.PATCH * doc_data.PATCH * 3,
+        intermediate_size=args.vision_width * 2,
+        head_dim=64,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_width // 64,
+        dense_act_fn="gelu_new",
+        layer_norm_eps=1e-6,
+        max_num_patches=doc_data.MAX_PATCHES + 1,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        embed_dim=args.text_width,
+        layers=args.text_layers,
+        ffn_dim=args.text_width * 4,
+        attention_heads=args.text_width // 64,
+        activation_function="gelu",
+        layer_norm_eps=1e-5,
+        scale_embedding=True,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    return Kosmos2_5Config(text_config=text, vision_config=vision, latent_query_num=args.queries)
+
+
+def processor_for(tokenizer, queries: int):
+    from transformers import Kosmos2_5ImageProcessor, Kosmos2_5Processor
+
+    ip = Kosmos2_5ImageProcessor(patch_size={"height": doc_data.PATCH, "width": doc_data.PATCH},
+                                 max_patches=doc_data.MAX_PATCHES)
+    return Kosmos2_5Processor(image_processor=ip, tokenizer=tokenizer, num_image_tokens=queries)
+
+
+_PROMPTS: dict[str, tuple[list[int], list[int]]] = {}
+
+
+def encode_pages(processor, pages: list[doc_data.Page]) -> dict[str, torch.Tensor]:
+    """Flattened patches (the image processor's) and the two prompts (identical for every page, as
+    Kosmos2_5Processor builds them; its output's `attention_mask` is the text's, so the patches' comes from the image
+    processor)."""
+    images = [p.image for p in pages]
+    enc = processor.image_processor(images, max_patches=doc_data.MAX_PATCHES, return_tensors="pt")
+    out = {"flattened_patches": enc["flattened_patches"].float(), "attention_mask_patches": enc["attention_mask"].float()}
+    for task in TASKS:
+        if task not in _PROMPTS:
+            p = processor(text=task, images=images[0], max_patches=doc_data.MAX_PATCHES, return_tensors="pt")
+            _PROMPTS[task] = (p["input_ids"][0].tolist(), p["image_embeds_position_mask"][0].tolist())
+        ids, iemask = _PROMPTS[task]
+        out[f"{task}.input_ids"] = torch.tensor([ids] * len(images))
+        out[f"{task}.iemask"] = torch.tensor([iemask] * len(images))
+    return out
+
+
+def answers(page: doc_data.Page) -> dict[str, str]:
+    return {"<ocr>": doc_data.ocr_text(page), "<md>": page.markdown}
+
+
+def build_batch(processor, tokenizer, pages: list[doc_data.Page], query_cols: int) -> dict[str, torch.Tensor]:
+    enc = encode_pages(processor, pages)
+    ids, iemasks, labels = [], [], []
+    for task in TASKS:
+        prompt = enc[f"{task}.input_ids"]
+        for row, page in enumerate(pages):
+            target = tokenizer(answers(page)[task], add_special_tokens=False)["input_ids"] + [EOS]
+            p = prompt[row].tolist()
+            ids.append(p + target)
+            iemasks.append(enc[f"{task}.iemask"][row].tolist() + [0] * len(target))
+            labels.append([-100] * (len(p) - 1) + target + [-100])
+    width = max(len(x) for x in ids)
+    pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
+    aux = torch.zeros(len(pages), doc_data.MAX_PATCHES, len(doc_data.ALPHABET))
+    cells = torch.zeros(len(pages), QUERY_ROWS * query_cols, len(doc_data.ALPHABET))
+    for row, page in enumerate(pages):
+        for index, chars in enumerate(doc_data.patch_labels(page)):
+            for c in chars:
+                aux[row, index, c] = 1.0
+        for index, chars in enumerate(doc_data.cell_labels(page, QUERY_ROWS, query_cols)):
+            for c in chars:
+                cells[row, index, c] = 1.0
+    return {
+        "aux": aux,
+        "cells": cells,
+        "flattened_patches": enc["flattened_patches"],
+        "attention_mask_patches": enc["attention_mask_patches"],
+        "input_ids": pad(ids, PAD),
+        "attention_mask": pad([[1] * len(r) for r in ids], 0),
+        "iemask": pad(iemasks, 0),
+        # labels[t] is the token after position t (shifted already)
+        "labels": pad(labels, -100),
+    }
+
+
+def coord_ranges(tokenizer) -> tuple[int, int]:
+    x0 = tokenizer.convert_tokens_to_ids("<x_0>")
+    y0 = tokenizer.convert_tokens_to_ids("<y_0>")
+    assert y0 == x0 + doc_data.MAX_COORD
+    return x0, y0
+
+
+def image_embeds(model, batch):
+    vision = model.vision_model(flattened_patches=batch["flattened_patches"],
+                                attention_mask=batch["attention_mask_patches"]).last_hidden_state
+    embeds, _ = model.image_to_text_projection(F.normalize(vision, dim=-1))
+    return embeds, vision
+
+
+def forward_loss(model, batch, x0: int, sigma: float, bf16: bool, aux_heads=None, aux_weight: float = 0.0):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        embeds, vision = image_embeds(model, batch)
+        aux_logits = [aux_heads[0](vision), aux_heads[1](embeds)] if aux_heads is not None else None
+        embeds = embeds.repeat(len(TASKS), 1, 1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_embeds=embeds,
+                       image_embeds_position_mask=batch["iemask"]).logits
+    labels = batch["labels"]
+    keep = labels != -100
+    logp = F.log_softmax(logits[keep].float(), dim=-1)  # [M, V]
+    target = labels[keep]
+    hard = -logp.gather(1, target[:, None])[:, 0]
+    # Soft targets on the coordinate tokens: a Gaussian over the token's own axis.
+    coord = (target >= x0) & (target < x0 + 2 * doc_data.MAX_COORD)
+    loss = hard
+    if sigma > 0 and coord.any():
+        t = target[coord] - x0
+        axis, value = t // doc_data.MAX_COORD, t % doc_data.MAX_COORD
+        grid = torch.arange(doc_data.MAX_COORD, dtype=torch.float32)
+        w = torch.exp(-0.5 * ((grid[None, :] - value[:, None].float()) / sigma) ** 2)
+        w = w / w.sum(dim=1, keepdim=True)
+        lp = logp[coord].view(-1, 1, logp.shape[1])[:, 0, x0 : x0 + 2 * doc_data.MAX_COORD]
+        lp = lp.view(-1, 2, doc_data.MAX_COORD)[torch.arange(len(t)), axis]
+        loss = loss.clone()
+        loss[coord] = -(w * lp).sum(dim=1)
+    acc = (logits[keep].argmax(-1) == target).float()
+    total = loss.mean()
+    if aux_logits is not None and aux_weight > 0:
+        # Training-only: every patch names the characters printed in it (multi-label), so the vision tower learns
+        # glyphs directly instead of only through the decoder's loss; and every latent query names the characters
+        # in its own cell of a QUERY_ROWS x cols grid over the page, so the connector's queries take one region
+        # each (a fixed layout the decoder can look up) instead of all averaging the page.
+        mask = batch["attention_mask_patches"][:, :, None]
+        bce = F.binary_cross_entropy_with_logits(aux_logits[0].float(), batch["aux"], reduction="none")
+        patches = (bce * mask).sum() / mask.sum()
+        bce = F.binary_cross_entropy_with_logits(aux_logits[1].float(), batch["cells"], reduction="none")
+        cells = bce.sum(-1).mean()
+        total = total + aux_weight * (patches + cells)
+        aux = (patches.item(), cells.item())
+    else:
+        aux = (0.0, 0.0)
+    return total, acc.mean().item(), acc[~coord].mean().item() if (~coord).any() else 1.0, aux
+
+
+def connector_init(model, gen: torch.Generator) -> None:
+    """HF's init gives the connector's projected image features a per-dimension scale of ~0.02 next to latent
+    queries of scale 1, so its cross-attention output hardly depends on the page and training first settles on the
+    text prior (a long plateau). Unit-scale projected features (the input rows are L2-normalised) put both on the
+    same footing, as in the Kosmos-2 demo's training (train.py)."""
+    with torch.no_grad():
+        model.image_to_text_projection.dense.weight.normal_(0.0, 1.0, generator=gen)
+
+
+def coord_init(model, tokenizer, gen: torch.Generator) -> None:
+    """Smooth codes for <x_N>, <y_N>: sinusoids of N (wavelengths 6..1024 px) plus one random vector per axis."""
+    emb = model.get_input_embeddings().weight
+    dim = emb.shape[1]
+    x0, _ = coord_ranges(tokenizer)
+    std = emb.std().item()
+    half = dim // 4
+    freqs = torch.exp(torch.linspace(math.log(2 * math.pi / 6), math.log(2 * math.pi / 1024), half))
+    with torch.no_grad():
+        for axis in range(2):
+            v = torch.arange(doc_data.MAX_COORD, dtype=torch.float32)[:, None] * freqs[None, :]
+            code = torch.cat([v.sin(), v.cos()], dim=1)  # [512, dim/2]
+            full = torch.zeros(doc_data.MAX_COORD, dim)
+            if axis == 0:
+                full[:, : dim // 2] = code
+            else:
+                full[:, dim // 2 :] = code
+            full = full * std * 1.4 + torch.randn(1, dim, generator=gen) * std * 0.5
+            start = x0 + axis * doc_data.MAX_COORD
+            emb[start : start + doc_data.MAX_COORD] = full
+
+
+def write_model_dir(model, processor, out: Path, max_new_tokens: int) -> None:
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)  # preprocessor_config.json, as the hub's checkpoints carry it
+    GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False, num_beams=1,
+                     max_new_tokens=max_new_tokens, no_repeat_ngram_size=0).save_pretrained(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-doc")
+    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--batch", type=int, default=12, help="pages per step (each trained on both tasks)")
+    parser.add_argument("--seed", type=int, default=2512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--coord-sigma", type=float, default=1.5)
+    parser.add_argument("--bpe-vocab", type=int, default=1000)
+    parser.add_argument("--vision-width", type=int, default=192)
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--text-width", type=int, default=256)
+    parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=128, help="latent_query_num")
+    parser.add_argument("--vision-lr-mult", type=float, default=1.0,
+                        help="learning-rate multiplier of the vision tower and connector")
+    parser.add_argument("--aux-weight", type=float, default=0.0,
+                        help="weight of the training-only patch-character loss (0: off)")
+    parser.add_argument("--init", type=Path, help="continue training this model directory (written by this script)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="stop and save after this long (0: run every step); the schedule still spans --steps")
+    parser.add_argument("--log-every", type=int, default=25)
+    args = parser.parse_args()
+
+    from transformers import Kosmos2_5ForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    tokenizer = build_tokenizer(args.seed, args.bpe_vocab)
+    vocab_size = len(tokenizer)
+    processor = processor_for(tokenizer, args.queries)
+    config = model_config(vocab_size, args)
+    config._attn_implementation = "sdpa"
+    if args.init:
+        # Continue from a model this script wrote (same tokenizer; a fresh optimiser and schedule).
+        model = Kosmos2_5ForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
+        assert model.config.text_config.vocab_size == vocab_size, "--init was written with another tokenizer"
+    else:
+        model = Kosmos2_5ForConditionalGeneration(config)
+        coord_init(model, tokenizer, gen)
+        connector_init(model, gen)
+    x0, _ = coord_ranges(tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {vocab_size}, {params / 1e6:.2f} M parameters", flush=True)
+
+    aux_heads = None
+    if args.aux_weight > 0:
+        aux_heads = torch.nn.ModuleList([torch.nn.Linear(args.vision_width, len(doc_data.ALPHABET)),
+                                         torch.nn.Linear(args.text_width, len(doc_data.ALPHABET))])
+        with torch.no_grad():  # start at a ~2% prior per character, not 50%
+            for head in aux_heads:
+                head.bias.fill_(-4.0)
+    assert args.queries % QUERY_ROWS == 0, f"--queries must be a multiple of {QUERY_ROWS}"
+    query_cols = args.queries // QUERY_ROWS
+    visual = [p for n, p in model.named_parameters() if n.startswith(("vision_model.", "image_to_text_projection."))]
+    seen = {id(p) for p in visual}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in seen], "mult": 1.0},
+        {"params": visual + (list(aux_heads.parameters()) if aux_heads is not None else []), "mult": args.vision_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    rng = random.Random(args.seed)
+    probe_pages = [doc_data.make_page(random.Random(777 + i)) for i in range(8)]
+    probe = build_batch(processor, tokenizer, probe_pages, query_cols)
+    started = time.time()
+    model.train()
+    window = []
+    for step in range(args.steps):
+        pages = [doc_data.make_page(rng) for _ in range(args.batch)]
+        batch = build_batch(processor, tokenizer, pages, query_cols)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step) * group["mult"]
+        loss, acc, text_acc, aux = forward_loss(model, batch, x0, args.coord_sigma, args.bf16, aux_heads, args.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        window.append((loss.item(), acc, text_acc, *aux))
+        if (step + 1) % args.log_every == 0 or step == 0:
+            n = len(window)
+            mean = [sum(w[i] for w in window) / n for i in range(5)]
+            window = []
+            elapsed = time.time() - started
+            line = (f"step {step + 1}/{args.steps} loss {mean[0]:.3f} acc {mean[1]:.3f} text-acc {mean[2]:.3f} "
+                    f"aux {mean[3]:.2f}/{mean[4]:.2f} lr {lr_at(step):.2e} {elapsed / (step + 1):.2f} s/step")
+            if (step + 1) % (args.log_every * 4) == 0:
+                model.eval()
+                with torch.no_grad():
+                    _, pacc, ptext, _ = forward_loss(model, probe, x0, args.coord_sigma, args.bf16)
+                model.train()
+                line += f" | probe acc {pacc:.3f} text-acc {ptext:.3f}"
+            print(line, flush=True)
+        if args.max_minutes and time.time() - started > args.max_minutes * 60:
+            print(f"stopping after {step + 1} steps (--max-minutes {args.max_minutes})", flush=True)
+            break
+    model.eval()
+    write_model_dir(model, processor, args.out, max_new_tokens=512)
+    (args.out / "training.json").write_text(json.dumps({
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "steps_run": step + 1,
+        "minutes": round((time.time() - started) / 60, 1),
+        "torch": torch.__version__,
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
