@@ -1,7 +1,7 @@
-//! `kosmos eval` against `kosmos serve` with the shipped demo model, both as separate processes: once the
-//! gateway's `readiness` is SERVING, one run of the held-out set through the public API prints the accuracy
-//! table, whose counts equal PyTorch's on the same items (`models/demo/README.md`) and where the generated ids of
-//! every generation item equal PyTorch's (the PNGs' preprocessing is bit-exact in Rust).
+//! `kosmos eval` against `kosmos serve` with each shipped demo model (`models/demo`, the Kosmos-2 one, and
+//! `models/demo-doc`, the Kosmos-2.5 one), both as separate processes: once the gateway's `readiness` is SERVING,
+//! one run of the held-out set through the public API prints the accuracy table, whose counts equal PyTorch's on
+//! the same items (the models' READMEs) and where the generated ids of every generation item equal PyTorch's.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -18,6 +18,15 @@ const PYTORCH_COUNTS: [(&str, u32, u32); 4] = [
     ("classification (Score)", 40, 40),
     ("grounding (all objects of an image)", 58, 60),
     ("vqa", 117, 120),
+];
+
+/// PyTorch's counts on the document model's held-out set (`tools/train/eval_doc_torch.py`, as
+/// `models/demo-doc/README.md` reports them): (table row, count, total); for the error rates, (edits, characters).
+const PYTORCH_DOC_COUNTS: [(&str, u32, u32); 4] = [
+    ("ocr line boxes IoU@0.5 (lines)", 0, 0),
+    ("ocr character error rate (edits, chars)", 0, 0),
+    ("md structure (pages)", 0, 0),
+    ("md character error rate (edits, chars)", 0, 0),
 ];
 
 struct Server(Child);
@@ -52,19 +61,26 @@ async fn wait_ready(addr: &str, limit: Duration) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eval_matches_pytorchs_counts_on_the_demo_models_held_out_set() {
+/// Serves `model` (the default one when `None`) with `kosmos serve`, runs `kosmos eval --set SET` against it and
+/// returns its table (stdout) after checking that it succeeded, evaluated every item of the set, and that every
+/// generation item's ids equal PyTorch's.
+async fn eval_table(model: Option<&str>, set: &str) -> String {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kosmos"));
+    serve
+        .current_dir(&repo)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"]);
+    if let Some(model) = model {
+        serve.args(["--model", model]);
+    }
     let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_kosmos"))
-            .current_dir(&repo)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--http-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
+        serve
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -74,16 +90,35 @@ async fn eval_matches_pytorchs_counts_on_the_demo_models_held_out_set() {
     wait_ready(&addr, Duration::from_secs(120)).await;
     let output = Command::new(env!("CARGO_BIN_EXE_kosmos"))
         .current_dir(&repo)
-        .args(["eval", "--addr", &addr])
+        .args(["eval", "--addr", &addr, "--set", set])
         .output()
         .expect("kosmos eval runs");
-    let table = String::from_utf8_lossy(&output.stdout);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "kosmos eval failed: {}\n{table}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for (row, correct, total) in PYTORCH_COUNTS {
+    let agreement = table
+        .lines()
+        .find(|line| line.starts_with("| same ids as PyTorch"))
+        .unwrap_or_else(|| panic!("no agreement row in:\n{table}"));
+    assert!(agreement.ends_with("| 100.0% |"), "{agreement}");
+    let items = std::fs::read_to_string(repo.join(set).join("set.jsonl"))
+        .expect("the held-out set")
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .count();
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(&format!("{items}/{items} items")),
+        "every item was evaluated"
+    );
+    table
+}
+
+/// Asserts that `table` has each row with PyTorch's counts.
+fn assert_rows(table: &str, rows: &[(&str, u32, u32)]) {
+    for (row, correct, total) in rows {
         let prefix = format!("| {row} | ");
         let line = table
             .lines()
@@ -94,22 +129,21 @@ async fn eval_matches_pytorchs_counts_on_the_demo_models_held_out_set() {
             "PyTorch gets {correct}/{total} on `{row}`, we got: {line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_matches_pytorchs_counts_on_the_demo_models_held_out_set() {
+    let table = eval_table(None, "models/demo/heldout").await;
+    assert_rows(&table, &PYTORCH_COUNTS);
     assert!(
         table.contains("| grounding IoU@0.5 (objects) |"),
         "no objects row in:\n{table}"
     );
-    let agreement = table
-        .lines()
-        .find(|line| line.starts_with("| same ids as PyTorch"))
-        .unwrap_or_else(|| panic!("no agreement row in:\n{table}"));
-    assert!(agreement.ends_with("| 100.0% |"), "{agreement}");
-    let items = std::fs::read_to_string(repo.join("models/demo/heldout/set.jsonl"))
-        .expect("the held-out set")
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .count();
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains(&format!("{items}/{items} items")),
-        "every item was evaluated"
-    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the trained models/demo-doc and its held-out set (issue 19, item 4); fill PYTORCH_DOC_COUNTS"]
+async fn eval_matches_pytorchs_counts_on_the_document_models_held_out_set() {
+    let table = eval_table(Some("models/demo-doc"), "models/demo-doc/heldout").await;
+    assert_rows(&table, &PYTORCH_DOC_COUNTS);
 }
