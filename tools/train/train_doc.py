@@ -239,6 +239,55 @@ def forward_loss(model, batch, x0: int, sigma: float, bf16: bool, aux_heads=None
     return total, acc.mean().item(), acc[~coord].mean().item() if (~coord).any() else 1.0, aux
 
 
+def pretrain_vision(model, head, processor, tokenizer, rng: random.Random, args) -> None:
+    """Stage 1 (`--vision-steps`): the vision tower alone learns to name the characters printed in each patch
+    (multi-label, `head` a training-only linear layer), with no decoder in the loop, so a step costs a fraction of
+    a full one and the tower sees many more pages. Logged: the loss and the micro-F1 of the patch labels at 0.5."""
+    params = list(model.vision_model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(100, args.vision_steps // 10 + 1)
+    started = time.time()
+    window = []
+    for step in range(args.vision_steps):
+        if step < warmup:
+            lr = args.vision_lr * (step + 1) / warmup
+        else:
+            progress = (step - warmup) / max(1, args.vision_steps - warmup)
+            lr = args.vision_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pages = [doc_data.make_page(rng) for _ in range(args.vision_batch)]
+        enc = encode_pages(processor, pages)
+        labels = torch.zeros(len(pages), doc_data.MAX_PATCHES, len(doc_data.ALPHABET))
+        for row, page in enumerate(pages):
+            for index, chars in enumerate(doc_data.patch_labels(page)):
+                for c in chars:
+                    labels[row, index, c] = 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            vision = model.vision_model(flattened_patches=enc["flattened_patches"],
+                                        attention_mask=enc["attention_mask_patches"]).last_hidden_state
+            logits = head(vision).float()
+        mask = enc["attention_mask_patches"][:, :, None]
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        loss = (bce * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            predicted = (logits > 0).float() * mask
+            tp = (predicted * labels).sum().item()
+            f1 = 2 * tp / max(1.0, predicted.sum().item() + (labels * mask).sum().item())
+        window.append((loss.item(), f1))
+        if (step + 1) % args.log_every == 0 or step == 0:
+            n = len(window)
+            elapsed = time.time() - started
+            print(f"vision step {step + 1}/{args.vision_steps} loss {sum(w[0] for w in window) / n:.3f} "
+                  f"patch-F1 {sum(w[1] for w in window) / n:.3f} lr {lr:.2e} {elapsed / (step + 1):.2f} s/step",
+                  flush=True)
+            window = []
+
+
 def connector_init(model, gen: torch.Generator) -> None:
     """HF's init gives the connector's projected image features a per-dimension scale of ~0.02 next to latent
     queries of scale 1, so its cross-attention output hardly depends on the page and training first settles on the
@@ -300,6 +349,10 @@ def main() -> None:
                         help="learning-rate multiplier of the vision tower and connector")
     parser.add_argument("--aux-weight", type=float, default=0.0,
                         help="weight of the training-only patch-character loss (0: off)")
+    parser.add_argument("--vision-steps", type=int, default=0,
+                        help="steps of the vision-only stage before the full model (0: none; see pretrain_vision)")
+    parser.add_argument("--vision-batch", type=int, default=24, help="pages per vision-only step")
+    parser.add_argument("--vision-lr", type=float, default=1e-3, help="peak learning rate of the vision-only stage")
     parser.add_argument("--init", type=Path, help="continue training this model directory (written by this script)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
@@ -337,6 +390,13 @@ def main() -> None:
         with torch.no_grad():  # start at a ~2% prior per character, not 50%
             for head in aux_heads:
                 head.bias.fill_(-4.0)
+    if args.vision_steps > 0:
+        head = aux_heads[0] if aux_heads is not None else torch.nn.Linear(args.vision_width, len(doc_data.ALPHABET))
+        if aux_heads is None:
+            with torch.no_grad():
+                head.bias.fill_(-4.0)
+        model.train()
+        pretrain_vision(model, head, processor, tokenizer, random.Random(args.seed + 1), args)
     assert args.queries % QUERY_ROWS == 0, f"--queries must be a multiple of {QUERY_ROWS}"
     query_cols = args.queries // QUERY_ROWS
     visual = [p for n, p in model.named_parameters() if n.startswith(("vision_model.", "image_to_text_projection."))]
