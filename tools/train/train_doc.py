@@ -150,6 +150,20 @@ def answers(page: doc_data.Page) -> dict[str, str]:
     return {"<ocr>": doc_data.ocr_text(page), "<md>": page.markdown}
 
 
+def char_labels(pages: list[doc_data.Page], query_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training-only character labels (multi-hot over doc_data.ALPHABET): per patch [pages, MAX_PATCHES, A] and
+    per latent-query cell of a QUERY_ROWS x query_cols grid [pages, QUERY_ROWS * query_cols, A]."""
+    patches = torch.zeros(len(pages), doc_data.MAX_PATCHES, len(doc_data.ALPHABET))
+    cells = torch.zeros(len(pages), QUERY_ROWS * query_cols, len(doc_data.ALPHABET))
+    for row, page in enumerate(pages):
+        for out, labels in ((patches, doc_data.patch_labels(page)),
+                            (cells, doc_data.cell_labels(page, QUERY_ROWS, query_cols))):
+            for index, chars in enumerate(labels):
+                for c in chars:
+                    out[row, index, c] = 1.0
+    return patches, cells
+
+
 def build_batch(processor, tokenizer, pages: list[doc_data.Page], query_cols: int) -> dict[str, torch.Tensor]:
     enc = encode_pages(processor, pages)
     ids, iemasks, labels = [], [], []
@@ -163,15 +177,7 @@ def build_batch(processor, tokenizer, pages: list[doc_data.Page], query_cols: in
             labels.append([-100] * (len(p) - 1) + target + [-100])
     width = max(len(x) for x in ids)
     pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
-    aux = torch.zeros(len(pages), doc_data.MAX_PATCHES, len(doc_data.ALPHABET))
-    cells = torch.zeros(len(pages), QUERY_ROWS * query_cols, len(doc_data.ALPHABET))
-    for row, page in enumerate(pages):
-        for index, chars in enumerate(doc_data.patch_labels(page)):
-            for c in chars:
-                aux[row, index, c] = 1.0
-        for index, chars in enumerate(doc_data.cell_labels(page, QUERY_ROWS, query_cols)):
-            for c in chars:
-                cells[row, index, c] = 1.0
+    aux, cells = char_labels(pages, query_cols)
     return {
         "aux": aux,
         "cells": cells,
@@ -265,15 +271,7 @@ def pretrain_vision(model, heads, processor, rng: random.Random, query_cols: int
             group["lr"] = lr
         pages = [doc_data.make_page(rng) for _ in range(args.vision_batch)]
         enc = encode_pages(processor, pages)
-        labels = torch.zeros(len(pages), doc_data.MAX_PATCHES, len(doc_data.ALPHABET))
-        cells = torch.zeros(len(pages), QUERY_ROWS * query_cols, len(doc_data.ALPHABET))
-        for row, page in enumerate(pages):
-            for index, chars in enumerate(doc_data.patch_labels(page)):
-                for c in chars:
-                    labels[row, index, c] = 1.0
-            for index, chars in enumerate(doc_data.cell_labels(page, QUERY_ROWS, query_cols)):
-                for c in chars:
-                    cells[row, index, c] = 1.0
+        labels, cells = char_labels(pages, query_cols)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             embeds, vision = image_embeds(model, enc)
             logits = heads[0](vision).float()
