@@ -13,8 +13,9 @@ way `kosmos eval` scores the API's answers (services/kosmos/src/eval.rs):
   * markdown structure: the page's block kinds in order (`h1`, `h2`, `p`, `li`, `table RxC`) read from the
     generated markdown equal the truth's;
   * markdown character error rate (the same distance on the markdown text), for information.
-The OCR text is read back as the model card's post-processing reads it: each `<bbox><x_><y_><x_><y_></bbox>` box
-and the text up to the next box, coordinates in pixels of the page as the processor resized it.
+The OCR text is read back as the gateway's post-processing reads it (parse_ocr below: the model card's split of
+each `<bbox><x_><y_><x_><y_></bbox>` box and the text up to the next box), coordinates in pixels of the page as the
+processor resized it.
 
 --dump DIR writes the set: `images/NNN.png` (as rendered), `set.jsonl` (one item per page and task, with the truth
 and PyTorch's greedy ids and text), README.md.
@@ -56,18 +57,36 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def parse_ocr(text: str, resized: tuple[int, int]) -> list[tuple[str, list[float] | None]]:
-    """(line text, box normalised to the page or None) for each box of an `<ocr>` answer."""
-    out = []
+    """(line text, box normalised to the page or None) for each line of an `<ocr>` answer, as the gateway returns
+    them (`parse_ocr` in shared/processor/src/ocr.rs): each box's line is the text after it up to the next box (the
+    model card's split) less one trailing newline; text before the first box is a line without a box (when not
+    blank); an empty box (x0 >= x1 or y0 >= y1) gives no box; the last line ends before a `<bbox>` that the
+    generation left unfinished."""
+    def line(body: str, box):
+        return (body[:-1] if body.endswith("\n") else body, box)
+
+    def unfinished(body: str) -> str:
+        return body[: body.rfind("<bbox>")] if "<bbox>" in body else body
+
     matches = list(BOX.finditer(text))
+    if not matches:
+        body = unfinished(text)
+        return [line(body, None)] if body.strip() else []
+    out = []
+    head = text[: matches[0].start()]
+    if head.strip():
+        out.append(line(head, None))
     for k, m in enumerate(matches):
-        end = matches[k + 1].start() if k + 1 < len(matches) else len(text)
-        line = text[m.end():end].rstrip("\n")
+        last = k + 1 == len(matches)
+        body = text[m.end(): len(text) if last else matches[k + 1].start()]
+        if last:
+            body = unfinished(body)
         x0, y0, x1, y1 = (int(v) for v in m.groups())
         box = None
         if x0 < x1 and y0 < y1:
             box = [min(x0 / resized[0], 1.0), min(y0 / resized[1], 1.0), min(x1 / resized[0], 1.0),
                    min(y1 / resized[1], 1.0)]
-        out.append((line, box))
+        out.append(line(body, box))
     return out
 
 
