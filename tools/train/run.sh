@@ -7,6 +7,7 @@
 #                                        e.g. --dump models/demo/heldout to rewrite the held-out set for Rust
 #   tools/train/run.sh train-doc [ARGS...]  train and write models/demo-doc/, the tiny Kosmos-2.5 (train_doc.py)
 #   tools/train/run.sh eval-doc [ARGS...]   its held-out metrics with PyTorch (eval_doc_torch.py; --dump DIR)
+#   tools/train/run.sh probe-doc MODEL_DIR  does it read? accuracy per token kind, own vs another page's image
 #
 # All run under `nice -n 10` (the build machines are shared) unless NICE=0.
 set -euo pipefail
@@ -37,6 +38,9 @@ train-doc)
     ;;
 eval-doc)
     exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/eval_doc_torch.py" "$@"
+    ;;
+probe-doc)
+    exec nice -n "$NICE" "$ROOT/tools/reference/run.sh" python "$HERE/probe_doc.py" "$@"
     ;;
 *)
     usage
