@@ -24,7 +24,10 @@ shipped). What the runs show (5.76 M parameters, 2 cores):
     probe-doc: words 0.27 (0.04 with another page's image), digits 0.16, coordinates 0.25. Held out
     (`run.sh eval-doc --pages 16`): OCR character error rate 50%, line boxes IoU >= 0.5 63%, markdown structure
     69% of pages (targets: 5%, 80%, 80%). Whether the position objective or the long low-rate tail did it is not
-    separated (run 12, without it, was stopped at step 700).
+    separated (run 12, without it, was stopped at step 700);
+  * run 14 continued run 13 (`--init`, --steps 1050 --lr 3e-4 --warmup 50 --aux-weight 0.5 --position-weight 0.3,
+    stopped by --max-minutes 28 after 963 steps): probe text accuracy 0.788; probe-doc: words 0.61, digits 0.19,
+    coordinates 0.25; held out (16 pages): character error rate 35%, line boxes 76%, markdown structure 75%.
 More end-to-end steps are what these numbers ask for (the gain came at the end of the schedule, ~1.6 s/step); a
 session's CPU time has not been enough, and easier pages (larger glyphs, fewer lines) are the other lever.
 
