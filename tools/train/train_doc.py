@@ -183,6 +183,13 @@ def char_labels(pages: list[doc_data.Page], query_cols: int) -> tuple[torch.Tens
     return patches, cells
 
 
+def gaussian_targets(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Soft targets over the MAX_COORD values of one coordinate axis: a normalised Gaussian around each value."""
+    grid = torch.arange(doc_data.MAX_COORD, dtype=torch.float32)
+    w = torch.exp(-0.5 * ((grid - values[..., None].float()) / sigma) ** 2)
+    return w / w.sum(-1, keepdim=True)
+
+
 def cell_centres(pages: list[doc_data.Page], query_cols: int) -> torch.Tensor:
     """The centre of each latent query's cell (the QUERY_ROWS x query_cols grid of char_labels) in pixels of the page
     as the processor resized it, the frame of the <x_N> / <y_N> tokens: [pages, cells, 2] as (x, y)."""
@@ -214,12 +221,10 @@ class PositionHead(torch.nn.Module):
         centres [B, Q, 2]. Returns the loss and the mean |argmax - centre| in pixels on y."""
         e = F.normalize(embeds.float(), dim=-1)
         c = F.normalize(coords.detach().float(), dim=-1).view(2, doc_data.MAX_COORD, -1)
-        grid = torch.arange(doc_data.MAX_COORD, dtype=torch.float32)
         loss = embeds.new_zeros((), dtype=torch.float32)
         for axis, sigma in ((0, 2 * self.sigma), (1, self.sigma)):
             logp = F.log_softmax(self.scale * e @ c[axis].T, dim=-1)  # [B, Q, MAX_COORD]
-            w = torch.exp(-0.5 * ((grid - centres[..., axis, None]) / sigma) ** 2)
-            w = w / w.sum(-1, keepdim=True)
+            w = gaussian_targets(centres[..., axis], sigma)
             loss = loss + -(w * logp).sum(-1).mean()
         error = (logp.argmax(-1).float() - centres[..., 1]).abs().mean().item()
         return loss, error
@@ -294,9 +299,7 @@ def forward_loss(model, batch, x0: int, sigma: float, bf16: bool, aux_heads=None
     if sigma > 0 and coord.any():
         t = target[coord] - x0
         axis, value = t // doc_data.MAX_COORD, t % doc_data.MAX_COORD
-        grid = torch.arange(doc_data.MAX_COORD, dtype=torch.float32)
-        w = torch.exp(-0.5 * ((grid[None, :] - value[:, None].float()) / sigma) ** 2)
-        w = w / w.sum(dim=1, keepdim=True)
+        w = gaussian_targets(value, sigma)
         lp = logp[coord].view(-1, 1, logp.shape[1])[:, 0, x0 : x0 + 2 * doc_data.MAX_COORD]
         lp = lp.view(-1, 2, doc_data.MAX_COORD)[torch.arange(len(t)), axis]
         loss = loss.clone()
