@@ -385,7 +385,10 @@ fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n built from the bits of `n + 127 + 2^23` (exact: an integer below 2^24, so its low mantissa bits are
+    // `n + 127`), not by `n as i32 + 127`: a float-to-int cast saturates and the add is overflow-checked in dev
+    // builds, and either keeps the loop scalar.
+    y * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 /// `erf(x)` in f32 by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), the formula PyTorch's vectorised
@@ -681,6 +684,16 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn exp_f32_is_within_float_rounding_of_exp() {
+        for i in 0..=175_000 {
+            let x = -87.0 + i as f32 * 1e-3;
+            let expected = (x as f64).exp();
+            let error = ((exp_f32(x) as f64 - expected) / expected).abs();
+            assert!(error < 3e-7, "exp({x}): relative error {error}");
+        }
     }
 
     #[test]
