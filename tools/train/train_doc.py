@@ -43,7 +43,8 @@ values start close), and the connector's `dense` starts at unit scale (see conne
 HF's initialisation and the stock architecture and checkpoint layout.
 
 Tokenizer: a byte-level BPE trained on generated page texts (`--bpe-vocab` pieces, the dictionary's words become
-single pieces, numbers split into digits), then Kosmos-2.5's tokens: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3
+single pieces; numbers one digit per piece, `--number-pieces digits`, the default since run 17: before, BPE merged
+digits into hundreds of two- and three-digit pieces), then Kosmos-2.5's tokens: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3
 `<image>` `</image>` (special), `<ocr>` `<md>` `<bbox>` `</bbox>` and `<x_0>`..`<x_511>`, `<y_0>`..`<y_511>` (added,
 kept in decoded text as the real tokenizer keeps them).
 """
@@ -78,12 +79,27 @@ TASKS = ("<ocr>", "<md>")
 QUERY_ROWS = 16  # the latent queries' grid over the page in the auxiliary loss: 16 rows x (queries / 16) columns
 
 
-def build_tokenizer(seed: int, bpe_vocab: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+# GPT-2's pre-tokenizer pattern (what ByteLevel(use_regex=True) splits by) with one digit per piece (` ?\p{N}` for
+# ` ?\p{N}+`), so BPE cannot merge digits: a number is read glyph by glyph from 10 (+10 space-led) pieces that every
+# page trains, not from hundreds of two- and three-digit pieces each seen a few times.
+DIGIT_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+NUMBER_PIECES = ("digits", "bpe")
+
+
+def build_tokenizer(seed: int, bpe_vocab: int, number_pieces: str = "digits"):
+    """The tokenizer (deterministic in its arguments). `number_pieces`: "digits" (one digit per piece) or "bpe" (the
+    byte-level BPE merges digits as it likes: the tokenizer of runs 5-16)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if number_pieces == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(DIGIT_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=bpe_vocab,
@@ -396,6 +412,32 @@ def connector_init(model, gen: torch.Generator) -> None:
         model.image_to_text_projection.dense.weight.normal_(0.0, 1.0, generator=gen)
 
 
+def carry_embeddings(model, init: Path, tokenizer, gen: torch.Generator) -> None:
+    """Give `model` (loaded from `init`) the vocabulary of `tokenizer`: each piece keeps the (tied) embedding it has
+    under `init`'s tokenizer; a piece `init` lacks starts at the mean embedding plus noise of the embeddings' spread.
+    Nothing changes when the vocabularies are equal."""
+    from tokenizers import Tokenizer
+
+    old_vocab = Tokenizer.from_file(str(init / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    new_vocab = tokenizer.get_vocab()
+    if old_vocab == new_vocab:
+        return
+    old = model.get_input_embeddings().weight.detach().clone()
+    text = old[: min(old_vocab[t] for t in TAGS)]  # the BPE pieces and specials, not the coordinate codes
+    rows = text.mean(0) + torch.randn(len(new_vocab), old.shape[1], generator=gen) * text.std(0)
+    kept = 0
+    for piece, index in new_vocab.items():
+        if piece in old_vocab:
+            rows[index] = old[old_vocab[piece]]
+            kept += 1
+    model.resize_token_embeddings(len(new_vocab))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(rows)
+    model.config.text_config.vocab_size = len(new_vocab)
+    model.tie_weights()
+    print(f"--init's vocabulary {len(old_vocab)} -> {len(new_vocab)}: {kept} embeddings kept", flush=True)
+
+
 def coord_init(model, tokenizer, gen: torch.Generator) -> None:
     """Smooth codes for <x_N>, <y_N>: sinusoids of N (wavelengths 6..1024 px) plus one random vector per axis."""
     emb = model.get_input_embeddings().weight
@@ -457,7 +499,10 @@ def main() -> None:
                              "(0: off; see PositionHead)")
     parser.add_argument("--position-sigma", type=float, default=8.0,
                         help="the position loss's soft-target width on y, in pixels (x: twice)")
-    parser.add_argument("--init", type=Path, help="continue training this model directory (written by this script)")
+    parser.add_argument("--number-pieces", choices=NUMBER_PIECES, default="digits",
+                        help="how the tokenizer cuts numbers: one digit per piece, or as BPE merges them")
+    parser.add_argument("--init", type=Path, help="continue training this model directory (written by this script; "
+                        "one with another tokenizer keeps the embeddings of the pieces both tokenizers have)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--max-minutes", type=float, default=0.0,
@@ -473,15 +518,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    tokenizer = build_tokenizer(args.seed, args.bpe_vocab)
+    tokenizer = build_tokenizer(args.seed, args.bpe_vocab, args.number_pieces)
     vocab_size = len(tokenizer)
     processor = processor_for(tokenizer, args.queries)
     config = model_config(vocab_size, args)
     config._attn_implementation = "sdpa"
     if args.init:
-        # Continue from a model this script wrote (same tokenizer; a fresh optimiser and schedule).
+        # Continue from a model this script wrote (a fresh optimiser and schedule).
         model = Kosmos2_5ForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
-        assert model.config.text_config.vocab_size == vocab_size, "--init was written with another tokenizer"
+        carry_embeddings(model, args.init, tokenizer, gen)
     else:
         model = Kosmos2_5ForConditionalGeneration(config)
         coord_init(model, tokenizer, gen)
