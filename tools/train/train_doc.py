@@ -297,7 +297,7 @@ def forward_loss(model, batch, x0: int, sigma: float, bf16: bool, aux_heads=None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embeds, vision = image_embeds(model, batch)
         aux_logits = [aux_heads[0](vision), aux_heads[1](embeds)] if aux_heads is not None else None
-        if position is not None and position_weight > 0:
+        if position is not None:
             position_loss, _ = position(embeds, coordinate_embeddings(model, x0), batch["centres"])
         else:
             position_loss = None
@@ -379,7 +379,7 @@ def pretrain_vision(model, heads, position: PositionHead | None, processor, rng:
         cell_loss = F.binary_cross_entropy_with_logits(cell_logits, cells, reduction="none").sum(-1).mean()
         loss = patch_loss + cell_loss
         position_loss, y_error = torch.zeros(()), 0.0
-        if position is not None and args.position_weight > 0:
+        if position is not None:
             position_loss, y_error = position(embeds, coordinate_embeddings(model, x0), cell_centres(pages, query_cols))
             loss = loss + args.position_weight * position_loss
         opt.zero_grad(set_to_none=True)
@@ -410,6 +410,17 @@ def connector_init(model, gen: torch.Generator) -> None:
     same footing, as in the Kosmos-2 demo's training (train.py)."""
     with torch.no_grad():
         model.image_to_text_projection.dense.weight.normal_(0.0, 1.0, generator=gen)
+
+
+def char_heads(args) -> torch.nn.ModuleList:
+    """The training-only character heads of the auxiliary loss (not saved): the vision tower's patch states and the
+    image embeddings -> each character of doc_data.ALPHABET present or not."""
+    heads = torch.nn.ModuleList([torch.nn.Linear(args.vision_width, len(doc_data.ALPHABET)),
+                                 torch.nn.Linear(args.text_width, len(doc_data.ALPHABET))])
+    with torch.no_grad():  # start at a ~2% prior per character, not 50%
+        for head in heads:
+            head.bias.fill_(-4.0)
+    return heads
 
 
 def carry_embeddings(model, init: Path, tokenizer, gen: torch.Generator) -> None:
@@ -535,24 +546,12 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"vocab {vocab_size}, {params / 1e6:.2f} M parameters", flush=True)
 
-    aux_heads = None
-    if args.aux_weight > 0:
-        aux_heads = torch.nn.ModuleList([torch.nn.Linear(args.vision_width, len(doc_data.ALPHABET)),
-                                         torch.nn.Linear(args.text_width, len(doc_data.ALPHABET))])
-        with torch.no_grad():  # start at a ~2% prior per character, not 50%
-            for head in aux_heads:
-                head.bias.fill_(-4.0)
+    aux_heads = char_heads(args) if args.aux_weight > 0 else None
     position = PositionHead(args.position_sigma) if args.position_weight > 0 else None
     assert args.queries % QUERY_ROWS == 0, f"--queries must be a multiple of {QUERY_ROWS}"
     query_cols = args.queries // QUERY_ROWS
     if args.vision_steps > 0:
-        heads = aux_heads
-        if heads is None:
-            heads = torch.nn.ModuleList([torch.nn.Linear(args.vision_width, len(doc_data.ALPHABET)),
-                                         torch.nn.Linear(args.text_width, len(doc_data.ALPHABET))])
-            with torch.no_grad():
-                for head in heads:
-                    head.bias.fill_(-4.0)
+        heads = aux_heads if aux_heads is not None else char_heads(args)
         model.train()
         pretrain_vision(model, heads, position, processor, random.Random(args.seed + 1), query_cols, x0, args)
     visual = [p for n, p in model.named_parameters() if n.startswith(("vision_model.", "image_to_text_projection."))]
