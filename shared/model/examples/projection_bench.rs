@@ -1,7 +1,8 @@
 //! Micro-benchmark of one weight product, as the model runs it, at the row counts decoding and prefill see:
-//! candle's `Linear` (weight `(out, in)`, multiplied by its transposed view), the same weight stored transposed
-//! `(in, out)` through `matmul` + `broadcast_add`, and [`kosmos_model::Projection`] (transposed weight, bias
-//! accumulated by one `gemm` call). Also the LM head without bias: `hidden · E^T` on a view vs a transposed copy.
+//! candle's `Linear` (weight `(out, in)`, multiplied by its transposed view), [`kosmos_model::Projection`] with its
+//! weight stored `(in, out)` and multiplied by one accumulating `gemm` call (`Projection::unpacked`, the layout of
+//! other devices and of f16), and `Projection` as the model loads it on the CPU in f32 (weight packed into column
+//! panels, `panels.rs`'s kernel). Also the LM head without bias: `hidden · E^T` on a view vs a transposed copy.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release -p kosmos-model --example projection_bench
@@ -64,8 +65,15 @@ fn main() -> anyhow::Result<()> {
     let device = Device::Cpu;
     println!("threads {}", candle_core::utils::get_num_threads());
     println!(
-        "{:<11}{:>6}{:>12}{:>14}{:>13}{:>12}{:>12}",
-        "in x out", "rows", "Linear us", "(in,out) us", "Projection", "matmul/Lin", "Proj/Lin"
+        "{:<11}{:>6}{:>12}{:>11}{:>13}{:>10}{:>12}{:>13}",
+        "in x out",
+        "rows",
+        "Linear us",
+        "gemm us",
+        "panels us",
+        "gemm/Lin",
+        "panels/Lin",
+        "panels/gemm"
     );
     for shape in &args.shapes {
         let (in_dim, out_dim) = shape
@@ -75,27 +83,28 @@ fn main() -> anyhow::Result<()> {
         let weight = (Tensor::randn(0f32, 1f32, (out_dim, in_dim), &device)? * 0.02)?;
         let bias = Tensor::randn(0f32, 0.02f32, out_dim, &device)?;
         let linear = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
-        let weight_t = weight.t()?.contiguous()?;
         let projection = Projection::from_out_in(&weight, bias.clone())?;
+        let unpacked = projection.unpacked()?;
         for &rows in &args.rows {
             let xs = Tensor::randn(0f32, 1f32, (rows, in_dim), &device)?;
             let times = interleaved(
                 args.rounds,
                 &mut [
                     &mut || Ok(linear.forward(&xs)?),
-                    &mut || Ok(xs.matmul(&weight_t)?.broadcast_add(&bias)?),
+                    &mut || Ok(unpacked.forward(&xs)?),
                     &mut || Ok(projection.forward(&xs)?),
                 ],
             )?;
             println!(
-                "{:<11}{:>6}{:>12.1}{:>14.1}{:>13.1}{:>12.2}{:>12.2}",
+                "{:<11}{:>6}{:>12.1}{:>11.1}{:>13.1}{:>10.2}{:>12.2}{:>13.2}",
                 shape,
                 rows,
                 times[0],
                 times[1],
                 times[2],
                 times[1] / times[0],
-                times[2] / times[0]
+                times[2] / times[0],
+                times[2] / times[1]
             );
         }
     }

@@ -21,6 +21,7 @@ mod model;
 mod nn;
 mod page;
 pub mod paged;
+mod panels;
 mod positions;
 mod text;
 mod vision;

@@ -5,6 +5,7 @@ use candle_core::{D, DType, Module, Tensor};
 use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::kernels;
+use crate::panels;
 use crate::weights::Weights;
 
 impl Activation {
@@ -101,49 +102,87 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     Ok(xs.broadcast_div(&norm)?.to_dtype(dtype)?)
 }
 
-/// A linear layer `x · W + b` whose weight is stored transposed and contiguous, `(in, out)`: the layout the
-/// matrix product streams. candle's `Linear` keeps the checkpoint's `(out, in)` and multiplies by a transposed
-/// view, which `gemm` repacks on every multi-row call; storing `(in, out)` once at load time removes that (see
-/// the README's model-crate section for the measurements). On the CPU (f32, f16) the bias is written into the
-/// destination before the product, so there is no separate broadcast add.
+/// A linear layer `x · W + b` whose weight is stored, once at load time, in the layout its matrix product streams.
+///
+/// candle's `Linear` keeps the checkpoint's `(out, in)` and multiplies by a transposed view, which `gemm` repacks
+/// on every multi-row call. On the CPU in f32 the weight is packed into column panels and multiplied by
+/// `panels.rs`'s kernel (each weight read once per call whatever the row count; a row's output bit-identical alone
+/// or in any batch); elsewhere it is stored transposed, `(in, out)`, and on the CPU (f16) the bias is written into the
+/// destination before one accumulating `gemm` (see the README's model-crate section and `docs/benchmarks.md` for
+/// the measurements).
 #[derive(Debug, Clone)]
 pub struct Projection {
-    /// `(in, out)`, contiguous.
-    weight_t: Tensor,
+    weight: Weight,
     /// `(out)`.
     bias: Tensor,
 }
 
+/// A [`Projection`]'s weight in one of its two layouts.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `(in, out)`, contiguous.
+    InOut(Tensor),
+    /// CPU, f32: `(panels, in, PANEL)` from [`panels::pack`], for `out` outputs.
+    Panels { packed: Tensor, out_dim: usize },
+}
+
 impl Projection {
-    /// A projection from a weight in the checkpoint's `(out, in)` layout and a bias `(out)`; the weight is
-    /// transposed into a contiguous copy.
+    /// A projection from a weight in the checkpoint's `(out, in)` layout and a bias `(out)`.
     pub fn from_out_in(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        let (out_dim, _) = weight.dims2()?;
+        Self::from_in_out(weight.t()?.contiguous()?, bias)
+    }
+
+    /// A projection from a weight `(in, out)` and a bias `(out)`, packed into panels on the CPU in f32.
+    fn from_in_out(weight_t: Tensor, bias: Tensor) -> Result<Self> {
+        let (_, out_dim) = weight_t.dims2()?;
         if bias.dims1()? != out_dim {
             return Err(ModelError::InvalidInput(format!(
                 "projection bias has shape {:?}, expected [{out_dim}]",
                 bias.dims()
             )));
         }
+        let weight = if weight_t.device().is_cpu() && weight_t.dtype() == DType::F32 {
+            Weight::Panels {
+                packed: panels::pack(&weight_t)?,
+                out_dim,
+            }
+        } else {
+            Weight::InOut(weight_t.contiguous()?)
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The same projection with its weight stored `(in, out)` and multiplied by `gemm` (the layout of other devices
+    /// and dtypes): for benchmarks and tests that compare the two.
+    pub fn unpacked(&self) -> Result<Self> {
         Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
+            weight: Weight::InOut(self.weight_t()?),
+            bias: self.bias.clone(),
         })
     }
 
     /// Input width.
     pub fn in_dim(&self) -> usize {
-        self.weight_t.dims()[0]
+        match &self.weight {
+            Weight::InOut(weight_t) => weight_t.dims()[0],
+            Weight::Panels { packed, .. } => packed.dims()[1],
+        }
     }
 
     /// Output width.
     pub fn out_dim(&self) -> usize {
-        self.weight_t.dims()[1]
+        match &self.weight {
+            Weight::InOut(weight_t) => weight_t.dims()[1],
+            Weight::Panels { out_dim, .. } => *out_dim,
+        }
     }
 
-    /// The weight, `(in, out)` contiguous.
-    pub fn weight_t(&self) -> &Tensor {
-        &self.weight_t
+    /// The weight, `(in, out)` contiguous (a copy when it is stored in panels).
+    pub fn weight_t(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::InOut(weight_t) => Ok(weight_t.clone()),
+            Weight::Panels { packed, out_dim } => panels::unpack(packed, *out_dim),
+        }
     }
 
     /// The bias, `(out)`.
@@ -153,20 +192,28 @@ impl Projection {
 
     /// The same projection with its output multiplied by `factor` (weight and bias scaled).
     pub fn scaled(&self, factor: f64) -> Result<Self> {
+        let weight = match &self.weight {
+            Weight::InOut(weight_t) => Weight::InOut((weight_t * factor)?),
+            Weight::Panels { packed, out_dim } => Weight::Panels {
+                // The padding stays zero.
+                packed: (packed * factor)?,
+                out_dim: *out_dim,
+            },
+        };
         Ok(Self {
-            weight_t: (&self.weight_t * factor)?,
+            weight,
             bias: (&self.bias * factor)?,
         })
     }
 
     /// One projection whose output is the outputs of `parts` side by side (all of the same input width).
     pub fn concat(parts: &[&Projection]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|part| &part.weight_t).collect();
+        let weights = parts
+            .iter()
+            .map(|part| part.weight_t())
+            .collect::<Result<Vec<_>>>()?;
         let biases: Vec<&Tensor> = parts.iter().map(|part| &part.bias).collect();
-        Ok(Self {
-            weight_t: Tensor::cat(&weights, 1)?,
-            bias: Tensor::cat(&biases, 0)?,
-        })
+        Self::from_in_out(Tensor::cat(&weights, 1)?, Tensor::cat(&biases, 0)?)
     }
 
     /// `(rows, in)` → `(rows, out)`, or `(batch, rows, in)` → `(batch, rows, out)`.
@@ -188,10 +235,17 @@ impl Projection {
 
     /// `(rows, in)` → `(rows, out)`.
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
-        if kernels::cpu_kernel_applies(xs) {
-            kernels::linear(xs, &self.weight_t, &self.bias)
-        } else {
-            Ok(xs.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+        match &self.weight {
+            Weight::Panels { packed, out_dim }
+                if xs.device().is_cpu() && xs.dtype() == DType::F32 =>
+            {
+                panels::linear(xs, packed, &self.bias, *out_dim)
+            }
+            Weight::Panels { .. } => Ok(xs.matmul(&self.weight_t()?)?.broadcast_add(&self.bias)?),
+            Weight::InOut(weight_t) if kernels::cpu_kernel_applies(xs) => {
+                kernels::linear(xs, weight_t, &self.bias)
+            }
+            Weight::InOut(weight_t) => Ok(xs.matmul(weight_t)?.broadcast_add(&self.bias)?),
         }
     }
 }
