@@ -185,6 +185,18 @@ impl Projection {
         }
     }
 
+    /// Rows `ids` of the weight in the checkpoint's `(out, in)` layout, `(ids, in)`: a tied LM head's token
+    /// embeddings. An id at or past the output width is an error.
+    pub fn gather_weight_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Panels { packed, out_dim } => panels::gather_columns(packed, *out_dim, ids),
+            Weight::InOut(weight_t) => {
+                let ids = Tensor::from_slice(ids, ids.len(), weight_t.device())?;
+                Ok(weight_t.index_select(&ids, 1)?.t()?.contiguous()?)
+            }
+        }
+    }
+
     /// The bias, `(out)`.
     pub fn bias(&self) -> &Tensor {
         &self.bias

@@ -84,6 +84,63 @@ pub(crate) fn linear(
     )?)
 }
 
+/// Rows `ids` of the weight in the checkpoint's `(out, in)` layout, i.e. columns of `W`, read from its panels:
+/// `(ids.len(), in)`. A tied LM head stores the vocabulary once, packed, and the token embeddings are gathered from
+/// it (CPU, f32). An id at or past `out_dim` is an error naming it.
+pub(crate) fn gather_columns(packed: &Tensor, out_dim: usize, ids: &[u32]) -> Result<Tensor> {
+    Ok(packed.apply_op1_no_bwd(&GatherColumns {
+        ids: ids.to_vec(),
+        out_dim,
+    })?)
+}
+
+#[derive(Debug)]
+struct GatherColumns {
+    ids: Vec<u32>,
+    out_dim: usize,
+}
+
+impl candle_core::CustomOp1 for GatherColumns {
+    fn name(&self) -> &'static str {
+        "kosmos-gather-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        packed: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(packed) = packed else {
+            candle_core::bail!("kosmos-gather-columns: f32 only, got {:?}", packed.dtype());
+        };
+        let (panels, in_dim, panel) = layout.shape().dims3()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("kosmos-gather-columns: the packed weight must be contiguous");
+        };
+        if panel != PANEL || panels != self.out_dim.div_ceil(PANEL) {
+            candle_core::bail!(
+                "kosmos-gather-columns: packed weight {:?} for {} outputs",
+                layout.shape().dims(),
+                self.out_dim
+            );
+        }
+        let packed = &packed[start..end];
+        let mut dst = Vec::with_capacity(self.ids.len() * in_dim);
+        for &id in &self.ids {
+            let id = id as usize;
+            if id >= self.out_dim {
+                candle_core::bail!(
+                    "kosmos-gather-columns: id {id} is not below {}",
+                    self.out_dim
+                );
+            }
+            let column = &packed[(id / PANEL) * in_dim * PANEL + id % PANEL..];
+            dst.extend((0..in_dim).map(|k| column[k * PANEL]));
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((self.ids.len(), in_dim))))
+    }
+}
+
 #[derive(Debug)]
 struct PanelLinearOp {
     out_dim: usize,
@@ -462,6 +519,27 @@ mod tests {
         assert!(padding.iter().all(|&v| v == 0.0));
         let back: Vec<Vec<f32>> = unpack(&packed, 70)?.to_vec2()?;
         assert_eq!(back, w);
+        Ok(())
+    }
+
+    #[test]
+    fn gathered_columns_are_the_weight_rows_and_a_bad_id_is_an_error() -> Result<()> {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1f32, (70, 9), &device)?;
+        let packed = pack(&weight.t()?.contiguous()?)?;
+        let ids = [69u32, 0, 64, 63, 5, 5];
+        let got: Vec<Vec<f32>> = gather_columns(&packed, 70, &ids)?.to_vec2()?;
+        let rows: Vec<Vec<f32>> = weight.to_vec2()?;
+        for (got, &id) in got.iter().zip(&ids) {
+            assert_eq!(got, &rows[id as usize]);
+        }
+        let Err(error) = gather_columns(&packed, 70, &[70]) else {
+            return Err(crate::error::ModelError::InvalidInput(
+                "id 70 of 70 was gathered".into(),
+            ));
+        };
+        let error = error.to_string();
+        assert!(error.contains("id 70 is not below 70"), "{error}");
         Ok(())
     }
 

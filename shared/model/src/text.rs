@@ -197,12 +197,80 @@ struct StepInputs<'c> {
     xpos: Option<(crate::positions::XPosTables, crate::positions::XPosTables)>,
 }
 
+/// The token embeddings and the LM head.
+#[derive(Debug)]
+enum Vocabulary {
+    /// `(vocab, embed_dim)` matrices (the same tensor when tied); the head multiplies by its transposed view.
+    Matrices {
+        embed_tokens: Tensor,
+        lm_head: Tensor,
+    },
+    /// CPU, f32: the head as a packed [`Projection`] with a zero bias (the 16-row product costs about what one
+    /// row does, where `gemm` repacks the vocabulary matrix every call); tied embeddings (`embed_tokens: None`) are
+    /// gathered from the head's panels, so the vocabulary is stored once, as before.
+    Packed {
+        head: Projection,
+        embed_tokens: Option<Tensor>,
+    },
+}
+
+impl Vocabulary {
+    /// From the embeddings and, when not tied, a separate head (both `(vocab, embed_dim)`).
+    fn new(embed_tokens: Tensor, lm_head: Option<Tensor>) -> Result<Self> {
+        if !(embed_tokens.device().is_cpu() && embed_tokens.dtype() == DType::F32) {
+            let lm_head = lm_head.unwrap_or_else(|| embed_tokens.clone());
+            return Ok(Self::Matrices {
+                embed_tokens,
+                lm_head,
+            });
+        }
+        let (vocab, _) = embed_tokens.dims2()?;
+        let zero = Tensor::zeros(vocab, DType::F32, embed_tokens.device())?;
+        Ok(match lm_head {
+            Some(lm_head) => Self::Packed {
+                head: Projection::from_out_in(&lm_head, zero)?,
+                embed_tokens: Some(embed_tokens),
+            },
+            None => Self::Packed {
+                head: Projection::from_out_in(&embed_tokens, zero)?,
+                embed_tokens: None,
+            },
+        })
+    }
+
+    /// The embeddings of `ids`, `(ids, embed_dim)`.
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let table = match self {
+            Self::Matrices { embed_tokens, .. }
+            | Self::Packed {
+                embed_tokens: Some(embed_tokens),
+                ..
+            } => embed_tokens,
+            Self::Packed {
+                head,
+                embed_tokens: None,
+            } => return head.gather_weight_rows(ids),
+        };
+        let ids = Tensor::from_slice(ids, ids.len(), table.device())?;
+        Ok(table.index_select(&ids, 0)?)
+    }
+
+    /// Logits `(rows, vocab)` in f32.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Matrices { lm_head, .. } => {
+                Ok(hidden.matmul(&lm_head.t()?)?.to_dtype(DType::F32)?)
+            }
+            Self::Packed { head, .. } => head.forward(hidden),
+        }
+    }
+}
+
 /// The text half of a KOSMOS model: token embeddings, decoder layers, final LayerNorm and tied LM head
 /// (weights under `text_model`).
 #[derive(Debug)]
 pub struct TextModel {
-    embed_tokens: Tensor,
-    lm_head: Tensor,
+    vocabulary: Vocabulary,
     layers: Vec<DecoderLayer>,
     layer_norm: LayerNorm,
     sinusoidal: Option<SinusoidalPositions>,
@@ -238,11 +306,10 @@ impl TextModel {
             } else {
                 weights.get(&shape, "lm_head.weight")?
             };
-        let lm_head = if !tie_word_embeddings && weights.contains("lm_head.weight") {
-            weights.get(&shape, "lm_head.weight")?
-        } else {
-            embed_tokens.clone()
-        };
+        let lm_head = (!tie_word_embeddings && weights.contains("lm_head.weight"))
+            .then(|| weights.get(&shape, "lm_head.weight"))
+            .transpose()?;
+        let vocabulary = Vocabulary::new(embed_tokens, lm_head)?;
         let layers = (0..cfg.layers)
             .map(|index| DecoderLayer::new(cfg, family, &model.pp(format!("layers.{index}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -267,8 +334,7 @@ impl TextModel {
             )),
         };
         Ok(Self {
-            embed_tokens,
-            lm_head,
+            vocabulary,
             layers,
             segments,
             layer_norm: model.layer_norm(cfg.embed_dim, cfg.layer_norm_eps, "layer_norm")?,
@@ -290,12 +356,12 @@ impl TextModel {
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.layer_norm.weight().dtype()
     }
 
     /// The device of the weights.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        self.layer_norm.weight().device()
     }
 
     /// A paged KV cache for this model of `config`'s size, whose prefix hashes are salted with `fingerprint`.
@@ -435,8 +501,7 @@ impl TextModel {
     /// as the reference scales after the replacement). `(total tokens, embed_dim)`.
     fn embed(&self, chunks: &[SeqChunk<'_>], all_ids: &[u32]) -> Result<Tensor> {
         let device = self.device();
-        let ids = Tensor::from_slice(all_ids, all_ids.len(), device)?;
-        let tokens = self.embed_tokens.index_select(&ids, 0)?;
+        let tokens = self.vocabulary.embed(all_ids)?;
         let has_images = chunks.iter().any(|chunk| chunk.images.is_some());
         let xs = if has_images {
             // Gather rows from [token embeddings; image rows] with one index: row r of the result is token r,
@@ -494,7 +559,7 @@ impl TextModel {
 
     /// Logits `(rows, vocab)` in f32 for final hidden states `(rows, embed_dim)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        self.vocabulary.logits(hidden)
     }
 
     /// Log-softmax over the vocabulary of [`TextModel::logits`].
