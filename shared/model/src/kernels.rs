@@ -172,15 +172,15 @@ struct AttentionOp {
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements through it.
 #[derive(Debug, Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: the tasks write disjoint elements (see `AttentionOp::run`).
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: the tasks write disjoint elements (see `AttentionOp::run` and `panels::Operands`).
 unsafe impl<T> Send for SharedMut<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper rather than its field).
-    fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

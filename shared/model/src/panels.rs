@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::SharedMut;
 
 /// Output columns per panel: four 16-lane AVX-512 registers.
 pub(crate) const PANEL: usize = 64;
@@ -147,21 +148,6 @@ struct PanelLinearOp {
     kernel: Kernel,
 }
 
-/// A raw pointer that rayon tasks may share; each task writes a disjoint block of the destination through it.
-#[derive(Debug, Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: the tasks write disjoint elements (see `PanelLinearOp::run`).
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper rather than its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// What one product reads and writes, checked: `xs` rows at `x_stride` (unit column stride), the packed panels, the
 /// bias and the destination `(rows, out)`.
 struct Operands<'a> {
@@ -268,7 +254,7 @@ fn has_avx512() -> bool {
 
 impl Operands<'_> {
     /// Every (panel, row block) task in parallel, each with the AVX-512 kernel.
-    fn run_tasks(&self, dst: SharedMut) {
+    fn run_tasks(&self, dst: SharedMut<f32>) {
         let panels = self.out_dim.div_ceil(PANEL);
         let row_blocks = self.rows.div_ceil(TASK_ROWS);
         // Consecutive tasks share a panel, so a thread that takes a run of them reads it from L2.
