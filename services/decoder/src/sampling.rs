@@ -12,6 +12,8 @@
 //! `log_softmax(logits / temperature)` (temperature 1 when greedy), before the penalty, the n-gram ban and the
 //! top-k / top-p truncation. They describe what the model thinks of a token, not how it was picked.
 
+use std::borrow::Cow;
+
 use kosmos_model::banned_ngram_tokens;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -123,18 +125,31 @@ impl Sampler {
         } else {
             self.params.temperature
         };
-        let reported = LogSoftmax::new(logits, scale);
-        let mut processed = logits.to_vec();
-        apply_repetition_penalty(&mut processed, history, self.params.repetition_penalty);
-        for banned in banned_ngram_tokens(history, self.params.no_repeat_ngram_size) {
-            if let Some(value) = processed.get_mut(banned as usize) {
-                *value = f32::NEG_INFINITY;
+        let mut terms = Vec::new();
+        let reported = LogSoftmax::new(
+            logits,
+            scale,
+            (!self.params.is_greedy()).then_some(&mut terms),
+        );
+        let banned = banned_ngram_tokens(history, self.params.no_repeat_ngram_size);
+        let unchanged = self.params.repetition_penalty == 1.0 && banned.is_empty();
+        let processed = if unchanged {
+            Cow::Borrowed(logits)
+        } else {
+            let mut processed = logits.to_vec();
+            apply_repetition_penalty(&mut processed, history, self.params.repetition_penalty);
+            for &banned in &banned {
+                if let Some(value) = processed.get_mut(banned as usize) {
+                    *value = f32::NEG_INFINITY;
+                }
             }
-        }
+            Cow::Owned(processed)
+        };
         let id = if self.params.is_greedy() {
             kosmos_model::argmax(&processed).ok_or(SamplingError::NothingToChoose)?
         } else {
-            self.draw(&mut processed)?
+            // Without a penalty or a ban the draw's weights are the reported distribution's terms, the same numbers.
+            self.draw(&processed, unchanged.then_some(terms.as_slice()))?
         };
         Ok(SampledToken {
             id,
@@ -144,7 +159,9 @@ impl Sampler {
     }
 
     /// Temperature, top-k, top-p, then one uniform draw over what is left (exactly one number per call).
-    fn draw(&mut self, logits: &mut [f32]) -> Result<u32, SamplingError> {
+    /// `terms`, when given, holds `exp(logit / temperature - max)` of every id of `logits` (see [`LogSoftmax::new`]):
+    /// the weights this computes, taken instead of computed again.
+    fn draw(&mut self, logits: &[f32], terms: Option<&[f64]>) -> Result<u32, SamplingError> {
         let temperature = self.params.temperature;
         // (id, scaled logit) of every finite candidate, most likely first; ties by id keep the order total.
         let mut candidates: Vec<(u32, f32)> = logits
@@ -165,13 +182,22 @@ impl Sampler {
             candidates.select_nth_unstable_by(top_k - 1, by_descending_logit);
             let kth = candidates[top_k - 1].1;
             candidates.retain(|&(_, value)| value >= kth);
+            candidates.sort_unstable_by(by_descending_logit);
+        } else {
+            // Still in id order: the radix sort's precondition.
+            sort_by_descending_logit(&mut candidates);
         }
-        candidates.sort_unstable_by(by_descending_logit);
         let max = candidates[0].1;
-        let mut weights: Vec<f64> = candidates
-            .iter()
-            .map(|&(_, value)| f64::from(value - max).exp())
-            .collect();
+        let mut weights: Vec<f64> = match terms {
+            Some(terms) => candidates
+                .iter()
+                .map(|&(id, _)| terms[id as usize])
+                .collect(),
+            None => candidates
+                .iter()
+                .map(|&(_, value)| f64::from(value - max).exp())
+                .collect(),
+        };
         let total: f64 = weights.iter().sum();
         let top_p = f64::from(self.params.top_p);
         if top_p < 1.0 {
@@ -199,6 +225,80 @@ impl Sampler {
         // Rounding can leave `target` a hair above the last cumulative sum: the last kept token is the answer.
         Ok(candidates[weights.len() - 1].0)
     }
+}
+
+/// Candidates below this many are sorted by comparisons, at and above it by [`sort_by_descending_logit`]'s radix
+/// passes (the same order either way).
+const RADIX_SORT_FROM: usize = 512;
+
+/// Sorts `(id, value)` candidates, given in increasing id order, most likely first: values by `f32::total_cmp`
+/// descending, equal values by increasing id (the draw's order). From [`RADIX_SORT_FROM`] candidates it is a stable
+/// least-significant-digit radix sort on the values' bits (three passes of 11, 11 and 10 bits), which keeps equal
+/// values in their id order: over Kosmos-2's 65,037 tokens it replaces 16 comparisons per token.
+fn sort_by_descending_logit(candidates: &mut [(u32, f32)]) {
+    if candidates.len() < RADIX_SORT_FROM {
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        return;
+    }
+    // `total_cmp`'s key: the bits as a signed integer with the magnitude bits of negative values flipped; as
+    // unsigned with the sign flipped it orders values ascending, so its complement orders them descending.
+    let descending = |value: f32| {
+        let bits = value.to_bits();
+        !((bits ^ ((((bits as i32) >> 31) as u32) >> 1)) ^ 0x8000_0000)
+    };
+    let value_of = |key: u32| {
+        let flipped = !key ^ 0x8000_0000;
+        f32::from_bits(flipped ^ ((((flipped as i32) >> 31) as u32) >> 1))
+    };
+    let mut keys: Vec<u64> = candidates
+        .iter()
+        .map(|&(id, value)| (u64::from(descending(value)) << 32) | u64::from(id))
+        .collect();
+    let mut spare = vec![0u64; keys.len()];
+    for (shift, width) in [(32, 11), (43, 11), (54, 10)] {
+        let mask = (1usize << width) - 1;
+        let digit = |key: u64| (key >> shift) as usize & mask;
+        let mut offsets = vec![0usize; mask + 1];
+        for &key in &keys {
+            offsets[digit(key)] += 1;
+        }
+        let mut start = 0;
+        for offset in &mut offsets {
+            let count = *offset;
+            *offset = start;
+            start += count;
+        }
+        for &key in &keys {
+            let slot = &mut offsets[digit(key)];
+            spare[*slot] = key;
+            *slot += 1;
+        }
+        std::mem::swap(&mut keys, &mut spare);
+    }
+    for (candidate, key) in candidates.iter_mut().zip(keys) {
+        *candidate = (key as u32, value_of((key >> 32) as u32));
+    }
+}
+
+/// The largest finite value (negative infinity when there is none), eight lanes at a time: a maximum does not
+/// depend on the order it is taken in.
+fn finite_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in chunks.by_ref() {
+        for (lane, &value) in lanes.iter_mut().zip(chunk) {
+            if value.is_finite() && value > *lane {
+                *lane = value;
+            }
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .filter(|value| value.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// CTRL repetition penalty over the distinct ids of `history` (HF `RepetitionPenaltyLogitsProcessor`).
@@ -230,18 +330,20 @@ struct LogSoftmax {
 }
 
 impl LogSoftmax {
-    fn new(logits: &[f32], scale: f32) -> Self {
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|value| value.is_finite())
-            .fold(f32::NEG_INFINITY, f32::max)
-            / scale;
-        let total: f64 = logits
-            .iter()
-            .map(|&value| f64::from(value / scale - max).exp())
-            .filter(|term| term.is_finite())
-            .sum();
+    /// The normaliser of `logits / scale`; into `terms`, when given, each id's `exp(logit / scale - max)` (0 where
+    /// that is not finite), the terms of its sum.
+    fn new(logits: &[f32], scale: f32, terms: Option<&mut Vec<f64>>) -> Self {
+        let max = finite_max(logits) / scale;
+        let term =
+            |value: f32| Some(f64::from(value / scale - max).exp()).filter(|term| term.is_finite());
+        let total: f64 = match terms {
+            Some(terms) => {
+                terms.clear();
+                terms.extend(logits.iter().map(|&value| term(value).unwrap_or(0.0)));
+                terms.iter().sum()
+            }
+            None => logits.iter().filter_map(|&value| term(value)).sum(),
+        };
         Self {
             scale,
             max,
@@ -453,5 +555,71 @@ mod tests {
         let mut sampler = Sampler::new(params(1.0));
         let share = counts(&mut sampler, &logits, 4000)[1] as f64 / 4000.0;
         assert!((share - 0.731).abs() < 0.03, "{share}");
+    }
+
+    /// Logits with many ties, both zeros, tiny and huge magnitudes.
+    fn awkward_logits(seed: u64, vocab: usize) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..vocab)
+            .map(|_| match rng.random_range(0..8) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => f32::from(rng.random_range(-4i8..4)),
+                3 => rng.random_range(-1e-39f32..1e-39),
+                4 => rng.random_range(-1.0f32..1.0) * 3e38,
+                _ => rng.random_range(-20.0f32..20.0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_radix_sort_orders_like_the_comparison_sort() {
+        for (seed, vocab) in [(1, 3), (2, 511), (3, 512), (4, 2035), (5, 65_037)] {
+            let candidates: Vec<(u32, f32)> = awkward_logits(seed, vocab)
+                .into_iter()
+                .enumerate()
+                .map(|(id, value)| (id as u32, value))
+                .collect();
+            let mut expected = candidates.clone();
+            expected.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let mut sorted = candidates;
+            sort_by_descending_logit(&mut sorted);
+            let bits = |list: &[(u32, f32)]| -> Vec<(u32, u32)> {
+                list.iter()
+                    .map(|&(id, value)| (id, value.to_bits()))
+                    .collect()
+            };
+            assert_eq!(bits(&sorted), bits(&expected), "vocab {vocab}");
+        }
+    }
+
+    #[test]
+    fn the_draw_picks_the_same_tokens_with_the_reported_terms_as_with_its_own_weights() {
+        let logits: Vec<f32> = awkward_logits(7, 3000)
+            .into_iter()
+            .map(|value| value.clamp(-30.0, 30.0))
+            .collect();
+        for (temperature, top_k, top_p) in
+            [(0.7, 0, 1.0), (1.3, 0, 0.9), (1.0, 50, 1.0), (0.9, 40, 0.8)]
+        {
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: 11,
+                ..SamplingParams::default()
+            };
+            let mut terms = Vec::new();
+            LogSoftmax::new(&logits, temperature, Some(&mut terms));
+            let mut with_terms = Sampler::new(params.clone());
+            let mut computing = Sampler::new(params);
+            for _ in 0..300 {
+                assert_eq!(
+                    with_terms.draw(&logits, Some(&terms)),
+                    computing.draw(&logits, None),
+                    "temperature {temperature}, top-k {top_k}, top-p {top_p}"
+                );
+            }
+        }
     }
 }

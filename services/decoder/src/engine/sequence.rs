@@ -255,18 +255,22 @@ impl Sequence {
         (chunk, RowsWanted::Last)
     }
 
-    /// Picks the next token from the step's `logits` row. Returns whether the sequence has finished; its tokens
-    /// and finish wait in `delivery`.
+    /// Draws the next token from the step's `logits` row. It reads and advances only this sequence's sampler, so
+    /// the engine picks the tokens of a step's sequences in parallel, then [`Sequence::accept`]s them in order.
+    pub(crate) fn pick(&mut self, logits: &[f32]) -> Result<SampledToken, RequestError> {
+        self.sampler
+            .sample(logits, &self.history)
+            .map_err(|err| RequestError::Engine(err.to_string()))
+    }
+
+    /// Appends the token [`Sequence::pick`] drew. Returns whether the sequence has finished; its tokens and finish
+    /// wait in `delivery`.
     pub(crate) fn accept(
         &mut self,
-        logits: &[f32],
+        token: SampledToken,
         step_started: Instant,
         step_ended: Instant,
-    ) -> Result<bool, RequestError> {
-        let token: SampledToken = self
-            .sampler
-            .sample(logits, &self.history)
-            .map_err(|err| RequestError::Engine(err.to_string()))?;
+    ) -> bool {
         if self.first_token.is_none() {
             self.first_token = Some(step_ended);
             self.prefill = step_ended.saturating_duration_since(step_started);
@@ -290,9 +294,9 @@ impl Sequence {
         match reason {
             Some(reason) => {
                 self.delivery.pending.finish = Some(self.finish(reason, step_ended));
-                Ok(true)
+                true
             }
-            None => Ok(false),
+            None => false,
         }
     }
 
