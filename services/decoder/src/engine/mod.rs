@@ -23,10 +23,11 @@
 //!   an uninterrupted run gives: attention computes every row the same way in a prefill or a decode step.
 //! * **A step** packs the prefill chunks of newly admitted sequences with the one-token decode chunks of running
 //!   ones (and the context or candidate chunks of scorings) into one `TextModel::forward`: every weight product
-//!   runs once per step for the whole batch, and so does attention (one paged-attention op per layer). Then every
-//!   sequence with a logits row draws its token from its own sampler, the sequences of the step in parallel on the
-//!   model's thread pool (a draw reads only its own row, history and random stream), and the tokens are appended in
-//!   batch order.
+//!   runs once per step for the whole batch, and so does attention (one paged-attention op per layer). The forward
+//!   runs on a worker of the model's thread pool (this thread waits), so its kernels of one task run inline. Then
+//!   every sequence with a logits row draws its token from its own sampler, the sequences of the step in parallel on
+//!   the model's thread pool (a draw reads only its own row, history and random stream), and the tokens are appended
+//!   in batch order.
 //! * **Backpressure**: each stream has `stream_buffer_messages` slots; a sequence whose client stops reading keeps
 //!   its unsent tokens (coalesced into one message) and sits out the steps until the client reads again (it keeps
 //!   its blocks, but is the first to be preempted when it is the youngest). Nothing buffers without bound.

@@ -65,7 +65,11 @@ impl Scheduler {
         // block left half-written is ever used again.
         let outcome = step_span.in_scope(|| {
             catch_unwind(AssertUnwindSafe(|| {
-                step::run(model, cache, running, scoring, started)
+                // On a worker of the model's thread pool, this thread waiting: called from outside the pool, every
+                // parallel kernel of the step (dozens per layer, many of one task on a decode step's few rows)
+                // would be handed to a worker and waited for, two context switches each; on a worker a one-task
+                // kernel runs inline and the others split with the pool.
+                rayon::scope(|_| step::run(model, cache, running, scoring, started))
             }))
         });
         let ended = Instant::now();
@@ -339,4 +343,39 @@ fn guarded<T>(work: impl FnOnce() -> Result<T, RequestError>) -> Result<T, Reque
             "panic while handling the request: {message}"
         )))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_on_the_pool_reaches_the_step_s_catch_unwind_with_its_message() {
+        // The step runs in `rayon::scope` under `catch_unwind`; rayon must carry the payload back to this thread.
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            rayon::scope(|_| -> Result<(), ()> { panic!("a kernel broke on row {}", 3) })
+        }));
+        let panic = outcome.expect_err("the panic comes back");
+        assert_eq!(panic_message(panic.as_ref()), "a kernel broke on row 3");
+    }
+
+    #[test]
+    fn a_panicking_draw_fails_its_request_only() {
+        let picks: Vec<Result<u32, RequestError>> = (0..4u32)
+            .into_par_iter()
+            .map(|index| {
+                guarded(|| {
+                    assert!(index != 2, "draw {index} broke");
+                    Ok(index)
+                })
+            })
+            .collect();
+        assert_eq!(picks[0], Ok(0));
+        assert_eq!(picks[3], Ok(3));
+        assert!(
+            matches!(&picks[2], Err(RequestError::Engine(message)) if message.contains("draw 2 broke")),
+            "{:?}",
+            picks[2]
+        );
+    }
 }
