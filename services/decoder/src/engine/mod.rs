@@ -12,7 +12,8 @@
 //!   tokens admitted into this step stay within `max_prefill_tokens_per_step` (the first prefill of a step always
 //!   fits).
 //! * **Prefix cache** (`prefix_caching`): a full block is registered under a hash chain of the token ids before and
-//!   in it, with the content of image rows at image positions and the model fingerprint in the chain. An admitted
+//!   in it, with the content of image rows at image positions and the model fingerprint in the chain, rooted in the
+//!   request's tenant (the gateway's API key id), so one tenant's blocks never serve another's prompt. An admitted
 //!   request attaches the cached blocks of its longest matching prefix and prefills only the rest; blocks no one
 //!   references stay cached and are evicted least recently used first. A scoring's candidates run on forks of the
 //!   context's table (shared blocks; the partial last block is copied on first write).
