@@ -5,8 +5,9 @@
 #   docker build --target cuda -t kosmos-serve:0.1.0-cuda --build-arg CUDA_COMPUTE_CAP=80 .
 #
 # Each image holds the `kosmos` command (`kosmos gateway|encoder|decoder|serve|ask|…`, the ENTRYPOINT) and the
-# per-service binaries kosmos-gateway, kosmos-encoder and kosmos-decoder, plus the repository's tiny demo model in
-# /usr/share/kosmos/models/demo (so `docker run … serve --listen 0.0.0.0:50051` answers with no volume). Real
+# per-service binaries kosmos-gateway, kosmos-encoder and kosmos-decoder, plus the repository's tiny demo models in
+# /usr/share/kosmos/models/demo (so `docker run … serve --listen 0.0.0.0:50051` answers with no volume) and
+# /usr/share/kosmos/models/demo-doc (Kosmos-2.5: `serve --model /usr/share/kosmos/models/demo-doc`). Real
 # models are mounted at /models/<name>. Both run as uid/gid 65532 and write nothing outside /tmp, so they work with
 # a read-only root filesystem and an emptyDir (or tmpfs) on /tmp. See k8s/README.md.
 
@@ -39,6 +40,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM ${CPU_BASE} AS cpu
 COPY --from=build-cpu /out/ /usr/local/bin/
 COPY models/demo /usr/share/kosmos/models/demo
+COPY models/demo-doc /usr/share/kosmos/models/demo-doc
 ENV HOME=/tmp RUST_LOG=info
 WORKDIR /usr/share/kosmos
 USER 65532:65532
@@ -81,6 +83,7 @@ RUN groupadd --gid 65532 nonroot \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot
 COPY --from=build-cuda /out/ /usr/local/bin/
 COPY models/demo /usr/share/kosmos/models/demo
+COPY models/demo-doc /usr/share/kosmos/models/demo-doc
 # CUDA's JIT cache would go to ~/.nv: keep it on the writable /tmp.
 ENV HOME=/tmp CUDA_CACHE_PATH=/tmp/cuda-cache RUST_LOG=info \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -657,7 +657,6 @@ mod tests {
     /// The shipped document held-out set carries PyTorch's answers with the scores the Python evaluator gave
     /// them (`tools/train/eval_doc_torch.py`); ours of the same texts must be the same.
     #[test]
-    #[ignore = "needs models/demo-doc/heldout, written with the trained document model (issue 19, item 4)"]
     fn scores_pytorchs_document_answers_as_the_python_evaluator_does() {
         use kosmos_processor::{PageGeometry, parse_ocr};
 
