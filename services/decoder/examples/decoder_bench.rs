@@ -5,7 +5,8 @@
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run -p kosmos-decoder --example decoder_bench -- --model-dir .ref-cache/bench-model
 //! ```
-//! On a GPU (`--features cuda`): `--device cuda --dtype bf16` (the GPU run, `tools/bench/gpu.sh`).
+//! On a GPU (`--features cuda`): `--device cuda --dtype bf16` (the GPU run, `tools/bench/gpu.sh`). `--kv-dtype f16`
+//! stores the KV cache in f16 for f32 weights (CPU) and times the raw step both ways.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use kosmos_decoder::engine::{
 };
 use kosmos_decoder::sampling::SamplingParams;
 use kosmos_decoder::server::{engine_settings, load_model};
-use kosmos_model::{KvCacheConfig, SeqChunk, TextModel};
+use kosmos_model::{DType, KvCacheConfig, SeqChunk, TextModel};
 
 /// Benchmark settings.
 #[derive(Debug, Parser)]
@@ -57,6 +58,10 @@ struct Args {
     /// Weight dtype: f32, f16 or bf16 (bf16 needs cuda).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// KV cache dtype (`scheduler.kv_cache_dtype`): auto (the weights'), f32, f16 or bf16. Other than auto, the
+    /// raw decode step is also timed with the weights' dtype, interleaved, for the ratio.
+    #[arg(long, default_value = "auto")]
+    kv_dtype: String,
 }
 
 /// Deterministic ids in `[7, 2000)`: clear of the special tokens and the image placeholders.
@@ -200,10 +205,18 @@ async fn score(
 
 /// The model's packed decode step alone (no engine, no sampling): `rows` sequences with a `prompt_tokens` cache
 /// each, one new token per sequence per step. Returns ms per step.
-fn raw_decode_step_ms(model: &TextModel, rows: usize, prompt_tokens: usize) -> anyhow::Result<f64> {
+fn raw_decode_step_ms(
+    model: &TextModel,
+    rows: usize,
+    prompt_tokens: usize,
+    kv_dtype: Option<DType>,
+) -> anyhow::Result<f64> {
     let steps = 8;
     let mut kv = model.kv_cache(
-        KvCacheConfig::for_sequences((0..rows).map(|_| prompt_tokens + steps), 16),
+        KvCacheConfig {
+            dtype: kv_dtype,
+            ..KvCacheConfig::for_sequences((0..rows).map(|_| prompt_tokens + steps), 16)
+        },
         "",
     )?;
     let mut tables: Vec<_> = (0..rows).map(|_| kv.new_table("", Vec::new())).collect();
@@ -238,6 +251,11 @@ fn raw_decode_step_ms(model: &TextModel, rows: usize, prompt_tokens: usize) -> a
     Ok(started.elapsed().as_secs_f64() * 1e3 / steps as f64)
 }
 
+fn median_f64(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
     values[values.len() / 2]
@@ -257,6 +275,11 @@ async fn main() -> anyhow::Result<()> {
     config.scheduler.max_running_sequences = max_streams.try_into()?;
     config.device = args.device.clone();
     config.dtype = kosmos_model::parse_dtype(&args.dtype)?;
+    let kv_dtype = match args.kv_dtype.as_str() {
+        "auto" => None,
+        name => Some(kosmos_model::parse_dtype(name)?),
+    };
+    config.scheduler.kv_cache_dtype = kv_dtype;
     let loading = Instant::now();
     let (text, info) = load_model(&config)?;
     let settings = engine_settings(&config.scheduler, info.context_length)?;
@@ -279,14 +302,44 @@ async fn main() -> anyhow::Result<()> {
         args.new_tokens
     );
     println!("\nThe model's packed decode step alone (no engine), for reference:");
-    println!("| rows | ms/step | tok/s |");
-    println!("|---:|---:|---:|");
-    for &rows in &args.streams {
-        let step_ms = raw_decode_step_ms(text.model(), rows, args.prompt_tokens)?;
-        println!(
-            "| {rows} | {step_ms:.1} | {:.1} |",
-            rows as f64 * 1e3 / step_ms
-        );
+    match kv_dtype {
+        None => {
+            println!("| rows | ms/step | tok/s |");
+            println!("|---:|---:|---:|");
+            for &rows in &args.streams {
+                let step_ms = raw_decode_step_ms(text.model(), rows, args.prompt_tokens, None)?;
+                println!(
+                    "| {rows} | {step_ms:.1} | {:.1} |",
+                    rows as f64 * 1e3 / step_ms
+                );
+            }
+        }
+        Some(kv) => {
+            let weights = text.model().dtype();
+            println!(
+                "| rows | ms/step, {weights:?} KV | ms/step, {kv:?} KV | speed-up (median of 5 interleaved) |"
+            );
+            println!("|---:|---:|---:|---:|");
+            for &rows in &args.streams {
+                let (mut own, mut narrow) = (Vec::new(), Vec::new());
+                for _ in 0..5 {
+                    own.push(raw_decode_step_ms(
+                        text.model(),
+                        rows,
+                        args.prompt_tokens,
+                        None,
+                    )?);
+                    narrow.push(raw_decode_step_ms(
+                        text.model(),
+                        rows,
+                        args.prompt_tokens,
+                        Some(kv),
+                    )?);
+                }
+                let (own, narrow) = (median_f64(own), median_f64(narrow));
+                println!("| {rows} | {own:.2} | {narrow:.2} | {:.2}x |", own / narrow);
+            }
+        }
     }
     let engine = EngineHandle::start(text, info, settings)?;
     // Warm-up: first-touch of the weights and allocator growth.

@@ -12,6 +12,7 @@
 //! kv_token_budget = 0       # token positions of the paged KV pool; 0: max_running_sequences × the context length
 //! kv_block_size = 16        # token positions per KV block
 //! prefix_caching = true     # share the blocks of common prompt prefixes between requests
+//! kv_cache_dtype = "auto"   # auto (the weights' dtype), f32, f16, bf16; narrower than the weights: CPU only
 //! max_waiting_requests = 256
 //! max_prefill_tokens_per_step = 4096
 //! stream_buffer_messages = 16
@@ -103,6 +104,8 @@ pub struct RawScheduler {
     pub kv_block_size: usize,
     /// Whether requests share the KV blocks of a common prompt prefix.
     pub prefix_caching: bool,
+    /// Storage type of the KV cache: `auto` (the weights' dtype), `f32`, `f16` or `bf16`.
+    pub kv_cache_dtype: String,
     /// Most requests waiting for admission.
     pub max_waiting_requests: usize,
     /// Most prompt tokens prefilled in one step.
@@ -124,6 +127,7 @@ impl Default for RawScheduler {
             kv_token_budget: 0,
             kv_block_size: 16,
             prefix_caching: true,
+            kv_cache_dtype: "auto".into(),
             max_waiting_requests: 256,
             max_prefill_tokens_per_step: 4096,
             stream_buffer_messages: 16,
@@ -182,6 +186,8 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
     /// Token positions per KV block.
     pub kv_block_size: NonZeroUsize,
+    /// Storage type of the KV cache; `None`: the weights' dtype.
+    pub kv_cache_dtype: Option<kosmos_model::DType>,
 }
 
 /// The validated configuration.
@@ -228,6 +234,27 @@ impl TryFrom<RawConfig> for DecoderConfig {
         if scheduler.paused_timeout.is_zero() {
             return Err(invalid("scheduler.paused_timeout_seconds", "must be > 0"));
         }
+        let kv_cache_dtype = match scheduler.kv_cache_dtype.as_str() {
+            "auto" => None,
+            name => Some(kosmos_model::parse_dtype(name).map_err(|_| {
+                invalid(
+                    "scheduler.kv_cache_dtype",
+                    format!("must be auto, f32, f16 or bf16, got `{name}`"),
+                )
+            })?),
+        };
+        if let Some(kv) = kv_cache_dtype.filter(|&kv| kv != dtype)
+            && raw.device != "cpu"
+        {
+            return Err(invalid(
+                "scheduler.kv_cache_dtype",
+                format!(
+                    "{kv:?} differs from the weights' {dtype:?}: only the CPU ops convert, so on `{}` the KV cache \
+                     stores the weights' dtype (set auto)",
+                    raw.device
+                ),
+            ));
+        }
         Ok(Self {
             model_dir,
             device: raw.device,
@@ -241,6 +268,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
                 kv_token_budget: NonZeroUsize::new(scheduler.kv_token_budget),
                 kv_block_size: positive("scheduler.kv_block_size", scheduler.kv_block_size)?,
                 prefix_caching: scheduler.prefix_caching,
+                kv_cache_dtype,
                 max_waiting_requests: positive(
                     "scheduler.max_waiting_requests",
                     scheduler.max_waiting_requests,
@@ -319,6 +347,55 @@ mod tests {
             (50053, 9090),
             "the decoder's own gRPC port, the shared metrics port"
         );
+
+        for (overrides, message) in [
+            (
+                vec!["scheduler.kv_cache_dtype=f8"],
+                "must be auto, f32, f16 or bf16, got `f8`",
+            ),
+            (
+                vec!["scheduler.kv_cache_dtype=f16", "device=cuda"],
+                "only the CPU ops convert",
+            ),
+        ] {
+            let layers = Layers {
+                overrides: [vec!["model_dir=/m"], overrides]
+                    .concat()
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                ..Layers::default()
+            };
+            let err = DecoderConfig::load(&layers).expect_err("rejects");
+            let err = err.to_string();
+            assert!(
+                err.contains("scheduler.kv_cache_dtype") && err.contains(message),
+                "{err}"
+            );
+        }
+        let half_kv = Layers {
+            overrides: vec![
+                "model_dir=/m".into(),
+                "scheduler.kv_cache_dtype=bf16".into(),
+            ],
+            ..Layers::default()
+        };
+        let half_kv = DecoderConfig::load(&half_kv).expect("loads");
+        assert_eq!(
+            half_kv.scheduler.kv_cache_dtype,
+            Some(kosmos_model::DType::BF16)
+        );
+        assert_eq!(config.scheduler.kv_cache_dtype, None, "auto by default");
+        let same_on_gpu = Layers {
+            overrides: vec![
+                "model_dir=/m".into(),
+                "device=cuda".into(),
+                "dtype=f16".into(),
+                "scheduler.kv_cache_dtype=f16".into(),
+            ],
+            ..Layers::default()
+        };
+        DecoderConfig::load(&same_on_gpu).expect("the weights' own dtype is fine on a GPU");
 
         let bad_metrics = Layers {
             overrides: vec!["model_dir=/m".into(), "metrics.listen=nowhere".into()],

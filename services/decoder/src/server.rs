@@ -95,6 +95,7 @@ pub fn engine_settings(
         kv_token_budget: budget,
         kv_block_size: config.kv_block_size,
         prefix_caching: config.prefix_caching,
+        kv_cache_dtype: config.kv_cache_dtype,
         max_waiting_requests: config.max_waiting_requests,
         max_prefill_tokens_per_step: config.max_prefill_tokens_per_step,
         stream_buffer_messages: config.stream_buffer_messages,

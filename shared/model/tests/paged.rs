@@ -42,6 +42,7 @@ fn cache(model: &TextModel, blocks: usize, prefix_caching: bool) -> PagedKvCache
                 block_size: 4,
                 num_blocks: blocks,
                 prefix_caching,
+                dtype: None,
             },
             "fingerprint",
         )

@@ -4,7 +4,9 @@
 //! ## Scheduler policy
 //! * **KV memory is blocks.** The engine owns one paged KV cache (`kosmos_model::PagedKvCache`): per decoder layer
 //!   a preallocated pool of `kv_token_budget / kv_block_size` blocks. A request takes blocks as its sequence grows and
-//!   gives them back when it ends; `Info` and `/metrics` report blocks total / used / cached.
+//!   gives them back when it ends; `Info` and `/metrics` report blocks total / used / cached. Blocks store the
+//!   weights' dtype, or `kv_cache_dtype` when set (f16 or bf16 for f32 weights: half the bytes per token, on the
+//!   CPU only; `Info` names it).
 //! * **Admission** is first-come first-served between steps, and stops at the first request that does not fit (no
 //!   overtaking, so a long prompt is never starved by short ones). Preempted requests come first, in admission
 //!   order, then the queue. A request fits when the batch has fewer than `max_running_sequences` requests, the

@@ -50,6 +50,8 @@ pub struct EngineSettings {
     pub kv_block_size: NonZeroUsize,
     /// Whether full blocks are shared between requests with a common prefix.
     pub prefix_caching: bool,
+    /// Storage type of the keys and values; `None`: the weights' dtype.
+    pub kv_cache_dtype: Option<kosmos_model::DType>,
     /// Most requests waiting for admission; beyond it requests are refused with RESOURCE_EXHAUSTED.
     pub max_waiting_requests: NonZeroUsize,
     /// Most prompt tokens prefilled in one step; a single longer prompt still runs, alone among the prefills.

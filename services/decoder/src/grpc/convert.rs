@@ -452,6 +452,7 @@ pub(crate) fn info_response(
         },
         device: info.device.clone(),
         weights_dtype: wire_dtype(info.dtype) as i32,
+        kv_cache_dtype: wire_dtype(settings.kv_cache_dtype.unwrap_or(info.dtype)) as i32,
         kv_tokens_cached: snapshot.kv_tokens_cached as u64,
         cancelled_total: snapshot.cancelled_total,
         kv_block_size: saturating_u32(block_size),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use kosmos_decoder::engine::{FinishReason, GenerateJob, Prompt, StoppingRule};
 use kosmos_decoder::sampling::SamplingParams;
 use kosmos_proto::decoder::v1 as pb;
+use kosmos_proto::tensor::v1::DType as WireDType;
 
 use crate::common::{
     TestServer, generate, get, image_embeddings, image_segment, pseudo_random_ids, reference,
@@ -67,17 +68,24 @@ async fn wait_until_idle(server: &TestServer) -> pb::InfoResponse {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn preempted_sequences_resume_with_the_tokens_of_an_uninterrupted_run() {
-    // 512 positions (the context length) in blocks of 16, no prefix sharing: recomputation alone restores them.
-    let small = start(&[
-        "scheduler.kv_token_budget=512",
-        "scheduler.kv_block_size=16",
-        "scheduler.prefix_caching=false",
-    ])
+/// Runs [`long_requests`] one at a time, then all at once, on a pool of 32 blocks of 16 (512 positions, the context
+/// length) without prefix sharing, plus `settings`: the tokens must agree although the second run preempts, since
+/// recomputation alone restores a preempted sequence. Returns the server's `Info` before the runs.
+async fn preempted_runs_equal_uninterrupted_ones(settings: &[&str]) -> pb::InfoResponse {
+    let small = start(
+        &[
+            &[
+                "scheduler.kv_token_budget=512",
+                "scheduler.kv_block_size=16",
+                "scheduler.prefix_caching=false",
+            ],
+            settings,
+        ]
+        .concat(),
+    )
     .await;
-    let fingerprint = small.info().await.model_fingerprint;
-    let requests = long_requests(&fingerprint);
+    let info = small.info().await;
+    let requests = long_requests(&info.model_fingerprint);
     let mut alone = Vec::new();
     let mut client = small.client().await;
     for request in &requests {
@@ -104,6 +112,21 @@ async fn preempted_sequences_resume_with_the_tokens_of_an_uninterrupted_run() {
     );
     assert_eq!(idle.kv_blocks_total, 32);
     small.stop().await;
+    info
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preempted_sequences_resume_with_the_tokens_of_an_uninterrupted_run() {
+    preempted_runs_equal_uninterrupted_ones(&[]).await;
+}
+
+/// `scheduler.kv_cache_dtype=f16` for f32 weights: Info names both dtypes, and batching and preemption stay exact
+/// (each (sequence, head) reads the same rounded values whatever else the step holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_half_precision_kv_cache_keeps_batched_and_preempted_runs_exact() {
+    let info = preempted_runs_equal_uninterrupted_ones(&["scheduler.kv_cache_dtype=f16"]).await;
+    assert_eq!(info.weights_dtype, WireDType::DtypeF32 as i32);
+    assert_eq!(info.kv_cache_dtype, WireDType::DtypeF16 as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

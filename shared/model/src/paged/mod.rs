@@ -38,6 +38,10 @@ pub struct KvCacheConfig {
     pub num_blocks: usize,
     /// Whether full blocks are registered for prefix sharing.
     pub prefix_caching: bool,
+    /// The storage type of keys and values; `None`: the model's. A narrower type than the model's (f16 or bf16
+    /// for an f32 model) halves the cache's bytes and the attention's reads; keys and values are rounded when
+    /// written and widened to f32 when read. Only the CPU ops convert: on a GPU it must be the model's.
+    pub dtype: Option<DType>,
 }
 
 impl KvCacheConfig {
@@ -52,6 +56,7 @@ impl KvCacheConfig {
                 .sum::<usize>()
                 .max(1),
             prefix_caching: false,
+            dtype: None,
         }
     }
 }
@@ -87,7 +92,8 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
-    /// Allocates the pools (zeros; on the CPU the pages are committed only as blocks are written).
+    /// Allocates the pools (zeros; on the CPU the pages are committed only as blocks are written) of
+    /// `config.dtype`, or of the model's `dtype` when that is `None`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         layers: usize,
@@ -112,6 +118,16 @@ impl PagedKvCache {
                 config.num_blocks, config.block_size
             )));
         }
+        let dtype = match config.dtype {
+            Some(storage) if storage != dtype && !device.is_cpu() => {
+                return Err(ModelError::InvalidInput(format!(
+                    "a KV cache of {storage:?} for a model of {dtype:?} runs only on the CPU: on a GPU the cache \
+                     stores the model's dtype"
+                )));
+            }
+            Some(storage) => storage,
+            None => dtype,
+        };
         if !ops::supported(dtype) {
             return Err(ModelError::InvalidInput(format!(
                 "the paged KV cache stores f32, f16 or bf16, not {dtype:?}"
@@ -151,10 +167,17 @@ impl PagedKvCache {
         self.config.block_size
     }
 
+    /// The storage type of the keys and values.
+    pub fn dtype(&self) -> DType {
+        self.pools.first().map_or(DType::F32, Tensor::dtype)
+    }
+
     /// Bytes one cached token takes across all layers: `2 × layers × heads × head_dim × dtype size`.
     pub fn bytes_per_token(&self) -> usize {
-        let dtype = self.pools.first().map_or(DType::F32, Tensor::dtype);
-        2 * self.shape.layers * self.shape.heads * self.shape.head_dim * dtype.size_in_bytes()
+        2 * self.shape.layers
+            * self.shape.heads
+            * self.shape.head_dim
+            * self.dtype().size_in_bytes()
     }
 
     /// Block counts now.

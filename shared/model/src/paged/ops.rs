@@ -14,9 +14,15 @@
 //! the weighted sum run in f32 whatever the storage dtype, with an online softmax over one block at a time; each
 //! (sequence, head) is computed by the same code whatever else the step holds, and each query row independently of
 //! the other rows of its chunk, so a sequence gets the same values batched or alone, in a prefill or a decode step.
+//!
+//! On the CPU the pool may be narrower than the queries (f16 or bf16 keys and values for f32 weights:
+//! `KvCacheConfig::dtype`): [`WriteKv`] rounds the new rows to the pool's type, and the attention widens one block of
+//! keys (then of values) to f32 before using it; its output has the queries' type. With the same type on both sides
+//! an f32 pool is read in place, as before. The device kernels take one type for both.
 
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, bail};
+use half::slice::HalfFloatSliceExt as _;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -41,6 +47,10 @@ pub struct PagedAttention {
 trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(value: f32) -> Self;
+    /// `src` as f32: borrowed as is when it is f32, else widened into `scratch` (of at least `src.len()`).
+    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
+    /// Stores `src` into `dst` (of the same length), rounding to nearest even when narrower.
+    fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
 impl Element for f32 {
@@ -51,6 +61,14 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
         value
+    }
+    #[inline(always)]
+    fn widen<'a>(src: &'a [Self], _scratch: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -63,6 +81,16 @@ impl Element for f16 {
     fn from_f32(value: f32) -> Self {
         f16::from_f32(value)
     }
+    #[inline(always)]
+    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
+        let scratch = &mut scratch[..src.len()];
+        widen_f16(src, scratch);
+        scratch
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for bf16 {
@@ -73,6 +101,56 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
         bf16::from_f32(value)
+    }
+    #[inline(always)]
+    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
+        let scratch = &mut scratch[..src.len()];
+        // A bf16 is the top half of an f32: a shift, which the compiler vectorises (NaNs stay NaNs).
+        for (wide, value) in scratch.iter_mut().zip(src) {
+            *wide = f32::from_bits(u32::from(value.to_bits()) << 16);
+        }
+        scratch
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// `src` widened into `dst` (same length): eight at a time with F16C where the CPU has it (`half`'s slice
+/// conversion calls a function per eight values; this loop inlines the instruction), exactly as `f16::to_f32`.
+#[inline(always)]
+fn widen_f16(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { widen_f16_f16c(src, dst) };
+        return;
+    }
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(wide, value)| *wide = value.to_f32());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn widen_f16_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    let mut src_chunks = src.chunks_exact(8);
+    let mut dst_chunks = dst.chunks_exact_mut(8);
+    for (from, to) in src_chunks.by_ref().zip(dst_chunks.by_ref()) {
+        // SAFETY: both chunks hold exactly eight elements: 16 bytes read, 32 bytes written, unaligned accesses.
+        unsafe {
+            let half = _mm_loadu_si128(from.as_ptr().cast::<__m128i>());
+            _mm256_storeu_ps(to.as_mut_ptr(), _mm256_cvtph_ps(half));
+        }
+    }
+    for (wide, value) in dst_chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(src_chunks.remainder())
+    {
+        *wide = value.to_f32();
     }
 }
 
@@ -136,32 +214,34 @@ impl InplaceOp3 for WriteKv {
             block_size,
             head_dim,
         };
-        match (dst, new_kv) {
-            (CpuStorage::F32(dst), CpuStorage::F32(src)) => write(
-                &mut dst[dst_start..],
+        let dst_dtype = dst.dtype();
+        match new_kv {
+            CpuStorage::F32(src) => write_from(
+                dst,
+                dst_start,
                 contiguous(src, new_l, "new kv")?,
                 slots,
                 geometry,
             ),
-            (CpuStorage::F16(dst), CpuStorage::F16(src)) => write(
-                &mut dst[dst_start..],
+            CpuStorage::F16(src) => write_from(
+                dst,
+                dst_start,
                 contiguous(src, new_l, "new kv")?,
                 slots,
                 geometry,
             ),
-            (CpuStorage::BF16(dst), CpuStorage::BF16(src)) => write(
-                &mut dst[dst_start..],
+            CpuStorage::BF16(src) => write_from(
+                dst,
+                dst_start,
                 contiguous(src, new_l, "new kv")?,
                 slots,
                 geometry,
             ),
-            (dst, src) => bail!(
-                "paged kv: pool dtype {:?} and new kv dtype {:?} must be the same float type",
-                dst.dtype(),
+            src => bail!(
+                "paged kv: pool dtype {dst_dtype:?} and new kv dtype {:?}: both must be f32, f16 or bf16",
                 src.dtype()
             ),
         }
-        Ok(())
     }
 
     #[cfg(feature = "cuda")]
@@ -193,15 +273,39 @@ impl Geometry {
     }
 }
 
-fn write<T: Copy>(dst: &mut [T], src: &[T], slots: &[u32], g: Geometry) {
+/// [`write`] into a pool of whichever float type `dst` holds.
+fn write_from<S: Element>(
+    dst: &mut CpuStorage,
+    dst_start: usize,
+    src: &[S],
+    slots: &[u32],
+    g: Geometry,
+) -> Result<()> {
+    match dst {
+        CpuStorage::F32(dst) => write(&mut dst[dst_start..], src, slots, g),
+        CpuStorage::F16(dst) => write(&mut dst[dst_start..], src, slots, g),
+        CpuStorage::BF16(dst) => write(&mut dst[dst_start..], src, slots, g),
+        dst => bail!(
+            "paged kv: the pool must be f32, f16 or bf16, not {:?}",
+            dst.dtype()
+        ),
+    }
+    Ok(())
+}
+
+/// Copies each token's head rows to its slot, converting to the pool's type (a plain copy when the types match:
+/// f32 is borrowed and copied; f16 and bf16 round-trip through f32 exactly).
+fn write<S: Element, D: Element>(dst: &mut [D], src: &[S], slots: &[u32], g: Geometry) {
     let row = g.heads * g.head_dim;
+    let mut scratch = vec![0f32; g.head_dim];
     for (token, &slot) in slots.iter().enumerate() {
         let (block, offset) = (slot as usize / g.block_size, slot as usize % g.block_size);
         for kv in 0..2 {
             for head in 0..g.heads {
                 let from = token * 2 * row + kv * row + head * g.head_dim;
                 let to = g.pool_offset(block, kv, head, offset);
-                dst[to..to + g.head_dim].copy_from_slice(&src[from..from + g.head_dim]);
+                let wide = S::widen(&src[from..from + g.head_dim], &mut scratch);
+                D::narrow(wide, &mut dst[to..to + g.head_dim]);
             }
         }
     }
@@ -296,32 +400,34 @@ impl CustomOp3 for PagedAttention {
             head_dim,
         };
         let shape = Shape::from((tokens, heads, head_dim));
-        let storage = match (q, kv) {
-            (CpuStorage::F32(q), CpuStorage::F32(kv)) => CpuStorage::F32(attend(
+        let storage = match q {
+            CpuStorage::F32(q) => CpuStorage::F32(attend_kv(
                 contiguous(q, q_l, "queries")?,
-                contiguous(kv, kv_l, "pool")?,
+                kv,
+                kv_l,
                 meta,
                 &seqs,
                 geometry,
-            )),
-            (CpuStorage::F16(q), CpuStorage::F16(kv)) => CpuStorage::F16(attend(
+            )?),
+            CpuStorage::F16(q) => CpuStorage::F16(attend_kv(
                 contiguous(q, q_l, "queries")?,
-                contiguous(kv, kv_l, "pool")?,
+                kv,
+                kv_l,
                 meta,
                 &seqs,
                 geometry,
-            )),
-            (CpuStorage::BF16(q), CpuStorage::BF16(kv)) => CpuStorage::BF16(attend(
+            )?),
+            CpuStorage::BF16(q) => CpuStorage::BF16(attend_kv(
                 contiguous(q, q_l, "queries")?,
-                contiguous(kv, kv_l, "pool")?,
+                kv,
+                kv_l,
                 meta,
                 &seqs,
                 geometry,
-            )),
-            (q, kv) => bail!(
-                "paged attention: queries {:?} and pool {:?} must be the same float type",
-                q.dtype(),
-                kv.dtype()
+            )?),
+            q => bail!(
+                "paged attention: queries must be f32, f16 or bf16, not {:?}",
+                q.dtype()
             ),
         };
         Ok((storage, shape))
@@ -346,17 +452,43 @@ pub(crate) fn supported(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// [`attend`] over a pool of whichever float type `kv` holds; the output has the queries' type.
+fn attend_kv<Q: Element>(
+    q: &[Q],
+    kv: &CpuStorage,
+    kv_l: &Layout,
+    meta: &[u32],
+    seqs: &[SeqMeta],
+    g: Geometry,
+) -> Result<Vec<Q>> {
+    Ok(match kv {
+        CpuStorage::F32(kv) => attend(q, contiguous(kv, kv_l, "pool")?, meta, seqs, g),
+        CpuStorage::F16(kv) => attend(q, contiguous(kv, kv_l, "pool")?, meta, seqs, g),
+        CpuStorage::BF16(kv) => attend(q, contiguous(kv, kv_l, "pool")?, meta, seqs, g),
+        kv => bail!(
+            "paged attention: the pool must be f32, f16 or bf16, not {:?}",
+            kv.dtype()
+        ),
+    })
+}
+
 /// Runs every (sequence, head) in parallel and scatters the rows into `(tokens, heads, head_dim)`.
-fn attend<T: Element>(q: &[T], kv: &[T], meta: &[u32], seqs: &[SeqMeta], g: Geometry) -> Vec<T> {
+fn attend<Q: Element, K: Element>(
+    q: &[Q],
+    kv: &[K],
+    meta: &[u32],
+    seqs: &[SeqMeta],
+    g: Geometry,
+) -> Vec<Q> {
     let tokens = q.len() / (g.heads * g.head_dim);
     let work: Vec<(usize, usize)> = (0..seqs.len())
         .flat_map(|s| (0..g.heads).map(move |h| (s, h)))
         .collect();
-    let results: Vec<Vec<T>> = work
+    let results: Vec<Vec<Q>> = work
         .par_iter()
         .map(|&(s, head)| attend_head_dispatch(q, kv, meta, &seqs[s], head, g))
         .collect();
-    let mut out = vec![T::from_f32(0.0); tokens * g.heads * g.head_dim];
+    let mut out = vec![Q::from_f32(0.0); tokens * g.heads * g.head_dim];
     for (&(s, head), rows) in work.iter().zip(&results) {
         let seq = &seqs[s];
         for (i, row) in rows.chunks_exact(g.head_dim).enumerate() {
@@ -371,26 +503,26 @@ fn attend<T: Element>(q: &[T], kv: &[T], meta: &[u32], seqs: &[SeqMeta], g: Geom
 /// whose SSE code does four). The same operations in the same order, so the same values as the baseline code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_head_avx2<T: Element>(
-    q: &[T],
-    kv: &[T],
+fn attend_head_avx2<Q: Element, K: Element>(
+    q: &[Q],
+    kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
     head: usize,
     g: Geometry,
-) -> Vec<T> {
+) -> Vec<Q> {
     attend_head(q, kv, meta, seq, head, g)
 }
 
 /// [`attend_head`] with the widest instruction set the CPU offers.
-fn attend_head_dispatch<T: Element>(
-    q: &[T],
-    kv: &[T],
+fn attend_head_dispatch<Q: Element, K: Element>(
+    q: &[Q],
+    kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
     head: usize,
     g: Geometry,
-) -> Vec<T> {
+) -> Vec<Q> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function is compiled for.
@@ -401,14 +533,14 @@ fn attend_head_dispatch<T: Element>(
 
 /// The `(q_len, head_dim)` output rows of one head of one sequence.
 #[inline(always)]
-fn attend_head<T: Element>(
-    q: &[T],
-    kv: &[T],
+fn attend_head<Q: Element, K: Element>(
+    q: &[Q],
+    kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
     head: usize,
     g: Geometry,
-) -> Vec<T> {
+) -> Vec<Q> {
     let d = g.head_dim;
     let table = &meta[seq.table_offset..seq.table_offset + seq.context_len.div_ceil(g.block_size)];
     let past = seq.context_len - seq.q_len;
@@ -416,6 +548,9 @@ fn attend_head<T: Element>(
     let mut query = vec![0f32; d];
     let mut acc = vec![0f32; d];
     let mut scores = vec![0f32; g.block_size];
+    // A block's keys and values widened to f32 (unused when the pool is f32: its rows are read in place).
+    let mut key_scratch = vec![0f32; g.block_size * d];
+    let mut value_scratch = vec![0f32; g.block_size * d];
     for i in 0..seq.q_len {
         let row = ((seq.q_start + i) * g.heads + head) * d;
         for (slot, value) in query.iter_mut().zip(&q[row..row + d]) {
@@ -432,10 +567,10 @@ fn attend_head<T: Element>(
         {
             let in_block = (visible - b * g.block_size).min(g.block_size);
             let keys = g.pool_offset(block as usize, 0, head, 0);
-            let values = g.pool_offset(block as usize, 1, head, 0);
+            let keys = K::widen(&kv[keys..keys + in_block * d], &mut key_scratch);
             let mut block_max = f32::NEG_INFINITY;
             for (j, score) in scores.iter_mut().enumerate().take(in_block) {
-                *score = dot(&query, &kv[keys + j * d..keys + (j + 1) * d]);
+                *score = dot(&query, &keys[j * d..(j + 1) * d]);
                 block_max = block_max.max(*score);
             }
             let new_max = max.max(block_max);
@@ -448,32 +583,34 @@ fn attend_head<T: Element>(
                 acc.iter_mut().for_each(|value| *value *= rescale);
             }
             max = new_max;
+            let values = g.pool_offset(block as usize, 1, head, 0);
+            let values = K::widen(&kv[values..values + in_block * d], &mut value_scratch);
             for (j, &score) in scores.iter().enumerate().take(in_block) {
                 let weight = (score - max).exp();
                 total += weight;
-                axpy(&mut acc, weight, &kv[values + j * d..values + (j + 1) * d]);
+                axpy(&mut acc, weight, &values[j * d..(j + 1) * d]);
             }
         }
         let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
-        out.extend(acc.iter().map(|&value| T::from_f32(value * norm)));
+        out.extend(acc.iter().map(|&value| Q::from_f32(value * norm)));
     }
     out
 }
 
 /// `Σ a[i]·b[i]` with eight independent partial sums (vectorisable, and a fixed summation order).
 #[inline(always)]
-fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut a_chunks = a.chunks_exact(8);
     let mut b_chunks = b.chunks_exact(8);
     for (a, b) in a_chunks.by_ref().zip(b_chunks.by_ref()) {
         for lane in 0..8 {
-            lanes[lane] += a[lane] * b[lane].to_f32();
+            lanes[lane] += a[lane] * b[lane];
         }
     }
     let mut tail = 0f32;
     for (a, b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
-        tail += a * b.to_f32();
+        tail += a * b;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
@@ -482,8 +619,8 @@ fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
 
 /// `acc += weight · values`.
 #[inline(always)]
-fn axpy<T: Element>(acc: &mut [f32], weight: f32, values: &[T]) {
+fn axpy(acc: &mut [f32], weight: f32, values: &[f32]) {
     for (slot, value) in acc.iter_mut().zip(values) {
-        *slot += weight * value.to_f32();
+        *slot += weight * value;
     }
 }

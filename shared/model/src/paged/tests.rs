@@ -75,6 +75,17 @@ impl Case {
     /// Writes every sequence's history into a pool through shuffled block tables, then runs one paged attention
     /// over the sequences `selected` (in that order). Returns each selected sequence's `(q_len, heads, head_dim)`.
     fn paged(&self, rng: &mut Rng, dtype: DType, selected: &[usize]) -> Vec<Tensor> {
+        self.paged_mixed(rng, dtype, dtype, selected)
+    }
+
+    /// [`Case::paged`] with queries (and the written keys and values) of `q_dtype` over a pool of `pool_dtype`.
+    fn paged_mixed(
+        &self,
+        rng: &mut Rng,
+        q_dtype: DType,
+        pool_dtype: DType,
+        selected: &[usize],
+    ) -> Vec<Tensor> {
         let (h, d, bs) = (self.heads, self.head_dim, self.block_size);
         let blocks_per_seq: Vec<usize> = self.seqs.iter().map(|s| s.context.div_ceil(bs)).collect();
         let total: usize = blocks_per_seq.iter().sum::<usize>() + 2;
@@ -87,13 +98,13 @@ impl Case {
                     .collect::<Vec<u32>>(),
             );
         }
-        let pool = Tensor::zeros((total, 2, h, bs, d), dtype, &Device::Cpu).expect("pool");
+        let pool = Tensor::zeros((total, 2, h, bs, d), pool_dtype, &Device::Cpu).expect("pool");
         for (seq, table) in self.seqs.iter().zip(&tables) {
             let keys = Tensor::from_slice(&seq.keys, (seq.context, h, d), &Device::Cpu).expect("k");
             let values =
                 Tensor::from_slice(&seq.values, (seq.context, h, d), &Device::Cpu).expect("v");
             let new_kv = Tensor::stack(&[&keys, &values], 1)
-                .and_then(|t| t.to_dtype(dtype))
+                .and_then(|t| t.to_dtype(q_dtype))
                 .expect("kv");
             let slots: Vec<u32> = (0..seq.context)
                 .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
@@ -115,7 +126,7 @@ impl Case {
             meta.extend_from_slice(&tables[index]);
         }
         let q = Tensor::from_vec(queries, (row, h, d), &Device::Cpu)
-            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_dtype(q_dtype))
             .expect("q");
         let meta = Tensor::from_vec(meta.clone(), meta.len(), &Device::Cpu).expect("meta");
         let op = PagedAttention {
@@ -221,6 +232,36 @@ fn half_precision_storage_stays_close_to_f32() {
             assert_eq!(ours.dtype(), dtype);
             let diff = max_abs_diff(ours, &case.contiguous(index));
             assert!(diff < tolerance, "{dtype:?} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn f32_queries_over_a_half_precision_pool_attend_the_rounded_keys_and_values() {
+    let mut rng = Rng(11);
+    for pool_dtype in [DType::F16, DType::BF16] {
+        for block_size in [1, 3, 16] {
+            let mut case = Case::random(&mut rng, block_size, 4);
+            let all: Vec<usize> = (0..4).collect();
+            let paged = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
+            // What the pool holds: every key and value rounded to its type (queries stay f32).
+            for seq in &mut case.seqs {
+                for data in [&mut seq.keys, &mut seq.values] {
+                    *data = Tensor::from_slice(data, data.len(), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(pool_dtype))
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .expect("rounded");
+                }
+            }
+            for (index, ours) in paged.iter().enumerate() {
+                assert_eq!(ours.dtype(), DType::F32);
+                let diff = max_abs_diff(ours, &case.contiguous(index));
+                assert!(
+                    diff < 1e-5,
+                    "{pool_dtype:?}, blocks of {block_size}: differs by {diff}"
+                );
+            }
         }
     }
 }

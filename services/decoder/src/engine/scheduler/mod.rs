@@ -139,6 +139,7 @@ pub(super) fn cache_config(settings: &EngineSettings) -> KvCacheConfig {
         block_size,
         num_blocks: settings.kv_token_budget.get().div_ceil(block_size),
         prefix_caching: settings.prefix_caching,
+        dtype: settings.kv_cache_dtype,
     }
 }
 
