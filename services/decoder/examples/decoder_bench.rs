@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use kosmos_decoder::config::DecoderConfig;
+use kosmos_decoder::config::{DecoderConfig, parse_kv_cache_dtype};
 use kosmos_decoder::engine::{
     EngineHandle, FinishReason, GenerateJob, Prompt, ScoreJob, ScoreOutput, StoppingRule,
 };
@@ -275,10 +275,7 @@ async fn main() -> anyhow::Result<()> {
     config.scheduler.max_running_sequences = max_streams.try_into()?;
     config.device = args.device.clone();
     config.dtype = kosmos_model::parse_dtype(&args.dtype)?;
-    let kv_dtype = match args.kv_dtype.as_str() {
-        "auto" => None,
-        name => Some(kosmos_model::parse_dtype(name)?),
-    };
+    let kv_dtype = parse_kv_cache_dtype(&args.kv_dtype)?;
     config.scheduler.kv_cache_dtype = kv_dtype;
     let loading = Instant::now();
     let (text, info) = load_model(&config)?;

@@ -209,6 +209,19 @@ pub struct DecoderConfig {
     pub server: ServerSettings,
 }
 
+/// A `scheduler.kv_cache_dtype` value: `auto` (`None`: the weights' dtype), `f32`, `f16` or `bf16`.
+pub fn parse_kv_cache_dtype(name: &str) -> Result<Option<kosmos_model::DType>, ConfigError> {
+    match name {
+        "auto" => Ok(None),
+        name => kosmos_model::parse_dtype(name).map(Some).map_err(|_| {
+            invalid(
+                "scheduler.kv_cache_dtype",
+                format!("must be auto, f32, f16 or bf16, got `{name}`"),
+            )
+        }),
+    }
+}
+
 fn positive(key: &str, value: usize) -> Result<NonZeroUsize, ConfigError> {
     kosmos_runtime::config::positive(key, value as u64)
 }
@@ -234,15 +247,7 @@ impl TryFrom<RawConfig> for DecoderConfig {
         if scheduler.paused_timeout.is_zero() {
             return Err(invalid("scheduler.paused_timeout_seconds", "must be > 0"));
         }
-        let kv_cache_dtype = match scheduler.kv_cache_dtype.as_str() {
-            "auto" => None,
-            name => Some(kosmos_model::parse_dtype(name).map_err(|_| {
-                invalid(
-                    "scheduler.kv_cache_dtype",
-                    format!("must be auto, f32, f16 or bf16, got `{name}`"),
-                )
-            })?),
-        };
+        let kv_cache_dtype = parse_kv_cache_dtype(&scheduler.kv_cache_dtype)?;
         if let Some(kv) = kv_cache_dtype.filter(|&kv| kv != dtype)
             && raw.device != "cpu"
         {
