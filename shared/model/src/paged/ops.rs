@@ -511,7 +511,7 @@ fn attend_head_avx2<Q: Element, K: Element>(
     head: usize,
     g: Geometry,
 ) -> Vec<Q> {
-    attend_head(q, kv, meta, seq, head, g)
+    attend_head::<Q, K, Avx2Dot>(q, kv, meta, seq, head, g)
 }
 
 /// [`attend_head`] with the widest instruction set the CPU offers.
@@ -528,12 +528,80 @@ fn attend_head_dispatch<Q: Element, K: Element>(
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { attend_head_avx2(q, kv, meta, seq, head, g) };
     }
-    attend_head(q, kv, meta, seq, head, g)
+    attend_head::<Q, K, PortableDot>(q, kv, meta, seq, head, g)
 }
 
-/// The `(q_len, head_dim)` output rows of one head of one sequence.
+/// How [`attend_head`] takes a dot product: [`dot`]'s arithmetic, written for an instruction set.
+trait RowDot {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+}
+
+/// [`dot`] as written (what the compiler makes of it for the baseline target).
+struct PortableDot;
+
+impl RowDot for PortableDot {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+/// [`dot`] in AVX registers: the same products, sums and order, so the same bits. Only [`attend_head_avx2`]
+/// instantiates it (the compiler made scalar shuffles of the portable loop's eight lanes, most of a prefill's time).
+#[cfg(target_arch = "x86_64")]
+struct Avx2Dot;
+
+#[cfg(target_arch = "x86_64")]
+impl RowDot for Avx2Dot {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: `Avx2Dot` is used only by `attend_head_avx2`, which runs only once the CPU has shown AVX2 and FMA.
+        unsafe { dot_avx(a, b) }
+    }
+}
+
+/// [`dot`] with its eight lanes in one AVX register: `lane += a·b` (a product, then a sum: no fused multiply-add,
+/// as in `dot`), then `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`, then the tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(super) fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::{
+        _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps, _mm256_add_ps,
+        _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_mul_ps,
+        _mm256_setzero_ps,
+    };
+    let mut a_chunks = a.chunks_exact(8);
+    let mut b_chunks = b.chunks_exact(8);
+    let mut lanes = _mm256_setzero_ps();
+    for (a, b) in a_chunks.by_ref().zip(b_chunks.by_ref()) {
+        // SAFETY: both chunks hold exactly eight f32: unaligned 32-byte loads.
+        let (a, b) = unsafe { (_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr())) };
+        lanes = _mm256_add_ps(lanes, _mm256_mul_ps(a, b));
+    }
+    let mut tail = 0f32;
+    for (a, b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        tail += a * b;
+    }
+    // [l0 + l4, l1 + l5, l2 + l6, l3 + l7]
+    let pairs = _mm_add_ps(
+        _mm256_castps256_ps128(lanes),
+        _mm256_extractf128_ps::<1>(lanes),
+    );
+    // [(l0 + l4) + (l1 + l5), (l2 + l6) + (l3 + l7), ..]
+    let halves = _mm_hadd_ps(pairs, pairs);
+    _mm_cvtss_f32(_mm_add_ss(halves, _mm_movehdup_ps(halves))) + tail
+}
+
+/// Query rows of one chunk computed together, a tile at a time: each block's keys and values are read (and widened,
+/// for a half-precision pool) once per tile instead of once per row, and the tile's running state (16 rows of
+/// queries and sums, 8 KiB at head_dim 64) stays in the L1 cache. A decode step's chunk is one row.
+const ROW_TILE: usize = 16;
+
+/// The `(q_len, head_dim)` output rows of one head of one sequence. Each row runs exactly the arithmetic it would
+/// run alone (its blocks in order, its online softmax, its sums): tiling only changes which row runs when, so a row
+/// gets the same value in a prefill chunk of any length or in a decode step.
 #[inline(always)]
-fn attend_head<Q: Element, K: Element>(
+fn attend_head<Q: Element, K: Element, D: RowDot>(
     q: &[Q],
     kv: &[K],
     meta: &[u32],
@@ -541,65 +609,80 @@ fn attend_head<Q: Element, K: Element>(
     head: usize,
     g: Geometry,
 ) -> Vec<Q> {
-    let d = g.head_dim;
-    let table = &meta[seq.table_offset..seq.table_offset + seq.context_len.div_ceil(g.block_size)];
+    let (d, bs) = (g.head_dim, g.block_size);
+    let table = &meta[seq.table_offset..seq.table_offset + seq.context_len.div_ceil(bs)];
     let past = seq.context_len - seq.q_len;
     let mut out = Vec::with_capacity(seq.q_len * d);
-    let mut query = vec![0f32; d];
-    let mut acc = vec![0f32; d];
-    let mut scores = vec![0f32; g.block_size];
+    let tile = ROW_TILE.min(seq.q_len);
+    // Per row of the tile: its query (f32), its weighted sum, and its softmax's running maximum and total.
+    let mut queries = vec![0f32; tile * d];
+    let mut sums = vec![0f32; tile * d];
+    let mut maxima = vec![f32::NEG_INFINITY; tile];
+    let mut totals = vec![0f32; tile];
+    let mut scores = vec![0f32; bs];
     // A block's keys and values widened to f32 (unused when the pool is f32: its rows are read in place).
-    let mut key_scratch = vec![0f32; g.block_size * d];
-    let mut value_scratch = vec![0f32; g.block_size * d];
-    for i in 0..seq.q_len {
-        let row = ((seq.q_start + i) * g.heads + head) * d;
-        for (slot, value) in query.iter_mut().zip(&q[row..row + d]) {
-            *slot = value.to_f32();
+    let mut key_scratch = vec![0f32; bs * d];
+    let mut value_scratch = vec![0f32; bs * d];
+    for first in (0..seq.q_len).step_by(ROW_TILE) {
+        let rows = ROW_TILE.min(seq.q_len - first);
+        for (r, query) in queries.chunks_exact_mut(d).take(rows).enumerate() {
+            let row = ((seq.q_start + first + r) * g.heads + head) * d;
+            for (slot, value) in query.iter_mut().zip(&q[row..row + d]) {
+                *slot = value.to_f32();
+            }
         }
-        acc.fill(0.0);
-        let (mut max, mut total) = (f32::NEG_INFINITY, 0f32);
-        // Keys 0..=past + i.
-        let visible = past + i + 1;
-        for (b, &block) in table
-            .iter()
-            .enumerate()
-            .take(visible.div_ceil(g.block_size))
-        {
-            let in_block = (visible - b * g.block_size).min(g.block_size);
+        sums[..rows * d].fill(0.0);
+        maxima[..rows].fill(f32::NEG_INFINITY);
+        totals[..rows].fill(0.0);
+        // Row `first + r` sees keys 0..=past + first + r; the tile's last row sees the most.
+        let seen_by_last = past + first + rows;
+        for (b, &block) in table.iter().enumerate().take(seen_by_last.div_ceil(bs)) {
+            let block_start = b * bs;
+            let in_block_last = (seen_by_last - block_start).min(bs);
             let keys = g.pool_offset(block as usize, 0, head, 0);
-            let keys = K::widen(&kv[keys..keys + in_block * d], &mut key_scratch);
-            let mut block_max = f32::NEG_INFINITY;
-            for (j, score) in scores.iter_mut().enumerate().take(in_block) {
-                *score = dot(&query, &keys[j * d..(j + 1) * d]);
-                block_max = block_max.max(*score);
-            }
-            let new_max = max.max(block_max);
-            if new_max == f32::NEG_INFINITY {
-                continue;
-            }
-            let rescale = (max - new_max).exp();
-            if rescale != 1.0 {
-                total *= rescale;
-                acc.iter_mut().for_each(|value| *value *= rescale);
-            }
-            max = new_max;
+            let keys = K::widen(&kv[keys..keys + in_block_last * d], &mut key_scratch);
             let values = g.pool_offset(block as usize, 1, head, 0);
-            let values = K::widen(&kv[values..values + in_block * d], &mut value_scratch);
-            for (j, &score) in scores.iter().enumerate().take(in_block) {
-                let weight = (score - max).exp();
-                total += weight;
-                axpy(&mut acc, weight, &values[j * d..(j + 1) * d]);
+            let values = K::widen(&kv[values..values + in_block_last * d], &mut value_scratch);
+            // The rows that see at least the block's first key.
+            for r in block_start.saturating_sub(past + first)..rows {
+                let in_block = (past + first + r + 1 - block_start).min(bs);
+                let query = &queries[r * d..(r + 1) * d];
+                let mut block_max = f32::NEG_INFINITY;
+                for (j, score) in scores.iter_mut().enumerate().take(in_block) {
+                    *score = D::dot(query, &keys[j * d..(j + 1) * d]);
+                    block_max = block_max.max(*score);
+                }
+                let max = &mut maxima[r];
+                let new_max = max.max(block_max);
+                if new_max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let sum = &mut sums[r * d..(r + 1) * d];
+                let total = &mut totals[r];
+                let rescale = (*max - new_max).exp();
+                if rescale != 1.0 {
+                    *total *= rescale;
+                    sum.iter_mut().for_each(|value| *value *= rescale);
+                }
+                *max = new_max;
+                for (j, &score) in scores.iter().enumerate().take(in_block) {
+                    let weight = (score - new_max).exp();
+                    *total += weight;
+                    axpy(sum, weight, &values[j * d..(j + 1) * d]);
+                }
             }
         }
-        let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
-        out.extend(acc.iter().map(|&value| Q::from_f32(value * norm)));
+        for (sum, &total) in sums.chunks_exact(d).zip(&totals).take(rows) {
+            let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
+            out.extend(sum.iter().map(|&value| Q::from_f32(value * norm)));
+        }
     }
     out
 }
 
 /// `Σ a[i]·b[i]` with eight independent partial sums (vectorisable, and a fixed summation order).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut a_chunks = a.chunks_exact(8);
     let mut b_chunks = b.chunks_exact(8);

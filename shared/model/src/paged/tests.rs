@@ -282,6 +282,99 @@ fn a_sequence_gets_bit_identical_rows_alone_or_batched_in_any_order() {
 }
 
 #[test]
+fn every_row_of_a_long_chunk_equals_the_same_row_as_a_decode_step() {
+    // Chunks longer than the kernel's row tile (16), after histories of any length: row i of the chunk must be the
+    // bits of a one-row step at context `past + i + 1` (what a preempted sequence's recomputation relies on).
+    let mut rng = Rng(5);
+    for pool_dtype in [DType::F32, DType::F16] {
+        let long = 33 + rng.below(8);
+        for (block_size, q_len) in [1, 3, 16]
+            .into_iter()
+            .flat_map(|bs| [1, 15, 16, 17, long].map(|q| (bs, q)))
+        {
+            let heads = 1 + rng.below(3);
+            let head_dim = [8, 13, 64][rng.below(3)];
+            let width = heads * head_dim;
+            let context = q_len + rng.below(3 * block_size + 20);
+            let past = context - q_len;
+            let chunk = TestSeq {
+                context,
+                q_len,
+                keys: rng.values(context * width),
+                values: rng.values(context * width),
+                queries: rng.values(q_len * width),
+            };
+            // Row i alone: the first `past + i + 1` keys and values, and its one query.
+            let mut seqs: Vec<TestSeq> = (0..q_len)
+                .map(|i| TestSeq {
+                    context: past + i + 1,
+                    q_len: 1,
+                    keys: chunk.keys[..(past + i + 1) * width].to_vec(),
+                    values: chunk.values[..(past + i + 1) * width].to_vec(),
+                    queries: chunk.queries[i * width..(i + 1) * width].to_vec(),
+                })
+                .collect();
+            seqs.push(chunk);
+            let case = Case {
+                heads,
+                head_dim,
+                block_size,
+                seqs,
+            };
+            let all: Vec<usize> = (0..=q_len).collect();
+            let out = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("rows")
+            };
+            let chunk_rows = bits(&out[q_len]);
+            for (i, alone) in out[..q_len].iter().enumerate() {
+                assert_eq!(
+                    bits(alone),
+                    chunk_rows[i * width..(i + 1) * width],
+                    "{pool_dtype:?}, blocks of {block_size}, chunk of {q_len} after {past}: row {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn the_avx_dot_product_has_the_bits_of_the_portable_one() {
+    if !std::arch::is_x86_feature_detected!("avx") {
+        return;
+    }
+    let mut rng = Rng(3);
+    for len in 0..=70 {
+        for _ in 0..20 {
+            let mut a = rng.values(len);
+            let b = rng.values(len);
+            // Signed zeros and magnitudes far apart, where the order of the sums shows.
+            if len > 2 {
+                a[0] = -0.0;
+                a[1] *= 1e7;
+            }
+            // SAFETY: the CPU has AVX (checked above).
+            let fast = unsafe { super::ops::dot_avx(&a, &b) };
+            let portable = super::ops::dot(&a, &b);
+            assert_eq!(
+                fast.to_bits(),
+                portable.to_bits(),
+                "length {len}: {fast} vs {portable}"
+            );
+        }
+    }
+    // An all-negative-zero product keeps its sign through both.
+    let zeros = [-0.0f32; 8];
+    let ones = [1.0f32; 8];
+    // SAFETY: as above.
+    let fast = unsafe { super::ops::dot_avx(&zeros, &ones) };
+    assert_eq!(fast.to_bits(), super::ops::dot(&zeros, &ones).to_bits());
+}
+
+#[test]
 fn bad_meta_is_an_error_not_a_panic() {
     let pool = Tensor::zeros((2, 2, 1, 4, 8), DType::F32, &Device::Cpu).expect("pool");
     let q = Tensor::zeros((3, 1, 8), DType::F32, &Device::Cpu).expect("q");
