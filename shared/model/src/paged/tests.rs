@@ -49,7 +49,7 @@ struct Case {
 impl Case {
     fn random(rng: &mut Rng, block_size: usize, num_seqs: usize) -> Self {
         let heads = 1 + rng.below(4);
-        let head_dim = [4, 8, 13, 32][rng.below(4)];
+        let head_dim = [4, 8, 13, 32, 64][rng.below(5)];
         let seqs = (0..num_seqs)
             .map(|_| {
                 // Chunk sizes 1..=block+1 after a history of any length.
