@@ -17,8 +17,12 @@
 //!
 //! On the CPU the pool may be narrower than the queries (f16 or bf16 keys and values for f32 weights:
 //! `KvCacheConfig::dtype`): [`WriteKv`] rounds the new rows to the pool's type, and the attention widens one block of
-//! keys (then of values) to f32 before using it; its output has the queries' type. With the same type on both sides
+//! keys and of values to f32 before using it; its output has the queries' type. With the same type on both sides
 //! an f32 pool is read in place, as before. The device kernels take one type for both.
+//!
+//! On the CPU a chunk's query rows go through the blocks a tile of 16 rows at a time, so a prefill reads (and
+//! widens) each block once per tile rather than once per row; each row still runs its own arithmetic in its own
+//! order, so tiling changes no value.
 
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, bail};
