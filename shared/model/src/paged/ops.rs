@@ -476,7 +476,11 @@ fn attend_kv<Q: Element>(
     })
 }
 
-/// Runs every (sequence, head) in parallel and scatters the rows into `(tokens, heads, head_dim)`.
+/// Runs the sequences in parallel, each as one task over all its heads when there are enough sequences to keep the
+/// pool busy, else split into tasks of fewer heads (down to one); scatters the rows into `(tokens, heads, head_dim)`.
+/// A task walks its sequence's blocks once for all its heads: a block's keys (then values) of consecutive heads are
+/// contiguous in the pool, so a decode step reads each sequence's cache in long runs instead of head-sized pieces.
+/// How the heads are grouped changes no value: each (row, head) runs the same arithmetic in any task.
 fn attend<Q: Element, K: Element>(
     q: &[Q],
     kv: &[K],
@@ -485,17 +489,29 @@ fn attend<Q: Element, K: Element>(
     g: Geometry,
 ) -> Vec<Q> {
     let tokens = q.len() / (g.heads * g.head_dim);
-    let work: Vec<(usize, usize)> = (0..seqs.len())
-        .flat_map(|s| (0..g.heads).map(move |h| (s, h)))
+    // Four tasks per thread at least, so that a thread held up elsewhere leaves work to steal.
+    let wanted_tasks = 4 * rayon::current_num_threads();
+    let groups = wanted_tasks
+        .div_ceil(seqs.len().max(1))
+        .clamp(1, g.heads.max(1));
+    let per_group = g.heads.div_ceil(groups.max(1)).max(1);
+    let work: Vec<(usize, std::ops::Range<usize>)> = (0..seqs.len())
+        .flat_map(|s| {
+            (0..g.heads)
+                .step_by(per_group)
+                .map(move |first| (s, first..(first + per_group).min(g.heads)))
+        })
         .collect();
     let results: Vec<Vec<Q>> = work
         .par_iter()
-        .map(|&(s, head)| attend_head_dispatch(q, kv, meta, &seqs[s], head, g))
+        .map(|(s, heads)| attend_heads_dispatch(q, kv, meta, &seqs[*s], heads.clone(), g))
         .collect();
     let mut out = vec![Q::from_f32(0.0); tokens * g.heads * g.head_dim];
-    for (&(s, head), rows) in work.iter().zip(&results) {
-        let seq = &seqs[s];
-        for (i, row) in rows.chunks_exact(g.head_dim).enumerate() {
+    for ((s, heads), rows) in work.iter().zip(&results) {
+        let seq = &seqs[*s];
+        // Rows come out (query row, head in the range).
+        for (index, row) in rows.chunks_exact(g.head_dim).enumerate() {
+            let (i, head) = (index / heads.len(), heads.start + index % heads.len());
             let at = ((seq.q_start + i) * g.heads + head) * g.head_dim;
             out[at..at + g.head_dim].copy_from_slice(row);
         }
@@ -503,45 +519,45 @@ fn attend<Q: Element, K: Element>(
     out
 }
 
-/// [`attend_head`] compiled for AVX2 (its dot products and sums eight lanes wide; the build targets baseline x86-64,
+/// [`attend_heads`] compiled for AVX2 (its dot products and sums eight lanes wide; the build targets baseline x86-64,
 /// whose SSE code does four). The same operations in the same order, so the same values as the baseline code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_head_avx2<Q: Element, K: Element>(
+fn attend_heads_avx2<Q: Element, K: Element>(
     q: &[Q],
     kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
-    head: usize,
+    heads: std::ops::Range<usize>,
     g: Geometry,
 ) -> Vec<Q> {
     if g.head_dim == 64 {
         // Every Kosmos model's heads are 64 wide: with the width a constant the compiler unrolls a row's dot products
         // and sums into eight AVX registers' worth of straight-line code (the same operations: the same bits).
         let g = Geometry { head_dim: 64, ..g };
-        return attend_head::<Q, K, Avx2Dot>(q, kv, meta, seq, head, g);
+        return attend_heads::<Q, K, Avx2Dot>(q, kv, meta, seq, heads, g);
     }
-    attend_head::<Q, K, Avx2Dot>(q, kv, meta, seq, head, g)
+    attend_heads::<Q, K, Avx2Dot>(q, kv, meta, seq, heads, g)
 }
 
-/// [`attend_head`] with the widest instruction set the CPU offers.
-fn attend_head_dispatch<Q: Element, K: Element>(
+/// [`attend_heads`] with the widest instruction set the CPU offers.
+fn attend_heads_dispatch<Q: Element, K: Element>(
     q: &[Q],
     kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
-    head: usize,
+    heads: std::ops::Range<usize>,
     g: Geometry,
 ) -> Vec<Q> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { attend_head_avx2(q, kv, meta, seq, head, g) };
+        return unsafe { attend_heads_avx2(q, kv, meta, seq, heads, g) };
     }
-    attend_head::<Q, K, PortableDot>(q, kv, meta, seq, head, g)
+    attend_heads::<Q, K, PortableDot>(q, kv, meta, seq, heads, g)
 }
 
-/// How [`attend_head`] takes a dot product: [`dot`]'s arithmetic, written for an instruction set.
+/// How [`attend_heads`] takes a dot product: [`dot`]'s arithmetic, written for an instruction set.
 trait RowDot {
     fn dot(a: &[f32], b: &[f32]) -> f32;
 }
@@ -556,7 +572,7 @@ impl RowDot for PortableDot {
     }
 }
 
-/// [`dot`] in AVX registers: the same products, sums and order, so the same bits. Only [`attend_head_avx2`]
+/// [`dot`] in AVX registers: the same products, sums and order, so the same bits. Only [`attend_heads_avx2`]
 /// instantiates it (the compiler made scalar shuffles of the portable loop's eight lanes, most of a prefill's time).
 #[cfg(target_arch = "x86_64")]
 struct Avx2Dot;
@@ -565,7 +581,7 @@ struct Avx2Dot;
 impl RowDot for Avx2Dot {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: `Avx2Dot` is used only by `attend_head_avx2`, which runs only once the CPU has shown AVX2 and FMA.
+        // SAFETY: `Avx2Dot` is used only by `attend_heads_avx2`, which runs only once the CPU has shown AVX2 and FMA.
         unsafe { dot_avx(a, b) }
     }
 }
@@ -603,86 +619,94 @@ pub(super) fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Query rows of one chunk computed together, a tile at a time: each block's keys and values are read (and widened,
-/// for a half-precision pool) once per tile instead of once per row, and the tile's running state (16 rows of
-/// queries and sums, 8 KiB at head_dim 64) stays in the L1 cache. A decode step's chunk is one row.
+/// for a half-precision pool) once per tile instead of once per row, and the tile's running state stays in the L1
+/// cache (16 rows of queries and sums for one head, 8 KiB at head_dim 64; fewer rows when a task has more heads). A
+/// decode step's chunk is one row.
 const ROW_TILE: usize = 16;
 
-/// The `(q_len, head_dim)` output rows of one head of one sequence. Each row runs exactly the arithmetic it would
-/// run alone (its blocks in order, its online softmax, its sums): tiling only changes which row runs when, so a row
-/// gets the same value in a prefill chunk of any length or in a decode step.
+/// The `(q_len, heads, head_dim)` output rows of the heads `heads` of one sequence. Each (row, head) runs exactly the
+/// arithmetic it would run alone (its blocks in order, its online softmax, its sums): tiling and grouping heads only
+/// change which one runs when, so a row gets the same value in a prefill chunk of any length or in a decode step.
 #[inline(always)]
-fn attend_head<Q: Element, K: Element, D: RowDot>(
+fn attend_heads<Q: Element, K: Element, D: RowDot>(
     q: &[Q],
     kv: &[K],
     meta: &[u32],
     seq: &SeqMeta,
-    head: usize,
+    heads: std::ops::Range<usize>,
     g: Geometry,
 ) -> Vec<Q> {
     let (d, bs) = (g.head_dim, g.block_size);
     let table = &meta[seq.table_offset..seq.table_offset + seq.context_len.div_ceil(bs)];
     let past = seq.context_len - seq.q_len;
-    let mut out = Vec::with_capacity(seq.q_len * d);
-    let tile = ROW_TILE.min(seq.q_len);
-    // Per row of the tile: its query (f32), its weighted sum, and its softmax's running maximum and total.
-    let mut queries = vec![0f32; tile * d];
-    let mut sums = vec![0f32; tile * d];
-    let mut maxima = vec![f32::NEG_INFINITY; tile];
-    let mut totals = vec![0f32; tile];
+    let nh = heads.len();
+    let mut out = Vec::with_capacity(seq.q_len * nh * d);
+    let row_tile = (ROW_TILE / nh.max(1)).max(1);
+    let tile = row_tile.min(seq.q_len);
+    // Per (row of the tile, head), row-major: its query (f32), its weighted sum, and its softmax's running maximum
+    // and total.
+    let mut queries = vec![0f32; tile * nh * d];
+    let mut sums = vec![0f32; tile * nh * d];
+    let mut maxima = vec![f32::NEG_INFINITY; tile * nh];
+    let mut totals = vec![0f32; tile * nh];
     let mut scores = vec![0f32; bs];
-    // A block's keys and values widened to f32 (unused when the pool is f32: its rows are read in place).
+    // A block's keys and values of one head widened to f32 (unused when the pool is f32: read in place).
     let mut key_scratch = vec![0f32; bs * d];
     let mut value_scratch = vec![0f32; bs * d];
-    for first in (0..seq.q_len).step_by(ROW_TILE) {
-        let rows = ROW_TILE.min(seq.q_len - first);
-        for (r, query) in queries.chunks_exact_mut(d).take(rows).enumerate() {
+    for first in (0..seq.q_len).step_by(row_tile) {
+        let rows = row_tile.min(seq.q_len - first);
+        for (index, query) in queries.chunks_exact_mut(d).take(rows * nh).enumerate() {
+            let (r, head) = (index / nh, heads.start + index % nh);
             let row = ((seq.q_start + first + r) * g.heads + head) * d;
             for (slot, value) in query.iter_mut().zip(&q[row..row + d]) {
                 *slot = value.to_f32();
             }
         }
-        sums[..rows * d].fill(0.0);
-        maxima[..rows].fill(f32::NEG_INFINITY);
-        totals[..rows].fill(0.0);
+        sums[..rows * nh * d].fill(0.0);
+        maxima[..rows * nh].fill(f32::NEG_INFINITY);
+        totals[..rows * nh].fill(0.0);
         // Row `first + r` sees keys 0..=past + first + r; the tile's last row sees the most.
         let seen_by_last = past + first + rows;
         for (b, &block) in table.iter().enumerate().take(seen_by_last.div_ceil(bs)) {
             let block_start = b * bs;
             let in_block_last = (seen_by_last - block_start).min(bs);
-            let keys = g.pool_offset(block as usize, 0, head, 0);
-            let keys = K::widen(&kv[keys..keys + in_block_last * d], &mut key_scratch);
-            let values = g.pool_offset(block as usize, 1, head, 0);
-            let values = K::widen(&kv[values..values + in_block_last * d], &mut value_scratch);
-            // The rows that see at least the block's first key.
-            for r in block_start.saturating_sub(past + first)..rows {
-                let in_block = (past + first + r + 1 - block_start).min(bs);
-                let query = &queries[r * d..(r + 1) * d];
-                let mut block_max = f32::NEG_INFINITY;
-                for (j, score) in scores.iter_mut().enumerate().take(in_block) {
-                    *score = D::dot(query, &keys[j * d..(j + 1) * d]);
-                    block_max = block_max.max(*score);
-                }
-                let max = &mut maxima[r];
-                let new_max = max.max(block_max);
-                if new_max == f32::NEG_INFINITY {
-                    continue;
-                }
-                let sum = &mut sums[r * d..(r + 1) * d];
-                let total = &mut totals[r];
-                let rescale = (*max - new_max).exp();
-                if rescale != 1.0 {
-                    *total *= rescale;
-                    sum.iter_mut().for_each(|value| *value *= rescale);
-                }
-                *max = new_max;
-                for (j, &score) in scores.iter().enumerate().take(in_block) {
-                    let weight = (score - new_max).exp();
-                    *total += weight;
-                    axpy(sum, weight, &values[j * d..(j + 1) * d]);
+            for (h, head) in heads.clone().enumerate() {
+                let keys = g.pool_offset(block as usize, 0, head, 0);
+                let keys = K::widen(&kv[keys..keys + in_block_last * d], &mut key_scratch);
+                let values = g.pool_offset(block as usize, 1, head, 0);
+                let values = K::widen(&kv[values..values + in_block_last * d], &mut value_scratch);
+                // The rows that see at least the block's first key.
+                for r in block_start.saturating_sub(past + first)..rows {
+                    let state = r * nh + h;
+                    let in_block = (past + first + r + 1 - block_start).min(bs);
+                    let query = &queries[state * d..(state + 1) * d];
+                    let mut block_max = f32::NEG_INFINITY;
+                    for (j, score) in scores.iter_mut().enumerate().take(in_block) {
+                        *score = D::dot(query, &keys[j * d..(j + 1) * d]);
+                        block_max = block_max.max(*score);
+                    }
+                    let max = &mut maxima[state];
+                    let new_max = max.max(block_max);
+                    if new_max == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let sum = &mut sums[state * d..(state + 1) * d];
+                    let total = &mut totals[state];
+                    let rescale = (*max - new_max).exp();
+                    if rescale != 1.0 {
+                        *total *= rescale;
+                        sum.iter_mut().for_each(|value| *value *= rescale);
+                    }
+                    *max = new_max;
+                    for (j, &score) in scores.iter().enumerate().take(in_block) {
+                        let weight = (score - new_max).exp();
+                        *total += weight;
+                        axpy(sum, weight, &values[j * d..(j + 1) * d]);
+                    }
                 }
             }
         }
-        for (sum, &total) in sums.chunks_exact(d).zip(&totals).take(rows) {
+        for (sum, &total) in sums.chunks_exact(d).zip(&totals).take(rows * nh) {
             let norm = if total > 0.0 { 1.0 / total } else { 0.0 };
             out.extend(sum.iter().map(|&value| Q::from_f32(value * norm)));
         }

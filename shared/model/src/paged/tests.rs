@@ -49,6 +49,10 @@ struct Case {
 impl Case {
     fn random(rng: &mut Rng, block_size: usize, num_seqs: usize) -> Self {
         let heads = 1 + rng.below(4);
+        Self::random_with_heads(rng, block_size, num_seqs, heads)
+    }
+
+    fn random_with_heads(rng: &mut Rng, block_size: usize, num_seqs: usize, heads: usize) -> Self {
         let head_dim = [4, 8, 13, 32, 64][rng.below(5)];
         let seqs = (0..num_seqs)
             .map(|_| {
@@ -372,6 +376,32 @@ fn the_avx_dot_product_has_the_bits_of_the_portable_one() {
     // SAFETY: as above.
     let fast = unsafe { super::ops::dot_avx(&zeros, &ones) };
     assert_eq!(fast.to_bits(), super::ops::dot(&zeros, &ones).to_bits());
+}
+
+#[test]
+fn grouping_heads_into_tasks_changes_no_bit() {
+    // One sequence alone runs a task per head; many sequences run each sequence's heads in one task (or a few).
+    let mut rng = Rng(17);
+    for (heads, num_seqs) in [(8, 20), (8, 3), (5, 7), (12, 40)] {
+        let case = Case::random_with_heads(&mut rng, 4, num_seqs, heads);
+        let all: Vec<usize> = (0..num_seqs).collect();
+        for pool_dtype in [DType::F32, DType::F16] {
+            let together = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
+            for index in [0, num_seqs / 2, num_seqs - 1] {
+                let alone = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &[index]);
+                let bits = |t: &Tensor| {
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .expect("rows")
+                };
+                assert_eq!(
+                    bits(&together[index]),
+                    bits(&alone[0]),
+                    "{heads} heads, {num_seqs} sequences, {pool_dtype:?}: sequence {index}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
