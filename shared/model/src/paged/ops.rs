@@ -20,9 +20,10 @@
 //! keys and of values to f32 before using it; its output has the queries' type. With the same type on both sides
 //! an f32 pool is read in place, as before. The device kernels take one type for both.
 //!
-//! On the CPU a chunk's query rows go through the blocks a tile of 16 rows at a time, so a prefill reads (and
-//! widens) each block once per tile rather than once per row; each row still runs its own arithmetic in its own
-//! order, so tiling changes no value.
+//! On the CPU the sequences run in parallel, a task walking one sequence's blocks for a group of its heads (all of
+//! them when there are enough sequences to keep the pool busy), and a chunk's query rows go through the blocks a tile
+//! of 16 rows at a time, so a prefill reads (and widens) each block once per tile rather than once per row. Each
+//! (row, head) still runs its own arithmetic in its own order, so neither the grouping nor the tiling changes a value.
 
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, bail};
@@ -573,7 +574,7 @@ impl RowDot for PortableDot {
 }
 
 /// [`dot`] in AVX registers: the same products, sums and order, so the same bits. Only [`attend_heads_avx2`]
-/// instantiates it (the compiler made scalar shuffles of the portable loop's eight lanes, most of a prefill's time).
+/// instantiates it (the compiler made 128-bit shuffles of the portable loop's eight lanes, a large share of the attention's time).
 #[cfg(target_arch = "x86_64")]
 struct Avx2Dot;
 
