@@ -72,15 +72,6 @@ fn parse_case(text: &str) -> anyhow::Result<Case> {
     })
 }
 
-fn parse_pool(text: &str) -> anyhow::Result<DType> {
-    Ok(match text.trim() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("pool dtype `{other}`: expected f32, f16 or bf16"),
-    })
-}
-
 /// Deterministic values in [-1, 1) (xorshift), so every run of every build attends the same numbers.
 fn values(state: &mut u64, n: usize) -> Vec<f32> {
     (0..n)
@@ -159,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     let pools: Vec<DType> = args
         .pools
         .iter()
-        .map(|p| parse_pool(p))
+        .map(|p| kosmos_model::parse_dtype(p.trim()))
         .collect::<Result<_, _>>()?;
     println!(
         "threads {} · heads {} · head_dim {} · blocks of {} · median of {} calls",
