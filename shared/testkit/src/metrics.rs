@@ -40,6 +40,23 @@ pub async fn scrape(address: SocketAddr) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// The parsed scrape of `address` once `settled` holds for it, or the last one after `limit`. A server records a
+/// streamed call when its trailers pass, which may be just after the caller has its answer.
+pub async fn scrape_eventually(
+    address: SocketAddr,
+    limit: std::time::Duration,
+    settled: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> Result<prometheus_parse::Scrape> {
+    let started = std::time::Instant::now();
+    loop {
+        let scraped = parse(&scrape(address).await?)?;
+        if settled(&scraped) || started.elapsed() >= limit {
+            return Ok(scraped);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 fn dechunk(mut body: &str) -> Result<String> {
     let mut out = String::new();
     loop {

@@ -16,7 +16,7 @@
 //! `limits.max_images`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kosmos_processor::{OcrLine, OcrStream, PageGeometry, post_process_generation};
 use kosmos_proto::decoder::v1 as dec;
@@ -36,6 +36,9 @@ use crate::prompt::{PrepareInput, PreparedPrompt, decoder_segments, prepare};
 use crate::state::{GatewayState, within};
 use crate::text::{Detokenizer, StopFilter};
 use crate::upstream::ModelInfo;
+
+/// How long a finished decoder stream's trailers are awaited in the background before the stream is dropped.
+const FINISHED_STREAM_TRAILERS: Duration = Duration::from_secs(5);
 
 /// When a request arrived and when it must be answered.
 #[derive(Debug, Clone, Copy)]
@@ -405,7 +408,7 @@ impl Generation {
                 return Ok(Some(out));
             }
             if let Some(finish) = message.finish {
-                self.end_stream();
+                self.end_finished_stream();
                 let tail = self.detokenizer.finish(&self.state.tokenizer);
                 let released = self.stop.push(&tail);
                 let text_before = out.text.len();
@@ -562,6 +565,19 @@ impl Generation {
 
     fn end_stream(&mut self) {
         self.stream = None;
+        self.call = None;
+    }
+
+    /// Ends a decoder stream whose finish arrived. Its trailers (status OK) follow at once; they are read in the
+    /// background, so the caller's last message waits for nothing, and the decoder counts the call as OK. Dropping
+    /// the stream unread could reset it before the decoder passed its trailers, which the decoder counts as
+    /// CANCELLED.
+    fn end_finished_stream(&mut self) {
+        if let Some(mut stream) = self.stream.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(FINISHED_STREAM_TRAILERS, stream.trailers()).await;
+            });
+        }
         self.call = None;
     }
 
