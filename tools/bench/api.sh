@@ -14,7 +14,8 @@
 # client above it.
 #
 # Environment: BIN (a kosmos binary; default: cargo build --release, then target/release/kosmos), PORT, JSON_DIR
-# (default: a temporary folder; each run's `kosmos bench --json` report is kept there).
+# (default: a temporary folder; each run's `kosmos bench --json` report is kept there), SERVE_ARGS (more flags for
+# `kosmos serve`, split on spaces, e.g. `--decoder-set scheduler.kv_cache_dtype=f16`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-.ref-cache/bench-model-small}"
@@ -37,8 +38,9 @@ mkdir -p "$json_dir"
 for level in "${levels[@]}"; do rm -f "$json_dir/c$level.txt"; done
 addr="http://127.0.0.1:$port"
 
+read -r -a serve_args <<<"${SERVE_ARGS:-}"
 "$kosmos" serve --model "$model" --listen "127.0.0.1:$port" --http-listen off --metrics-listen 127.0.0.1:0 \
-  >"$json_dir/serve.log" 2>&1 &
+  "${serve_args[@]}" >"$json_dir/serve.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
@@ -63,7 +65,7 @@ throughput() { # JSON: the run's output tokens/s
   grep -o '"output_token_throughput": *[0-9.eE+-]*' "$1" | head -1 | sed 's/.*: *//'
 }
 count=${#levels[@]}
-echo "model $model, $rounds rounds, levels ${levels[*]}; reports in $json_dir"
+echo "model $model${SERVE_ARGS:+ ($SERVE_ARGS)}, $rounds rounds, levels ${levels[*]}; reports in $json_dir"
 for ((round = 0; round < rounds; round++)); do
   for ((i = 0; i < count; i++)); do
     # Rounds 0..count-1 rotate the order forwards, the next count rounds backwards: every order of three levels.
