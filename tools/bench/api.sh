@@ -58,8 +58,11 @@ for _ in $(seq 1 180); do
 done
 [ -n "$ready" ] || { echo "api.sh: kosmos serve did not answer within 180 s; its log is $json_dir/serve.log" >&2; exit 1; }
 
-load=(--seed 7 --temperature 0.8 --output-tokens 48..64 --prompt-words 8 --image-reuse 1 --image-pool 4)
-bench 4 8 "$json_dir/warm-up.json" "${load[@]}" || { cat "$json_dir/bench.log" >&2; exit 1; }
+load() { # CONCURRENCY REQUESTS JSON: one run of the measured load; a failure prints the bench's output and stops
+  bench "$@" --seed 7 --temperature 0.8 --output-tokens 48..64 --prompt-words 8 --image-reuse 1 --image-pool 4 ||
+    { cat "$json_dir/bench.log" >&2; exit 1; }
+}
+load 4 8 "$json_dir/warm-up.json"
 
 throughput() { # JSON: the run's output tokens/s
   grep -o '"output_token_throughput": *[0-9.eE+-]*' "$1" | head -1 | sed 's/.*: *//'
@@ -68,12 +71,13 @@ count=${#levels[@]}
 echo "model $model${SERVE_ARGS:+ ($SERVE_ARGS)}, $rounds rounds, levels ${levels[*]}; reports in $json_dir"
 for ((round = 0; round < rounds; round++)); do
   for ((i = 0; i < count; i++)); do
-    # Rounds 0..count-1 rotate the order forwards, the next count rounds backwards: every order of three levels.
+    # Rounds 0..count-1 rotate the order forwards, the next count rounds backwards (with three levels, six rounds
+    # run every order once).
     if ((round / count % 2 == 0)); then index=$(((round + i) % count)); else index=$(((round + count - i) % count)); fi
     level="${levels[$index]}"
     requests=$((level == 1 ? 8 : 4 * level))
     json="$json_dir/round$round-c$level.json"
-    bench "$level" "$requests" "$json" "${load[@]}" || { cat "$json_dir/bench.log" >&2; exit 1; }
+    load "$level" "$requests" "$json"
     rate="$(throughput "$json")"
     printf 'round %d, concurrency %d: %.1f output tokens/s\n' $((round + 1)) "$level" "$rate"
     echo "$rate" >>"$json_dir/c$level.txt"

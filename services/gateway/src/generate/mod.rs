@@ -578,7 +578,7 @@ impl Generation {
                 let _ = tokio::time::timeout(FINISHED_STREAM_TRAILERS, stream.trailers()).await;
             });
         }
-        self.call = None;
+        self.end_stream();
     }
 
     fn finish(
