@@ -18,6 +18,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -411,23 +412,58 @@ fn activation_chunk(kind: ActivationKind, src: &[f32], dst: &mut [f32]) {
     match kind {
         ActivationKind::GeluErf => {
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                *d = gelu_erf(x);
             }
         }
         ActivationKind::QuickGelu => {
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = x / (1.0 + exp_f32(-1.702 * x));
+                *d = quick_gelu(x);
             }
         }
         ActivationKind::GeluTanh => {
-            // 0.5 x (1 + tanh(u)) = x - x / (exp(2u) + 1): no cancellation, one exp.
-            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
             for (d, &x) in dst.iter_mut().zip(src) {
-                let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                *d = x - x / (exp_f32(2.0 * u) + 1.0);
+                *d = gelu_tanh(x);
             }
         }
     }
+}
+
+/// [`activation_chunk`] over `values` in place: the same function of each element.
+#[inline(always)]
+fn activation_in_place(kind: ActivationKind, values: &mut [f32]) {
+    match kind {
+        ActivationKind::GeluErf => values.iter_mut().for_each(|x| *x = gelu_erf(*x)),
+        ActivationKind::QuickGelu => values.iter_mut().for_each(|x| *x = quick_gelu(*x)),
+        ActivationKind::GeluTanh => values.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
+    }
+}
+
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-1.702 * x))
+}
+
+/// 0.5 x (1 + tanh(u)) = x - x / (exp(2u) + 1): no cancellation, one exp.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x - x / (exp_f32(2.0 * u) + 1.0)
+}
+
+// The activations compiled for wider registers. Each element goes through the same operations (Rust never fuses
+// a product and a sum on its own, and every operation is exactly rounded), so every path gives the same bits: the
+// test `every_activation_path_gives_the_same_bits` holds them to it.
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn activation_chunk_avx512(kind: ActivationKind, src: &[f32], dst: &mut [f32]) {
+    activation_chunk(kind, src, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -436,17 +472,53 @@ fn activation_chunk_avx2(kind: ActivationKind, src: &[f32], dst: &mut [f32]) {
     activation_chunk(kind, src, dst)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn activation_in_place_avx512(kind: ActivationKind, values: &mut [f32]) {
+    activation_in_place(kind, values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn activation_in_place_avx2(kind: ActivationKind, values: &mut [f32]) {
+    activation_in_place(kind, values)
+}
+
 /// [`activation_chunk`] with the widest instruction set the CPU offers.
 fn activation_chunk_dispatch(kind: ActivationKind, src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { activation_chunk_avx2(kind, src, dst) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { activation_chunk_avx512(kind, src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { activation_chunk_avx2(kind, src, dst) };
+        }
     }
     activation_chunk(kind, src, dst)
 }
 
-/// Elements per rayon task of the elementwise kernels.
+/// [`activation_in_place`] with the widest instruction set the CPU offers (the panel product's epilogue).
+pub(crate) fn activation_in_place_dispatch(kind: ActivationKind, values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { activation_in_place_avx512(kind, values) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { activation_in_place_avx2(kind, values) };
+        }
+    }
+    activation_in_place(kind, values)
+}
+
+/// Elements per rayon task of the elementwise kernels and of the layer norm.
 const CHUNK: usize = 8192;
 
 #[derive(Debug)]
@@ -554,6 +626,9 @@ struct LayerNormOp {
 }
 
 impl LayerNormOp {
+    /// Checks the operands, then normalises the rows of `xs` with `rows` (rows of the input, the weight and bias in
+    /// f32, rows of the output), in parallel tasks of [`CHUNK`] elements' worth of rows; one task runs inline.
+    #[allow(clippy::too_many_arguments)]
     fn run<T: WithDType>(
         &self,
         xs: &[T],
@@ -562,6 +637,7 @@ impl LayerNormOp {
         weight_layout: &Layout,
         bias: &[T],
         bias_layout: &Layout,
+        rows: impl Fn(&[T], &[f32], &[f32], &mut [T]) + Sync,
     ) -> candle_core::Result<Vec<T>> {
         let xs = contiguous_slice(xs, xs_layout, "layer norm input")?;
         let weight = contiguous_slice(weight, weight_layout, "layer norm weight")?;
@@ -579,21 +655,13 @@ impl LayerNormOp {
         let (weight, bias) = (to_f32(weight), to_f32(bias));
         let mut dst = vec![T::zero(); xs.len()];
         let rows_per_task = (CHUNK / dim).max(1);
-        xs.par_chunks(rows_per_task * dim)
-            .zip(dst.par_chunks_mut(rows_per_task * dim))
-            .for_each(|(src, dst)| {
-                let mut row_in = vec![0f32; dim];
-                let mut row_out = vec![0f32; dim];
-                for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-                    for (wide, value) in row_in.iter_mut().zip(src) {
-                        *wide = value.to_f64() as f32;
-                    }
-                    layer_norm_row_dispatch(&row_in, &weight, &bias, self.eps, &mut row_out);
-                    for (value, wide) in dst.iter_mut().zip(&row_out) {
-                        *value = T::from_f64(*wide as f64);
-                    }
-                }
-            });
+        if xs.len() <= rows_per_task * dim {
+            rows(xs, &weight, &bias, &mut dst);
+        } else {
+            xs.par_chunks(rows_per_task * dim)
+                .zip(dst.par_chunks_mut(rows_per_task * dim))
+                .for_each(|(src, dst)| rows(src, &weight, &bias, dst));
+        }
         Ok(dst)
     }
 }
@@ -613,29 +681,56 @@ impl CustomOp3 for LayerNormOp {
         bias_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = xs_layout.shape().clone();
+        let dim = weight_layout.shape().elem_count();
         match (xs, weight, bias) {
-            (CpuStorage::F32(xs), CpuStorage::F32(weight), CpuStorage::F32(bias)) => Ok((
-                CpuStorage::F32(self.run(
-                    xs,
-                    xs_layout,
-                    weight,
-                    weight_layout,
-                    bias,
-                    bias_layout,
-                )?),
-                shape,
-            )),
-            (CpuStorage::F16(xs), CpuStorage::F16(weight), CpuStorage::F16(bias)) => Ok((
-                CpuStorage::F16(self.run(
-                    xs,
-                    xs_layout,
-                    weight,
-                    weight_layout,
-                    bias,
-                    bias_layout,
-                )?),
-                shape,
-            )),
+            (CpuStorage::F32(xs), CpuStorage::F32(weight), CpuStorage::F32(bias)) => {
+                // f32 rows go straight from the input to the output.
+                let rows = |src: &[f32], weight: &[f32], bias: &[f32], dst: &mut [f32]| {
+                    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+                        layer_norm_row_dispatch(src, weight, bias, self.eps, dst);
+                    }
+                };
+                Ok((
+                    CpuStorage::F32(self.run(
+                        xs,
+                        xs_layout,
+                        weight,
+                        weight_layout,
+                        bias,
+                        bias_layout,
+                        rows,
+                    )?),
+                    shape,
+                ))
+            }
+            (CpuStorage::F16(xs), CpuStorage::F16(weight), CpuStorage::F16(bias)) => {
+                // Half rows are widened to f32, normalised, and rounded back.
+                let rows = |src: &[f16], weight: &[f32], bias: &[f32], dst: &mut [f16]| {
+                    let mut row_in = vec![0f32; dim];
+                    let mut row_out = vec![0f32; dim];
+                    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+                        for (wide, value) in row_in.iter_mut().zip(src) {
+                            *wide = value.to_f32();
+                        }
+                        layer_norm_row_dispatch(&row_in, weight, bias, self.eps, &mut row_out);
+                        for (value, wide) in dst.iter_mut().zip(&row_out) {
+                            *value = f16::from_f32(*wide);
+                        }
+                    }
+                };
+                Ok((
+                    CpuStorage::F16(self.run(
+                        xs,
+                        xs_layout,
+                        weight,
+                        weight_layout,
+                        bias,
+                        bias_layout,
+                        rows,
+                    )?),
+                    shape,
+                ))
+            }
             _ => candle_core::bail!("kosmos-layer-norm: unsupported dtype {:?}", xs.dtype()),
         }
     }
@@ -684,6 +779,75 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The portable loop, the AVX2 and AVX-512 builds and the in-place forms of each activation agree to the bit,
+    /// over ordinary values, both zeros, subnormals, huge values, infinities and NaN.
+    #[test]
+    fn every_activation_path_gives_the_same_bits() {
+        let mut values: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 - 20_000.0) * 7.3e-4)
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1e-40,
+            -1e-40,
+            f32::MIN_POSITIVE,
+            3e38,
+            -3e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            88.0,
+            -88.0,
+            1e4,
+            -1e4,
+        ]);
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for kind in [
+            ActivationKind::GeluErf,
+            ActivationKind::QuickGelu,
+            ActivationKind::GeluTanh,
+        ] {
+            let mut want = vec![0f32; values.len()];
+            activation_chunk(kind, &values, &mut want);
+            let want = bits(&want);
+            let mut in_place = values.clone();
+            activation_in_place(kind, &mut in_place);
+            assert_eq!(bits(&in_place), want, "{kind:?}: in place");
+            let mut dispatched = vec![0f32; values.len()];
+            activation_chunk_dispatch(kind, &values, &mut dispatched);
+            assert_eq!(bits(&dispatched), want, "{kind:?}: dispatched");
+            let mut dispatched = values.clone();
+            activation_in_place_dispatch(kind, &mut dispatched);
+            assert_eq!(bits(&dispatched), want, "{kind:?}: dispatched in place");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    let mut got = vec![0f32; values.len()];
+                    // SAFETY: the CPU has the features.
+                    unsafe { activation_chunk_avx2(kind, &values, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: AVX2");
+                    let mut got = values.clone();
+                    // SAFETY: as above.
+                    unsafe { activation_in_place_avx2(kind, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: AVX2 in place");
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    let mut got = vec![0f32; values.len()];
+                    // SAFETY: the CPU has the feature.
+                    unsafe { activation_chunk_avx512(kind, &values, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: AVX-512");
+                    let mut got = values.clone();
+                    // SAFETY: as above.
+                    unsafe { activation_in_place_avx512(kind, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: AVX-512 in place");
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,24 +9,25 @@ use crate::panels;
 use crate::weights::Weights;
 
 impl Activation {
+    /// The fused CPU kernel computing this activation, if there is one (ReLU has none).
+    fn kernel(self) -> Option<kernels::ActivationKind> {
+        match self {
+            Activation::Gelu => Some(kernels::ActivationKind::GeluErf),
+            Activation::QuickGelu => Some(kernels::ActivationKind::QuickGelu),
+            Activation::GeluTanh => Some(kernels::ActivationKind::GeluTanh),
+            Activation::Relu => None,
+        }
+    }
+
     /// Applies the activation elementwise.
     ///
     /// GELU is computed in f32 whatever the input dtype, like torchscale (`act(x.float()).type_as(x)`). On the CPU,
     /// GELU and quick GELU run as one fused pass (`kernels.rs`).
     pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
-        if kernels::cpu_kernel_applies(xs) {
-            match self {
-                Activation::Gelu => {
-                    return kernels::activation(xs, kernels::ActivationKind::GeluErf);
-                }
-                Activation::QuickGelu => {
-                    return kernels::activation(xs, kernels::ActivationKind::QuickGelu);
-                }
-                Activation::GeluTanh => {
-                    return kernels::activation(xs, kernels::ActivationKind::GeluTanh);
-                }
-                Activation::Relu => {}
-            }
+        if kernels::cpu_kernel_applies(xs)
+            && let Some(kind) = self.kernel()
+        {
+            return kernels::activation(xs, kind);
         }
         let out = match self {
             Activation::Gelu => xs.to_dtype(DType::F32)?.gelu_erf()?.to_dtype(xs.dtype())?,
@@ -230,13 +231,32 @@ impl Projection {
 
     /// `(rows, in)` → `(rows, out)`, or `(batch, rows, in)` → `(batch, rows, out)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.by_rows(xs, |rows| self.forward_rows(rows))
+    }
+
+    /// `activation(xs · W + b)`, shaped as [`Projection::forward`]. With packed panels (CPU, f32) the activation
+    /// runs inside the product, on each output block while it is in cache (the same values as applying it after);
+    /// otherwise it follows the product.
+    pub fn forward_activated(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {
+        match (&self.weight, activation.kernel()) {
+            (Weight::Panels { packed, out_dim }, Some(kind))
+                if xs.device().is_cpu() && xs.dtype() == DType::F32 =>
+            {
+                self.by_rows(xs, |rows| {
+                    panels::linear(rows, packed, &self.bias, *out_dim, Some(kind))
+                })
+            }
+            _ => activation.forward(&self.forward(xs)?),
+        }
+    }
+
+    /// `product` of the rows of `xs`, `(rows, in)` or `(batch, rows, in)` flattened, shaped back.
+    fn by_rows(&self, xs: &Tensor, product: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         match *xs.dims() {
-            [_, _] => self.forward_rows(xs),
+            [_, _] => product(xs),
             [batch, rows, in_dim] => {
                 let flat = xs.contiguous()?.reshape((batch * rows, in_dim))?;
-                Ok(self
-                    .forward_rows(&flat)?
-                    .reshape((batch, rows, self.out_dim()))?)
+                Ok(product(&flat)?.reshape((batch, rows, self.out_dim()))?)
             }
             _ => Err(ModelError::InvalidInput(format!(
                 "a projection takes (rows, in) or (batch, rows, in), got {:?}",
@@ -251,7 +271,7 @@ impl Projection {
             Weight::Panels { packed, out_dim }
                 if xs.device().is_cpu() && xs.dtype() == DType::F32 =>
             {
-                panels::linear(xs, packed, &self.bias, *out_dim)
+                panels::linear(xs, packed, &self.bias, *out_dim, None)
             }
             Weight::Panels { .. } => Ok(xs.matmul(&self.weight_t()?)?.broadcast_add(&self.bias)?),
             Weight::InOut(weight_t) if kernels::cpu_kernel_applies(xs) => {

@@ -224,7 +224,7 @@ impl PageLayer {
         let xs = (attended + xs)?;
 
         let normed = self.pre_mlp_norm.forward(&xs)?;
-        let gate = self.act.forward(&self.wi_0.forward(&normed)?)?;
+        let gate = self.wi_0.forward_activated(&normed, self.act)?;
         let gated = (gate * self.wi_1.forward(&normed)?)?;
         Ok((self.wo.forward(&gated)? + xs)?)
     }

@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::SharedMut;
+use crate::kernels::{ActivationKind, SharedMut, activation_in_place_dispatch};
 
 /// Output columns per panel: four 16-lane AVX-512 registers.
 pub(crate) const PANEL: usize = 64;
@@ -68,12 +68,16 @@ enum Kernel {
     Gemm,
 }
 
-/// `xs (rows, in) · W + bias (out)` → `(rows, out)` with `W` packed by [`pack`] (CPU, f32).
+/// `activation(xs (rows, in) · W + bias (out))` → `(rows, out)` with `W` packed by [`pack`] (CPU, f32). The
+/// activation, if any, runs on each block of the output as soon as a task has summed it, while the block is in the
+/// core's L1 cache: the same function of each element as the activation op (`kernels::activation`), so the same
+/// bits, without a second pass over the output.
 pub(crate) fn linear(
     xs: &Tensor,
     packed: &Tensor,
     bias: &Tensor,
     out_dim: usize,
+    activation: Option<ActivationKind>,
 ) -> Result<Tensor> {
     Ok(xs.apply_op3_no_bwd(
         packed,
@@ -81,6 +85,7 @@ pub(crate) fn linear(
         &PanelLinearOp {
             out_dim,
             kernel: Kernel::Best,
+            activation,
         },
     )?)
 }
@@ -146,6 +151,7 @@ impl candle_core::CustomOp1 for GatherColumns {
 struct PanelLinearOp {
     out_dim: usize,
     kernel: Kernel,
+    activation: Option<ActivationKind>,
 }
 
 /// What one product reads and writes, checked: `xs` rows at `x_stride` (unit column stride), the packed panels, the
@@ -158,6 +164,7 @@ struct Operands<'a> {
     out_dim: usize,
     panels: &'a [f32],
     bias: &'a [f32],
+    activation: Option<ActivationKind>,
 }
 
 impl PanelLinearOp {
@@ -221,6 +228,7 @@ impl PanelLinearOp {
             out_dim,
             panels: packed,
             bias,
+            activation: self.activation,
         };
         let mut dst: Vec<f32> = Vec::with_capacity(rows * out_dim);
         // SAFETY: every element is written below before it is read (each task writes its whole block; `gemm`'s
@@ -289,12 +297,33 @@ impl Operands<'_> {
                 unreachable!(
                     "the AVX-512 kernel is only chosen on x86_64 ({group_rows} rows, {dst:?})"
                 );
+                if let Some(kind) = self.activation {
+                    for row in row..row + group_rows {
+                        // SAFETY: the block this task just wrote, which no other task reads or writes.
+                        let values = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add(row * self.out_dim + col),
+                                cols,
+                            )
+                        };
+                        activation_in_place_dispatch(kind, values);
+                    }
+                }
             }
         });
     }
 
-    /// Without AVX-512: the bias, then one accumulating `gemm` per panel, panels in parallel.
+    /// Without AVX-512: [`Operands::gemm_products`], then the activation over each row.
     fn run_gemm(&self, dst: &mut [f32]) {
+        self.gemm_products(dst);
+        if let Some(kind) = self.activation {
+            dst.par_chunks_mut(self.out_dim)
+                .for_each(|row| activation_in_place_dispatch(kind, row));
+        }
+    }
+
+    /// The bias, then one accumulating `gemm` per panel, panels in parallel.
+    fn gemm_products(&self, dst: &mut [f32]) {
         dst.par_chunks_mut(self.out_dim)
             .for_each(|row| row.copy_from_slice(self.bias));
         if self.in_dim == 0 {
@@ -489,7 +518,68 @@ mod tests {
         out_dim: usize,
         kernel: Kernel,
     ) -> Result<Tensor> {
-        Ok(xs.apply_op3_no_bwd(packed, bias, &PanelLinearOp { out_dim, kernel })?)
+        run_activated(xs, packed, bias, out_dim, kernel, None)
+    }
+
+    fn run_activated(
+        xs: &Tensor,
+        packed: &Tensor,
+        bias: &Tensor,
+        out_dim: usize,
+        kernel: Kernel,
+        activation: Option<ActivationKind>,
+    ) -> Result<Tensor> {
+        Ok(xs.apply_op3_no_bwd(
+            packed,
+            bias,
+            &PanelLinearOp {
+                out_dim,
+                kernel,
+                activation,
+            },
+        )?)
+    }
+
+    /// The activation inside the product gives the bits of the activation op applied to the product's output, for
+    /// every kind, both kernels, row counts around the group and task sizes, widths around the panel's.
+    #[test]
+    fn a_fused_activation_gives_the_bits_of_the_activation_after() -> Result<()> {
+        let device = Device::Cpu;
+        for (in_dim, out_dim) in [(3, 7), (33, 64), (40, 65), (64, 200)] {
+            let weight_t = Tensor::randn(0f32, 1f32, (in_dim, out_dim), &device)?;
+            let bias = Tensor::randn(0f32, 1f32, out_dim, &device)?;
+            let packed = pack(&weight_t)?;
+            for rows in [1, 5, 6, 7, 13, 48, 49] {
+                let xs = Tensor::randn(0f32, 1f32, (rows, in_dim), &device)?;
+                for kernel in [Kernel::Best, Kernel::Gemm] {
+                    let plain = run(&xs, &packed, &bias, out_dim, kernel)?;
+                    for kind in [
+                        ActivationKind::GeluErf,
+                        ActivationKind::QuickGelu,
+                        ActivationKind::GeluTanh,
+                    ] {
+                        let want: Vec<u32> = crate::kernels::activation(&plain, kind)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let got: Vec<u32> =
+                            run_activated(&xs, &packed, &bias, out_dim, kernel, Some(kind))?
+                                .flatten_all()?
+                                .to_vec1::<f32>()?
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect();
+                        assert_eq!(
+                            got, want,
+                            "{rows} x {in_dim} x {out_dim}, {kernel:?}, {kind:?}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -178,8 +178,8 @@ impl DecoderLayer {
         let xs = (xs + attended)?;
         let hidden = self
             .fc1
-            .forward(&layer_norm(&self.final_layer_norm, &xs)?)?;
-        let hidden = layer_norm(&self.ffn_layernorm, &self.activation.forward(&hidden)?)?;
+            .forward_activated(&layer_norm(&self.final_layer_norm, &xs)?, self.activation)?;
+        let hidden = layer_norm(&self.ffn_layernorm, &hidden)?;
         let hidden = self.fc2.forward(&hidden)?;
         Ok((xs + hidden)?)
     }

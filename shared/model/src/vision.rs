@@ -94,8 +94,10 @@ impl EncoderLayer {
         // No mask: every patch sees every patch.
         let attended = self.self_attn.attend(&normed, 0)?;
         let xs = (xs + attended)?;
-        let hidden = self.fc1.forward(&layer_norm(&self.layer_norm2, &xs)?)?;
-        let hidden = self.fc2.forward(&self.activation.forward(&hidden)?)?;
+        let hidden = self
+            .fc1
+            .forward_activated(&layer_norm(&self.layer_norm2, &xs)?, self.activation)?;
+        let hidden = self.fc2.forward(&hidden)?;
         Ok((xs + hidden)?)
     }
 }
