@@ -17,6 +17,7 @@ mod connector;
 mod error;
 mod generate;
 mod kernels;
+mod memory;
 mod model;
 mod nn;
 mod page;

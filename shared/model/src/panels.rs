@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::{ActivationKind, SharedMut, activation_in_place_dispatch};
+use crate::memory::huge_page_vec;
 
 /// Output columns per panel: four 16-lane AVX-512 registers.
 pub(crate) const PANEL: usize = 64;
@@ -33,15 +34,25 @@ const GROUP_ROWS: usize = 6;
 /// Rows per task: a task sweeps its panel `TASK_ROWS / GROUP_ROWS` times, from L2 after the first.
 const TASK_ROWS: usize = 8 * GROUP_ROWS;
 
-/// `(in, out)` → `(panels, in, PANEL)` contiguous, `panels = ⌈out / PANEL⌉`, the last panel's missing columns zero.
+/// `(in, out)` → `(panels, in, PANEL)` contiguous, `panels = ⌈out / PANEL⌉`, the last panel's missing columns zero
+/// (CPU, f32). The panels are stored in memory offered to huge pages (`memory.rs`): each decode step streams them.
 pub(crate) fn pack(weight_t: &Tensor) -> Result<Tensor> {
     let (in_dim, out_dim) = weight_t.dims2()?;
     let panels = out_dim.div_ceil(PANEL);
-    Ok(weight_t
-        .pad_with_zeros(1, 0, panels * PANEL - out_dim)?
-        .reshape((in_dim, panels, PANEL))?
-        .transpose(0, 1)?
-        .contiguous()?)
+    let weight: Vec<f32> = weight_t.flatten_all()?.to_vec1()?;
+    let mut packed = huge_page_vec(panels * in_dim * PANEL, 0f32);
+    for panel in 0..panels {
+        let (col, cols) = (panel * PANEL, PANEL.min(out_dim - panel * PANEL));
+        for k in 0..in_dim {
+            let to = (panel * in_dim + k) * PANEL;
+            packed[to..to + cols].copy_from_slice(&weight[k * out_dim + col..][..cols]);
+        }
+    }
+    Ok(Tensor::from_vec(
+        packed,
+        (panels, in_dim, PANEL),
+        weight_t.device(),
+    )?)
 }
 
 /// The inverse of [`pack`]: `(panels, in, PANEL)` → `(in, out)` contiguous.

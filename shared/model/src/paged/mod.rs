@@ -27,7 +27,27 @@ pub use blocks::{BlockCounts, BlockHash, BlockId, BlockTable, content_key};
 pub use ops::{PagedAttention, WriteKv};
 
 use crate::error::{ModelError, Result};
+use crate::memory::huge_page_vec;
 use blocks::BlockPool;
+
+/// One layer's pool of zeros, `shape` of `dtype` on `device`. On the CPU its memory is offered to huge pages
+/// before it is written (`memory.rs`): the attention of every step reads the running sequences' blocks from it.
+fn zeroed_pool(
+    shape: (usize, usize, usize, usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if !device.is_cpu() {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    let len = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    Ok(match dtype {
+        DType::F32 => Tensor::from_vec(huge_page_vec(len, 0f32), shape, device)?,
+        DType::F16 => Tensor::from_vec(huge_page_vec(len, half::f16::ZERO), shape, device)?,
+        DType::BF16 => Tensor::from_vec(huge_page_vec(len, half::bf16::ZERO), shape, device)?,
+        other => Tensor::zeros(shape, other, device)?,
+    })
+}
 
 /// The size of a paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,15 +153,10 @@ impl PagedKvCache {
                 "the paged KV cache stores f32, f16 or bf16, not {dtype:?}"
             )));
         }
+        let shape = (config.num_blocks, 2, heads, config.block_size, head_dim);
         let pools = (0..layers)
-            .map(|_| {
-                Tensor::zeros(
-                    (config.num_blocks, 2, heads, config.block_size, head_dim),
-                    dtype,
-                    device,
-                )
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|_| zeroed_pool(shape, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             pools,
             config,
