@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::{ActivationKind, SharedMut, activation_in_place_dispatch};
-use crate::memory::huge_page_vec;
+use crate::memory::zeroed_huge_page_vec;
 
 /// Output columns per panel: four 16-lane AVX-512 registers.
 pub(crate) const PANEL: usize = 64;
@@ -40,7 +40,11 @@ pub(crate) fn pack(weight_t: &Tensor) -> Result<Tensor> {
     let (in_dim, out_dim) = weight_t.dims2()?;
     let panels = out_dim.div_ceil(PANEL);
     let weight: Vec<f32> = weight_t.flatten_all()?.to_vec1()?;
-    let mut packed = huge_page_vec(panels * in_dim * PANEL, 0f32);
+    let Some(mut packed) = zeroed_huge_page_vec::<f32>(panels * in_dim * PANEL) else {
+        return Err(crate::error::ModelError::InvalidInput(format!(
+            "a ({in_dim}, {out_dim}) weight does not fit in memory"
+        )));
+    };
     for panel in 0..panels {
         let (col, cols) = (panel * PANEL, PANEL.min(out_dim - panel * PANEL));
         for k in 0..in_dim {

@@ -27,24 +27,43 @@ pub use blocks::{BlockCounts, BlockHash, BlockId, BlockTable, content_key};
 pub use ops::{PagedAttention, WriteKv};
 
 use crate::error::{ModelError, Result};
-use crate::memory::huge_page_vec;
+use crate::memory::zeroed_huge_page_vec;
 use blocks::BlockPool;
 
-/// One layer's pool of zeros, `shape` of `dtype` on `device`. On the CPU its memory is offered to huge pages
-/// before it is written (`memory.rs`): the attention of every step reads the running sequences' blocks from it.
+/// One layer's pool of zeros, `shape` of `dtype` on `device`. On the CPU it comes from the allocator's zeroed
+/// memory, which a pool sized for the worst case does not occupy until its blocks are written, offered to huge pages
+/// (`memory.rs`): the attention of every step reads the running sequences' blocks from it.
 fn zeroed_pool(
     shape: (usize, usize, usize, usize, usize),
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    if !device.is_cpu() {
-        return Ok(Tensor::zeros(shape, dtype, device)?);
-    }
-    let len = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    let too_large = || {
+        ModelError::InvalidInput(format!(
+            "a KV pool of {shape:?} {dtype:?} values does not fit in memory"
+        ))
+    };
+    let len = [shape.1, shape.2, shape.3, shape.4]
+        .into_iter()
+        .try_fold(shape.0, usize::checked_mul)
+        .ok_or_else(too_large)?;
     Ok(match dtype {
-        DType::F32 => Tensor::from_vec(huge_page_vec(len, 0f32), shape, device)?,
-        DType::F16 => Tensor::from_vec(huge_page_vec(len, half::f16::ZERO), shape, device)?,
-        DType::BF16 => Tensor::from_vec(huge_page_vec(len, half::bf16::ZERO), shape, device)?,
+        _ if !device.is_cpu() => Tensor::zeros(shape, dtype, device)?,
+        DType::F32 => Tensor::from_vec(
+            zeroed_huge_page_vec::<f32>(len).ok_or_else(too_large)?,
+            shape,
+            device,
+        )?,
+        DType::F16 => Tensor::from_vec(
+            zeroed_huge_page_vec::<half::f16>(len).ok_or_else(too_large)?,
+            shape,
+            device,
+        )?,
+        DType::BF16 => Tensor::from_vec(
+            zeroed_huge_page_vec::<half::bf16>(len).ok_or_else(too_large)?,
+            shape,
+            device,
+        )?,
         other => Tensor::zeros(shape, other, device)?,
     })
 }
