@@ -461,6 +461,39 @@ mod tests {
         Ok(())
     }
 
+    /// `forward_activated` equals the activation applied after `forward`, to the bit where the activation runs inside
+    /// the packed product, for rows and batches, every activation (ReLU through the fallback) and the unpacked layout.
+    #[test]
+    fn an_activated_projection_equals_the_activation_after_the_projection() -> Result<()> {
+        let (in_dim, out_dim) = (40, 130);
+        let packed =
+            Projection::from_out_in(&random(&[out_dim, in_dim], 6)?, random(&[out_dim], 7)?)?;
+        let unpacked = packed.unpacked()?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        for xs in [random(&[9, in_dim], 8)?, random(&[2, 7, in_dim], 9)?] {
+            for activation in [
+                Activation::Gelu,
+                Activation::QuickGelu,
+                Activation::GeluTanh,
+                Activation::Relu,
+            ] {
+                for projection in [&packed, &unpacked] {
+                    let want = activation.forward(&projection.forward(&xs)?)?;
+                    let got = projection.forward_activated(&xs, activation)?;
+                    assert_eq!(got.dims(), want.dims());
+                    assert_eq!(bits(&got)?, bits(&want)?, "{activation:?}, {:?}", xs.dims());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn projection(width: usize, seed: u64) -> Result<Projection> {
         Projection::from_out_in(&random(&[width, width], seed)?, random(&[width], seed + 1)?)
     }
