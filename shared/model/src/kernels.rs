@@ -15,6 +15,8 @@
 //! has it (the workspace builds for baseline x86-64).
 //! Each kernel runs on the CPU for f32 and f16; callers fall back to candle's ops on other devices (see `nn.rs`).
 
+use std::borrow::Cow;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
@@ -625,11 +627,73 @@ struct LayerNormOp {
     eps: f32,
 }
 
+/// How the layer norm reads and writes the rows of a storage type; its statistics and arithmetic run in f32.
+trait NormElement: WithDType {
+    /// `values` in f32: borrowed when they are f32.
+    fn as_f32(values: &[Self]) -> Cow<'_, [f32]>;
+    /// Normalises the `dim`-wide rows of `src` into `dst`.
+    fn normalise_rows(
+        src: &[Self],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+        dim: usize,
+        dst: &mut [Self],
+    );
+}
+
+impl NormElement for f32 {
+    fn as_f32(values: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(values)
+    }
+
+    /// Straight from the input to the output.
+    fn normalise_rows(
+        src: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+        dim: usize,
+        dst: &mut [f32],
+    ) {
+        for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+            layer_norm_row_dispatch(src, weight, bias, eps, dst);
+        }
+    }
+}
+
+impl NormElement for f16 {
+    fn as_f32(values: &[f16]) -> Cow<'_, [f32]> {
+        Cow::Owned(values.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// Each row widened to f32, normalised, and rounded back.
+    fn normalise_rows(
+        src: &[f16],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+        dim: usize,
+        dst: &mut [f16],
+    ) {
+        let mut row_in = vec![0f32; dim];
+        let mut row_out = vec![0f32; dim];
+        for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+            for (wide, value) in row_in.iter_mut().zip(src) {
+                *wide = value.to_f32();
+            }
+            layer_norm_row_dispatch(&row_in, weight, bias, eps, &mut row_out);
+            for (value, wide) in dst.iter_mut().zip(&row_out) {
+                *value = f16::from_f32(*wide);
+            }
+        }
+    }
+}
+
 impl LayerNormOp {
-    /// Checks the operands, then normalises the rows of `xs` with `rows` (rows of the input, the weight and bias in
-    /// f32, rows of the output), in parallel tasks of [`CHUNK`] elements' worth of rows; one task runs inline.
-    #[allow(clippy::too_many_arguments)]
-    fn run<T: WithDType>(
+    /// Checks the operands, then normalises the rows of `xs` in parallel tasks of [`CHUNK`] elements' worth of rows
+    /// (one task runs inline).
+    fn run<T: NormElement>(
         &self,
         xs: &[T],
         xs_layout: &Layout,
@@ -637,7 +701,6 @@ impl LayerNormOp {
         weight_layout: &Layout,
         bias: &[T],
         bias_layout: &Layout,
-        rows: impl Fn(&[T], &[f32], &[f32], &mut [T]) + Sync,
     ) -> candle_core::Result<Vec<T>> {
         let xs = contiguous_slice(xs, xs_layout, "layer norm input")?;
         let weight = contiguous_slice(weight, weight_layout, "layer norm weight")?;
@@ -650,17 +713,15 @@ impl LayerNormOp {
                 bias.len()
             );
         }
-        let to_f32 =
-            |values: &[T]| -> Vec<f32> { values.iter().map(|v| v.to_f64() as f32).collect() };
-        let (weight, bias) = (to_f32(weight), to_f32(bias));
+        let (weight, bias) = (T::as_f32(weight), T::as_f32(bias));
         let mut dst = vec![T::zero(); xs.len()];
         let rows_per_task = (CHUNK / dim).max(1);
         if xs.len() <= rows_per_task * dim {
-            rows(xs, &weight, &bias, &mut dst);
+            T::normalise_rows(xs, &weight, &bias, self.eps, dim, &mut dst);
         } else {
             xs.par_chunks(rows_per_task * dim)
                 .zip(dst.par_chunks_mut(rows_per_task * dim))
-                .for_each(|(src, dst)| rows(src, &weight, &bias, dst));
+                .for_each(|(src, dst)| T::normalise_rows(src, &weight, &bias, self.eps, dim, dst));
         }
         Ok(dst)
     }
@@ -681,56 +742,29 @@ impl CustomOp3 for LayerNormOp {
         bias_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = xs_layout.shape().clone();
-        let dim = weight_layout.shape().elem_count();
         match (xs, weight, bias) {
-            (CpuStorage::F32(xs), CpuStorage::F32(weight), CpuStorage::F32(bias)) => {
-                // f32 rows go straight from the input to the output.
-                let rows = |src: &[f32], weight: &[f32], bias: &[f32], dst: &mut [f32]| {
-                    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-                        layer_norm_row_dispatch(src, weight, bias, self.eps, dst);
-                    }
-                };
-                Ok((
-                    CpuStorage::F32(self.run(
-                        xs,
-                        xs_layout,
-                        weight,
-                        weight_layout,
-                        bias,
-                        bias_layout,
-                        rows,
-                    )?),
-                    shape,
-                ))
-            }
-            (CpuStorage::F16(xs), CpuStorage::F16(weight), CpuStorage::F16(bias)) => {
-                // Half rows are widened to f32, normalised, and rounded back.
-                let rows = |src: &[f16], weight: &[f32], bias: &[f32], dst: &mut [f16]| {
-                    let mut row_in = vec![0f32; dim];
-                    let mut row_out = vec![0f32; dim];
-                    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-                        for (wide, value) in row_in.iter_mut().zip(src) {
-                            *wide = value.to_f32();
-                        }
-                        layer_norm_row_dispatch(&row_in, weight, bias, self.eps, &mut row_out);
-                        for (value, wide) in dst.iter_mut().zip(&row_out) {
-                            *value = f16::from_f32(*wide);
-                        }
-                    }
-                };
-                Ok((
-                    CpuStorage::F16(self.run(
-                        xs,
-                        xs_layout,
-                        weight,
-                        weight_layout,
-                        bias,
-                        bias_layout,
-                        rows,
-                    )?),
-                    shape,
-                ))
-            }
+            (CpuStorage::F32(xs), CpuStorage::F32(weight), CpuStorage::F32(bias)) => Ok((
+                CpuStorage::F32(self.run(
+                    xs,
+                    xs_layout,
+                    weight,
+                    weight_layout,
+                    bias,
+                    bias_layout,
+                )?),
+                shape,
+            )),
+            (CpuStorage::F16(xs), CpuStorage::F16(weight), CpuStorage::F16(bias)) => Ok((
+                CpuStorage::F16(self.run(
+                    xs,
+                    xs_layout,
+                    weight,
+                    weight_layout,
+                    bias,
+                    bias_layout,
+                )?),
+                shape,
+            )),
             _ => candle_core::bail!("kosmos-layer-norm: unsupported dtype {:?}", xs.dtype()),
         }
     }

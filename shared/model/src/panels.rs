@@ -94,12 +94,24 @@ pub(crate) fn linear(
     out_dim: usize,
     activation: Option<ActivationKind>,
 ) -> Result<Tensor> {
+    linear_with(xs, packed, bias, out_dim, Kernel::Best, activation)
+}
+
+/// [`linear`] with the kernel chosen (tests compare the two).
+fn linear_with(
+    xs: &Tensor,
+    packed: &Tensor,
+    bias: &Tensor,
+    out_dim: usize,
+    kernel: Kernel,
+    activation: Option<ActivationKind>,
+) -> Result<Tensor> {
     Ok(xs.apply_op3_no_bwd(
         packed,
         bias,
         &PanelLinearOp {
             out_dim,
-            kernel: Kernel::Best,
+            kernel,
             activation,
         },
     )?)
@@ -533,26 +545,7 @@ mod tests {
         out_dim: usize,
         kernel: Kernel,
     ) -> Result<Tensor> {
-        run_activated(xs, packed, bias, out_dim, kernel, None)
-    }
-
-    fn run_activated(
-        xs: &Tensor,
-        packed: &Tensor,
-        bias: &Tensor,
-        out_dim: usize,
-        kernel: Kernel,
-        activation: Option<ActivationKind>,
-    ) -> Result<Tensor> {
-        Ok(xs.apply_op3_no_bwd(
-            packed,
-            bias,
-            &PanelLinearOp {
-                out_dim,
-                kernel,
-                activation,
-            },
-        )?)
+        linear_with(xs, packed, bias, out_dim, kernel, None)
     }
 
     /// The activation inside the product gives the bits of the activation op applied to the product's output, for
@@ -580,7 +573,7 @@ mod tests {
                             .map(|v| v.to_bits())
                             .collect();
                         let got: Vec<u32> =
-                            run_activated(&xs, &packed, &bias, out_dim, kernel, Some(kind))?
+                            linear_with(&xs, &packed, &bias, out_dim, kernel, Some(kind))?
                                 .flatten_all()?
                                 .to_vec1::<f32>()?
                                 .iter()
