@@ -11,6 +11,10 @@
 //! ```
 //! A case `SxQxC` is S sequences of Q query rows each at a context of C positions (the rows are the last Q of
 //! the C). Prints the median microseconds per call over `--rounds` calls after one untimed call, and what it reads.
+//! `--share G:B` makes the sequences families of G whose block tables start with the same B blocks, as the prefix
+//! cache shares an image or a system prompt (the API bench's load: 16 streams over a pool of 4 images, `--share 4:4`);
+//! `--evict-mib 64` reads 64 MiB of other memory before each call, so the pool comes from memory as in a model step
+//! (the default times warm calls, whose pool may sit in the last-level cache).
 
 use std::time::Instant;
 
@@ -18,6 +22,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use kosmos_model::paged::{PagedAttention, WriteKv};
 use kosmos_model::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -43,6 +48,20 @@ struct Args {
     /// Timed calls per case.
     #[arg(long, default_value_t = 21)]
     rounds: usize,
+    /// `G:B`: families of G sequences hold the same first B blocks (0:0, the default, shares nothing).
+    #[arg(long, default_value = "0:0", value_parser = parse_share)]
+    share: (usize, usize),
+    /// Read this many MiB of other memory before each call, so that the pool is not in the caches (as in a model
+    /// step, where a layer's weights pass through the caches between two of its attention calls); 0: warm calls.
+    #[arg(long, default_value_t = 0)]
+    evict_mib: usize,
+}
+
+fn parse_share(text: &str) -> anyhow::Result<(usize, usize)> {
+    let (family, blocks) = text
+        .split_once(':')
+        .with_context(|| format!("--share `{text}`: expected FAMILY:BLOCKS"))?;
+    Ok((family.trim().parse()?, blocks.trim().parse()?))
 }
 
 /// One case: `seqs` sequences of `rows` query rows at `context` positions.
@@ -101,27 +120,48 @@ fn operands(
     let order: Vec<u32> = (0..total).map(|i| ((i * stride) % total) as u32).collect();
     let pool = Tensor::zeros((total, 2, h, bs, d), pool_dtype, &device)?;
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut meta = Vec::with_capacity(4 * case.seqs + total);
+    // Each sequence's table; a family's members take its first member's first `shared` blocks (whole blocks the
+    // rows see entirely, as the prefix cache shares them) and write only their own positions.
+    let (family, shared) = args.share;
+    let shared = if family > 1 {
+        shared.min((case.context - case.rows) / bs)
+    } else {
+        0
+    };
+    let mut tables: Vec<Vec<u32>> = (0..case.seqs)
+        .map(|s| order[s * per_seq..(s + 1) * per_seq].to_vec())
+        .collect();
     for s in 0..case.seqs {
-        let table = &order[s * per_seq..(s + 1) * per_seq];
+        if shared > 0 && s % family != 0 {
+            let head = tables[s - s % family][..shared].to_vec();
+            tables[s][..shared].copy_from_slice(&head);
+        }
+    }
+    let mut meta = Vec::with_capacity(4 * case.seqs + total);
+    for (s, table) in tables.iter().enumerate() {
+        let own = if shared > 0 && s % family != 0 {
+            shared * bs
+        } else {
+            0
+        };
         let kv = Tensor::from_vec(
-            values(&mut state, case.context * 2 * h * d),
-            (case.context, 2, h, d),
+            values(&mut state, (case.context - own) * 2 * h * d),
+            (case.context - own, 2, h, d),
             &device,
         )?;
-        let slots: Vec<u32> = (0..case.context)
+        let slots: Vec<u32> = (own..case.context)
             .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
             .collect();
         pool.inplace_op3(
             &kv,
-            &Tensor::from_vec(slots, case.context, &device)?,
+            &Tensor::from_vec(slots, case.context - own, &device)?,
             &WriteKv,
         )?;
         meta.extend([s * case.rows, case.rows, case.context, 0].map(|v| v as u32));
     }
-    for s in 0..case.seqs {
+    for (s, table) in tables.iter().enumerate() {
         meta[4 * s + 3] = meta.len() as u32;
-        meta.extend_from_slice(&order[s * per_seq..(s + 1) * per_seq]);
+        meta.extend_from_slice(table);
     }
     let rows = case.seqs * case.rows;
     let queries = Tensor::from_vec(values(&mut state, rows * h * d), (rows, h, d), &device)?;
@@ -153,22 +193,40 @@ fn main() -> anyhow::Result<()> {
         .map(|p| kosmos_model::parse_dtype(p.trim()))
         .collect::<Result<_, _>>()?;
     println!(
-        "threads {} · heads {} · head_dim {} · blocks of {} · median of {} calls",
+        "threads {} · heads {} · head_dim {} · blocks of {} · median of {} calls · families of {} sharing {} blocks · \
+         {} MiB read before each call",
         rayon::current_num_threads(),
         args.heads,
         args.head_dim,
         args.block_size,
-        args.rounds
+        args.rounds,
+        args.share.0,
+        args.share.1,
+        args.evict_mib
     );
     println!(
-        "| sequences x rows x context | pool | us per call | KV MiB read once | pairs (row, key) per us |"
+        "| sequences x rows x context | pool | us per call | KV MiB attended (a shared block once per sequence) | \
+         pairs (row, key) per us |"
     );
     println!("|---|---|---:|---:|---:|");
+    let evict: Vec<u32> = (0..args.evict_mib << 18).map(|i| i as u32).collect();
     for &case in &cases {
         for &pool_dtype in &pools {
             let (queries, pool, meta, op) = operands(&args, case, pool_dtype)?;
             let mut times = Vec::with_capacity(args.rounds);
             for round in 0..=args.rounds {
+                if !evict.is_empty() {
+                    // Every cache line of the buffer, read on the pool's threads (which stay awake for the call, as
+                    // between the kernels of a step), so the pool's lines go as they do under a layer's weights.
+                    let sum = evict
+                        .par_chunks(1 << 16)
+                        .map(|part| {
+                            part.chunks(16)
+                                .fold(0u32, |sum, line| sum.wrapping_add(line[0]))
+                        })
+                        .reduce(|| 0, u32::wrapping_add);
+                    std::hint::black_box(sum);
+                }
                 let started = Instant::now();
                 drop(queries.apply_op3_no_bwd(&pool, &meta, &op)?);
                 if round > 0 {

@@ -44,6 +44,9 @@ struct Case {
     head_dim: usize,
     block_size: usize,
     seqs: Vec<TestSeq>,
+    /// `(sequence, source, blocks)`: the sequence's table starts with the source's first `blocks` blocks (as the
+    /// prefix cache shares them), its history there being the source's.
+    shares: Vec<(usize, usize, usize)>,
 }
 
 impl Case {
@@ -73,6 +76,7 @@ impl Case {
             head_dim,
             block_size,
             seqs,
+            shares: Vec::new(),
         }
     }
 
@@ -101,6 +105,10 @@ impl Case {
                     .map(|_| free.swap_remove(rng.below(free.len())))
                     .collect::<Vec<u32>>(),
             );
+        }
+        for &(seq, source, blocks) in &self.shares {
+            let prefix = tables[source][..blocks].to_vec();
+            tables[seq][..blocks].copy_from_slice(&prefix);
         }
         let pool = Tensor::zeros((total, 2, h, bs, d), pool_dtype, &Device::Cpu).expect("pool");
         for (seq, table) in self.seqs.iter().zip(&tables) {
@@ -324,6 +332,7 @@ fn every_row_of_a_long_chunk_equals_the_same_row_as_a_decode_step() {
                 head_dim,
                 block_size,
                 seqs,
+                shares: Vec::new(),
             };
             let all: Vec<usize> = (0..=q_len).collect();
             let out = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
@@ -399,6 +408,108 @@ fn grouping_heads_into_tasks_changes_no_bit() {
                     bits(&alone[0]),
                     "{heads} heads, {num_seqs} sequences, {pool_dtype:?}: sequence {index}"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_rows_sharing_blocks_get_the_bits_they_get_alone() {
+    // Families of sequences whose tables start with the same blocks, as the prefix cache shares an image or a system
+    // prompt: the decode rows among them are attended as groups, each shared block read once per group. Members share
+    // the whole prefix or part of it, end inside it or far past it; a prefill chunk and unrelated sequences take part.
+    // Every row must have the bits it has alone, and match the contiguous attention.
+    let mut rng = Rng(23);
+    for (block_size, heads, families, per_family) in [
+        (1, 2, 2, 3),
+        (3, 5, 3, 4),
+        (16, 12, 4, 4),
+        (4, 8, 1, 20),
+        (16, 8, 2, 9),
+    ] {
+        let head_dim = [8, 13, 64][rng.below(3)];
+        let width = heads * head_dim;
+        let mut seqs = Vec::new();
+        let mut shares = Vec::new();
+        let fresh =
+            |rng: &mut Rng, context: usize, q_len: usize, prefix: &[f32], prefix_values: &[f32]| {
+                let mut keys = prefix.to_vec();
+                keys.extend(rng.values(context * width - prefix.len()));
+                let mut values = prefix_values.to_vec();
+                values.extend(rng.values(context * width - prefix_values.len()));
+                TestSeq {
+                    context,
+                    q_len,
+                    keys,
+                    values,
+                    queries: rng.values(q_len * width),
+                }
+            };
+        for _ in 0..families {
+            let prefix_blocks = 1 + rng.below(4);
+            let whole = prefix_blocks * block_size * width;
+            let source = seqs.len();
+            let context = prefix_blocks * block_size + 1 + rng.below(2 * block_size);
+            let first = fresh(&mut rng, context, 1, &[], &[]);
+            let (keys, values) = (first.keys[..whole].to_vec(), first.values[..whole].to_vec());
+            seqs.push(first);
+            for member in 1..per_family {
+                let blocks = if member % 3 == 2 {
+                    rng.below(prefix_blocks + 1)
+                } else {
+                    prefix_blocks
+                };
+                // Ending exactly at the shared blocks' end, or anywhere past it; every fourth member a prefill chunk.
+                let context = blocks * block_size + rng.below(3 * block_size + 1);
+                let q_len = if member % 4 == 3 {
+                    1 + rng.below(block_size + 1)
+                } else {
+                    1
+                };
+                let context = context.max(q_len);
+                let n = blocks * block_size * width;
+                seqs.push(fresh(&mut rng, context, q_len, &keys[..n], &values[..n]));
+                shares.push((seqs.len() - 1, source, blocks));
+            }
+        }
+        for _ in 0..3 {
+            let context = 1 + rng.below(3 * block_size);
+            seqs.push(fresh(&mut rng, context, 1, &[], &[]));
+        }
+        let num_seqs = seqs.len();
+        let case = Case {
+            heads,
+            head_dim,
+            block_size,
+            seqs,
+            shares,
+        };
+        // The step's order interleaves the families.
+        let mut order: Vec<usize> = (0..num_seqs).collect();
+        for i in (1..num_seqs).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let bits = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("rows")
+        };
+        for pool_dtype in [DType::F32, DType::F16] {
+            let together = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &order);
+            for (position, &index) in order.iter().enumerate() {
+                let alone = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &[index]);
+                assert_eq!(
+                    bits(&together[position]),
+                    bits(&alone[0]),
+                    "blocks of {block_size}, {heads} heads, {pool_dtype:?}: sequence {index}"
+                );
+                if pool_dtype == DType::F32 {
+                    let diff = max_abs_diff(&together[position], &case.contiguous(index));
+                    assert!(
+                        diff < 1e-5,
+                        "sequence {index}: {diff} from the contiguous attention"
+                    );
+                }
             }
         }
     }
