@@ -6,7 +6,8 @@
 #   tools/bench/api.sh [MODEL_DIR] [ROUNDS] [LEVELS]
 #
 # Defaults: .ref-cache/bench-model-small (tools/reference/run.sh bench-model writes it), 6 rounds, levels 1,16,64.
-# Starts `kosmos serve` on MODEL_DIR (gRPC on 127.0.0.1:$PORT, default 50091; HTTP off), warms it up, then runs
+# Starts `kosmos serve` on MODEL_DIR (gRPC on 127.0.0.1:$PORT, default 50091; HTTP off), warms it up (a few requests,
+# then two per client at the highest level, so the KV pool's pages are touched before any measured run), then runs
 # ROUNDS rounds. Each round measures every level once, in an order rotated from round to round (a level is measured
 # first, in the middle and last equally often), because this kind of machine drifts by 10-30% over minutes and a
 # fixed order would hand the drift to one level. Prints each run, then per level the median and its ratio to the
@@ -73,6 +74,7 @@ load() { # NAME CONCURRENCY REQUESTS JSON: one run of the measured load; a failu
   bench "${address[$name]}" "$@" --seed 7 --temperature 0.8 --output-tokens 48..64 --prompt-words 8 \
     --image-reuse 1 --image-pool 4 || { cat "$json_dir/bench.log" >&2; exit 1; }
 }
+highest="$(printf '%s\n' "${levels[@]}" | sort -n | tail -1)"
 for index in "${!names[@]}"; do
   name="${names[$index]}" ready=""
   for _ in $(seq 1 180); do
@@ -82,7 +84,11 @@ for index in "${!names[@]}"; do
     sleep 1
   done
   [ -n "$ready" ] || { echo "api.sh: kosmos serve ($name) did not answer within 180 s; its log is $log" >&2; exit 1; }
+  # Warm-up: a few requests, then two requests per client at the highest level, which first touches the KV pool's
+  # pages a steady state uses (allocated lazily, the kernel zeroes each page on its first write; measured rounds that
+  # paid it ran 15-30% slower at 16 and 64 streams).
   load "$name" 4 8 "$json_dir/${prefix[$name]}warm-up.json"
+  load "$name" "$highest" $((2 * highest)) "$json_dir/${prefix[$name]}warm-up-$highest.json"
 done
 
 throughput() { # JSON: the run's output tokens/s
