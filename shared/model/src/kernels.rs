@@ -858,27 +858,35 @@ mod tests {
             assert_eq!(bits(&dispatched), want, "{kind:?}: dispatched in place");
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                type Chunk = unsafe fn(ActivationKind, &[f32], &mut [f32]);
+                type InPlace = unsafe fn(ActivationKind, &mut [f32]);
+                let paths: [(&str, bool, Chunk, InPlace); 2] = [
+                    (
+                        "AVX2",
+                        std::arch::is_x86_feature_detected!("avx2")
+                            && std::arch::is_x86_feature_detected!("fma"),
+                        activation_chunk_avx2,
+                        activation_in_place_avx2,
+                    ),
+                    (
+                        "AVX-512",
+                        std::arch::is_x86_feature_detected!("avx512f"),
+                        activation_chunk_avx512,
+                        activation_in_place_avx512,
+                    ),
+                ];
+                for (name, available, chunk, in_place) in paths {
+                    if !available {
+                        continue;
+                    }
                     let mut got = vec![0f32; values.len()];
-                    // SAFETY: the CPU has the features.
-                    unsafe { activation_chunk_avx2(kind, &values, &mut got) };
-                    assert_eq!(bits(&got), want, "{kind:?}: AVX2");
+                    // SAFETY: the CPU has the path's features (checked above).
+                    unsafe { chunk(kind, &values, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: {name}");
                     let mut got = values.clone();
                     // SAFETY: as above.
-                    unsafe { activation_in_place_avx2(kind, &mut got) };
-                    assert_eq!(bits(&got), want, "{kind:?}: AVX2 in place");
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    let mut got = vec![0f32; values.len()];
-                    // SAFETY: the CPU has the feature.
-                    unsafe { activation_chunk_avx512(kind, &values, &mut got) };
-                    assert_eq!(bits(&got), want, "{kind:?}: AVX-512");
-                    let mut got = values.clone();
-                    // SAFETY: as above.
-                    unsafe { activation_in_place_avx512(kind, &mut got) };
-                    assert_eq!(bits(&got), want, "{kind:?}: AVX-512 in place");
+                    unsafe { in_place(kind, &mut got) };
+                    assert_eq!(bits(&got), want, "{kind:?}: {name} in place");
                 }
             }
         }

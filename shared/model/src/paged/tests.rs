@@ -202,6 +202,13 @@ impl Case {
     }
 }
 
+/// The values of `t` flattened, for the exact comparisons of the batch-invariance tests (their data hold no NaN).
+fn bits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("rows")
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).expect("f32") - b.to_dtype(DType::F32).expect("f32"))
         .and_then(|t| t.abs())
@@ -336,11 +343,6 @@ fn every_row_of_a_long_chunk_equals_the_same_row_as_a_decode_step() {
             };
             let all: Vec<usize> = (0..=q_len).collect();
             let out = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .expect("rows")
-            };
             let chunk_rows = bits(&out[q_len]);
             for (i, alone) in out[..q_len].iter().enumerate() {
                 assert_eq!(
@@ -398,11 +400,6 @@ fn grouping_heads_into_tasks_changes_no_bit() {
             let together = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &all);
             for index in [0, num_seqs / 2, num_seqs - 1] {
                 let alone = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &[index]);
-                let bits = |t: &Tensor| {
-                    t.flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .expect("rows")
-                };
                 assert_eq!(
                     bits(&together[index]),
                     bits(&alone[0]),
@@ -489,11 +486,6 @@ fn decode_rows_sharing_blocks_get_the_bits_they_get_alone() {
         for i in (1..num_seqs).rev() {
             order.swap(i, rng.below(i + 1));
         }
-        let bits = |t: &Tensor| {
-            t.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("rows")
-        };
         for pool_dtype in [DType::F32, DType::F16] {
             let together = case.paged_mixed(&mut rng, DType::F32, pool_dtype, &order);
             for (position, &index) in order.iter().enumerate() {
